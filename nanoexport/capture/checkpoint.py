@@ -1,0 +1,208 @@
+"""Load a decoder checkpoint (local Hugging Face folder, hub id, or a module in memory) for export.
+
+Weights come from safetensors. A pickle checkpoint (``pytorch_model.bin``) is only read through
+``torch.load(weights_only=True)``, which refuses anything beyond plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoexport.artifact import sha256_of
+from nanoexport.errors import NanoexportError
+
+log = logging.getLogger(__name__)
+
+# model_type in config.json -> the family name users know.
+SUPPORTED_FAMILIES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3",
+    "gemma2": "Gemma 2",
+    "gpt2": "GPT-2",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model in fp32 eval mode, with where it came from and its tokenizer files."""
+
+    name: str
+    source: str
+    model: torch.nn.Module
+    weights_sha256: str
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
+
+def check_architecture(model_type: str | None) -> None:
+    if model_type not in SUPPORTED_FAMILIES:
+        supported = ", ".join(sorted(SUPPORTED_FAMILIES))
+        raise NanoexportError(f"unsupported architecture {model_type!r}; supported model_type values: {supported}")
+
+
+def load_checkpoint(source: str | Path | torch.nn.Module) -> Checkpoint:
+    """Load ``source`` (folder, hub id or ``transformers`` model) as an fp32 model ready for export."""
+    if isinstance(source, torch.nn.Module):
+        return _from_module(source)
+    folder = _resolve_folder(str(source))
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise NanoexportError(f"{folder} is not a Hugging Face checkpoint: config.json is missing")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except json.JSONDecodeError as error:
+        raise NanoexportError(f"{config_path} is not valid JSON ({error}); fix or re-download the checkpoint")
+    check_architecture(model_type)
+    weight_files = _weight_files(folder)
+    model = _load_model(folder, use_safetensors=weight_files[0].suffix == ".safetensors")
+    tokenizer_files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    if not tokenizer_files:
+        log.warning("%s has no tokenizer files; the artifact will have no tokenizer", folder)
+    return Checkpoint(
+        name=folder.name,
+        source=str(source),
+        model=model,
+        weights_sha256=_hash_files(weight_files),
+        tokenizer_files=tokenizer_files,
+    )
+
+
+def _resolve_folder(source: str) -> Path:
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder.resolve()
+    if folder.exists():
+        raise NanoexportError(f"model path {source} is a file; pass the checkpoint folder that holds config.json")
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise NanoexportError(f"model folder {source} does not exist; pass a checkpoint folder or a hub id")
+    return _download(source)
+
+
+def _download(hub_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            hub_id,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as error:  # the hub client raises many types; all mean "could not get it"
+        raise NanoexportError(
+            f"could not download {hub_id} from the Hugging Face hub ({type(error).__name__}); "
+            "check the id and the network, or pass a local checkpoint folder"
+        ) from None
+    return Path(path)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        _check_safetensors(path)
+    if safetensors:
+        return safetensors
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        log.warning("%s holds pickle weights; reading them with torch.load(weights_only=True)", folder)
+        return pickles
+    raise NanoexportError(f"no weights in {folder}: expected *.safetensors files")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Fail early, with the file's name, on a truncated or corrupt safetensors file."""
+    size = path.stat().st_size
+    fix = "re-download or re-save the checkpoint"
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise NanoexportError(f"corrupt safetensors file {path}: only {size} bytes; {fix}")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise NanoexportError(f"corrupt safetensors file {path}: header runs past the end of the file; {fix}")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise NanoexportError(f"corrupt safetensors file {path}: unreadable header; {fix}") from None
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_size + end > size:
+        raise NanoexportError(
+            f"corrupt safetensors file {path}: truncated ({size} bytes, header needs {8 + header_size + end}); {fix}"
+        )
+
+
+def _load_model(folder: Path, use_safetensors: bool) -> torch.nn.Module:
+    import pickle
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own progress display covers loading
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=use_safetensors, weights_only=True
+        )
+    except pickle.UnpicklingError as error:
+        raise NanoexportError(
+            f"refusing to unpickle the weights in {folder}: they hold objects beyond plain tensors "
+            f"({str(error).splitlines()[0][:120]}); convert the checkpoint to safetensors"
+        ) from None
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NanoexportError(f"could not load the checkpoint in {folder}: {first_line}") from None
+    return model.eval()
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + sha256_of(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _from_module(model: torch.nn.Module) -> Checkpoint:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise NanoexportError(
+            f"{type(model).__name__} has no .config; pass a transformers causal-LM model or a checkpoint folder"
+        )
+    check_architecture(getattr(config, "model_type", None))
+    model = model.float().eval()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + b"\0" + tensor.detach().contiguous().numpy().tobytes())
+    return Checkpoint(
+        name=Path(getattr(config, "name_or_path", "") or type(model).__name__).name,
+        source="",
+        model=model,
+        weights_sha256=digest.hexdigest(),
+    )

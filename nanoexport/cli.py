@@ -1,0 +1,173 @@
+"""The ``nanoexport`` command, a thin layer over the Python API. Export is the default verb.
+
+Exit codes: 0 success, 1 validation failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nanoexport.artifact import Artifact
+from nanoexport.config import load_config
+from nanoexport.errors import NanoexportError
+
+EXPORT_EXAMPLES = """\
+examples:
+  nanoexport                                   export the bundled demo model for ONNX Runtime and validate it
+  nanoexport --target onnx --model ./my-llama  export a local Hugging Face checkpoint
+  nanoexport --model Qwen/Qwen2.5-0.5B --out build/qwen --overwrite
+  nanoexport --config ci/nanoexport.toml       settings from a file; flags override it
+
+other verbs:
+  nanoexport validate DIR     validate an artifact against its reference model
+  nanoexport inspect DIR      show an artifact's manifest: files, inputs/outputs, passes
+  nanoexport targets          list targets and whether their runtimes are installed
+Each verb takes --help. Settings are read from ./nanoexport.toml when it exists.
+"""
+VALIDATE_EXAMPLES = """\
+examples:
+  nanoexport validate nanoexport-out/demo-onnx
+  nanoexport validate build/qwen --reference ./qwen-checkpoint
+exit codes: 0 all checks passed, 1 a check failed, 2 bad input.
+"""
+INSPECT_EXAMPLES = """\
+examples:
+  nanoexport inspect nanoexport-out/demo-onnx
+"""
+TARGETS_EXAMPLES = """\
+examples:
+  nanoexport targets
+"""
+VERBS = ("export", "validate", "inspect", "targets")
+
+console = Console()
+log = logging.getLogger("nanoexport")
+
+
+def _parser(verb: str) -> argparse.ArgumentParser:
+    descriptions = {
+        "export": ("nanoexport", "Export a decoder LM to a validated artifact for one target.", EXPORT_EXAMPLES),
+        "validate": ("nanoexport validate", "Run an artifact beside its PyTorch reference and check the numbers.",
+                     VALIDATE_EXAMPLES),
+        "inspect": ("nanoexport inspect", "Show an artifact's manifest.", INSPECT_EXAMPLES),
+        "targets": ("nanoexport targets", "List the targets and whether each one's runtime is installed.",
+                    TARGETS_EXAMPLES),
+    }
+    prog, description, epilog = descriptions[verb]
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    if verb == "export":
+        parser.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+        parser.add_argument("--target", help="target backend (default: onnx); see `nanoexport targets`")
+        parser.add_argument("--out", help="artifact folder (default: ./nanoexport-out/<model>-<target>)")
+        parser.add_argument("--config", type=Path, help="settings file (default: ./nanoexport.toml if present)")
+        parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+        parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
+    elif verb == "validate":
+        parser.add_argument("artifact", type=Path, help="artifact folder")
+        parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
+        parser.add_argument("--config", type=Path, help="settings file whose [validate] table sets thresholds")
+    elif verb == "inspect":
+        parser.add_argument("artifact", type=Path, help="artifact folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = argv.pop(0) if argv and argv[0] in VERBS else "export"
+    args = _parser(verb).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return {"export": _export, "validate": _validate, "inspect": _inspect, "targets": _targets}[verb](args)
+    except NanoexportError as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from nanoexport.pipeline import export
+    from nanoexport.validate import validate
+    from nanoexport.validate.report import report_table
+
+    config = load_config(args.config, {"model": args.model, "target": args.target, "out": args.out})
+    artifact = export(config=config, overwrite=args.overwrite)
+    console.print(_summary_table(artifact))
+    if args.no_validate:
+        return 0
+    report = validate(artifact)
+    console.print(report_table(report.to_dict()))
+    return 0 if report.passed else 1
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from nanoexport.validate import validate
+    from nanoexport.validate.report import report_table
+
+    artifact = Artifact.load(args.artifact)
+    thresholds = load_config(args.config).validate if args.config else None
+    report = validate(artifact, reference=args.reference, config=thresholds)
+    console.print(report_table(report.to_dict()))
+    return 0 if report.passed else 1
+
+
+def _summary_table(artifact: Artifact) -> Table:
+    manifest = artifact.manifest
+    source = manifest["source"]
+    table = Table(title=f"artifact {artifact.path}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("model", f"{source['name']} ({source['family']}, {source['parameters']:,} parameters)")
+    table.add_row("target", manifest["target"])
+    io = manifest["io"]
+    table.add_row("inputs / outputs", f"{len(io['inputs'])} / {len(io['outputs'])} "
+                  f"({io['kv_cache']['num_layers']} layers of KV cache)")
+    for entry in manifest["files"]:
+        table.add_row(entry["path"], f"{entry['size']:,} bytes")
+    return table
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    artifact = Artifact.load(args.artifact)
+    console.print(_summary_table(artifact))
+    io = Table(title="inputs and outputs")
+    for column in ("kind", "name", "dtype", "shape"):
+        io.add_column(column)
+    for kind in ("inputs", "outputs"):
+        for value in artifact.manifest["io"][kind]:
+            io.add_row(kind[:-1], value["name"], value["dtype"], str(value["shape"]))
+    console.print(io)
+    passes = Table(title="passes")
+    for column in ("pass", "nodes before", "nodes after"):
+        passes.add_column(column)
+    for entry in artifact.manifest["passes"]:
+        passes.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]))
+    console.print(passes)
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from nanoexport.targets import TARGETS, runtime_installed
+
+    table = Table(title="targets")
+    for column in ("target", "runtime", "installed"):
+        table.add_column(column)
+    for name, (_, runtime) in sorted(TARGETS.items()):
+        table.add_row(name, runtime, "yes" if runtime_installed(name) else "no")
+    console.print(table)
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

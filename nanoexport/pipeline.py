@@ -1,0 +1,140 @@
+"""The export pipeline: checkpoint -> ONNX -> passes -> target files -> artifact folder."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from nanoexport.artifact import Artifact, staging, write_manifest
+from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
+from nanoexport.capture.onnx_export import export_onnx, kv_shape
+from nanoexport.config import ExportConfig
+from nanoexport.passes import CLEANUP, run_passes
+from nanoexport.progress import Steps
+from nanoexport.targets import get_target
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("nanoexport", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
+
+
+def default_out(model_name: str, target: str) -> Path:
+    return Path("nanoexport-out") / f"{model_name}-{target}"
+
+
+def export(
+    model: str | Path | torch.nn.Module | Checkpoint | None = None,
+    target: str | None = None,
+    out: str | Path | None = None,
+    config: ExportConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Artifact:
+    """Export ``model`` for ``target`` into the artifact folder ``out`` and return the artifact.
+
+    ``model`` is a checkpoint folder, a hub id, a ``transformers`` model or a loaded ``Checkpoint``;
+    by default the bundled demo model. ``target`` and ``model`` override ``config``. The folder is
+    built beside ``out`` and moved into place only when complete; an existing non-empty ``out`` is
+    refused unless ``overwrite``.
+    """
+    config = copy.deepcopy(config) if config else ExportConfig()
+    if target is not None:
+        config.target = target
+    if model is None:
+        model = config.model or str(DEMO_MODEL)
+    if isinstance(model, (str, Path)):
+        config.model = str(model)
+    target_module = get_target(config.target)
+    name = _model_name(model)
+    destination = Path(out or config.out or default_out(name, config.target))
+
+    with Steps(progress) as steps, staging(destination, overwrite) as folder:
+        with steps.step("capture: load checkpoint"):
+            checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        with steps.step("capture: torch -> ONNX"):
+            graph = export_onnx(checkpoint)
+        with steps.step("passes") as detail:
+            pass_stats = run_passes(graph, CLEANUP, on_pass=detail)
+        with steps.step(f"write: {config.target}"):
+            model_files = target_module.lower(graph, config, folder)
+            _write_tokenizer(checkpoint, folder)
+            write_manifest(
+                folder,
+                {
+                    "tool_versions": _tool_versions(),
+                    "target": config.target,
+                    "model_files": model_files,
+                    "source": {
+                        "name": checkpoint.name,
+                        "source": checkpoint.source,
+                        "family": checkpoint.family,
+                        "weights_sha256": checkpoint.weights_sha256,
+                        "parameters": sum(p.numel() for p in checkpoint.model.parameters()),
+                        "config": checkpoint.config.to_diff_dict(),
+                    },
+                    "config": config.manifest_view(),
+                    "io": io_signature(graph, checkpoint),
+                    "passes": [
+                        {"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
+                        for s in pass_stats
+                    ],
+                    "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
+                },
+            )
+    artifact = Artifact.load(destination)
+    artifact.checkpoint = checkpoint
+    return artifact
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, Checkpoint):
+        return model.name
+    if isinstance(model, torch.nn.Module):
+        return Path(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__).name
+    return Path(str(model)).name or "model"
+
+
+def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
+    if not checkpoint.tokenizer_files:
+        return
+    tokenizer_folder = folder / "tokenizer"
+    tokenizer_folder.mkdir()
+    for file_name, data in sorted(checkpoint.tokenizer_files.items()):
+        (tokenizer_folder / file_name).write_bytes(data)
+
+
+def io_signature(graph: ir.Model, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Names, dtypes and shapes of the graph's inputs and outputs, and the KV-cache layout."""
+
+    def describe(value: ir.Value) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
+        return {"name": value.name, "dtype": value.dtype.name.lower(), "shape": shape}
+
+    kv_heads, head_dim = kv_shape(checkpoint.config)
+    return {
+        "inputs": [describe(v) for v in graph.graph.inputs],
+        "outputs": [describe(v) for v in graph.graph.outputs],
+        "kv_cache": {
+            "layout": ["batch", "kv_heads", "sequence", "head_dim"],
+            "num_layers": checkpoint.config.num_hidden_layers,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": checkpoint.config.vocab_size,
+        },
+    }
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -1,0 +1,152 @@
+"""Validation: run an artifact in its target's runtime beside the PyTorch reference and compare.
+
+Measured on a few prompts: logits max-abs and cosine error and top-1 agreement (one full forward),
+KV-cache consistency (prefill then one-token decode steps against one full forward, both in the
+artifact), and greedy-generation agreement. Each measure has a threshold from ``ValidationConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoexport.artifact import Artifact
+from nanoexport.capture.checkpoint import Checkpoint, load_checkpoint
+from nanoexport.config import ValidationConfig
+from nanoexport.errors import NanoexportError
+from nanoexport.targets import get_target
+from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
+from nanoexport.validate.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Check:
+    """One measure, its threshold, and whether it passed."""
+
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    higher_is_better: bool
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """What validation measured on one artifact."""
+
+    artifact: str
+    target: str
+    model: str
+    prompts: int
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def add(self, name: str, value: float, threshold: float, higher_is_better: bool, detail: str = "") -> None:
+        passed = value >= threshold if higher_is_better else value <= threshold
+        self.checks.append(Check(name, float(value), threshold, bool(passed), higher_is_better, detail))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def validate(
+    artifact: Artifact | str | Path,
+    reference: str | Path | torch.nn.Module | Checkpoint | None = None,
+    config: ValidationConfig | None = None,
+    write: bool = True,
+) -> ValidationReport:
+    """Validate ``artifact`` against ``reference`` (default: the model recorded in its manifest).
+
+    Writes ``report.json`` and ``report.html`` into the artifact folder when ``write``.
+    """
+    if not isinstance(artifact, Artifact):
+        artifact = Artifact.load(artifact)
+    config = config or ValidationConfig(**artifact.manifest["config"]["validate"])
+    problems = artifact.verify()
+    if problems:
+        raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
+    checkpoint = _reference(artifact, reference)
+    runner = get_target(artifact.target).Runner(artifact.path)
+    decoder = ArtifactDecoder(runner, artifact.manifest["io"]["kv_cache"])
+    torch_model = TorchReference(checkpoint.model)
+    prompts = prompts_for(artifact.path, decoder.vocab_size)
+
+    report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
+    _compare_logits(report, decoder, torch_model, prompts, config)
+    _kv_consistency(report, decoder, prompts, config)
+    _greedy_agreement(report, decoder, torch_model, prompts, config)
+    if write:
+        write_report(artifact.path, report.to_dict())
+    return report
+
+
+def _reference(artifact: Artifact, reference: Any) -> Checkpoint:
+    if isinstance(reference, Checkpoint):
+        return reference
+    if reference is not None:
+        return load_checkpoint(reference)
+    if artifact.checkpoint is not None:
+        return artifact.checkpoint
+    source = artifact.manifest["source"]["source"]
+    if not source:
+        raise NanoexportError(
+            f"{artifact.path} was exported from a model in memory; pass the reference with --reference"
+        )
+    checkpoint = load_checkpoint(source)
+    if checkpoint.weights_sha256 != artifact.manifest["source"]["weights_sha256"]:
+        raise NanoexportError(
+            f"the weights at {source} differ from those {artifact.path} was exported from; "
+            "pass the original checkpoint with --reference"
+        )
+    return checkpoint
+
+
+def _compare_logits(report, decoder, torch_model, prompts, config: ValidationConfig) -> None:
+    max_abs, min_cosine, agree, positions = 0.0, 1.0, 0, 0
+    for prompt in prompts:
+        ours = decoder.full_logits(prompt)
+        theirs = torch_model.logits(prompt)
+        max_abs = max(max_abs, float(np.abs(ours - theirs).max()))
+        cosine = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
+        min_cosine = min(min_cosine, float(cosine.min()))
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        positions += len(prompt)
+    report.add("logits max-abs error", max_abs, config.logits_max_abs, False)
+    report.add("logits min cosine", min_cosine, config.logits_min_cosine, True)
+    report.add("top-1 agreement", agree / positions, config.top1_agreement, True, f"{positions} positions")
+
+
+def _kv_consistency(report, decoder, prompts, config: ValidationConfig) -> None:
+    steps = config.decode_steps
+    worst = 0.0
+    for prompt in prompts:
+        if len(prompt) <= steps:
+            raise NanoexportError(f"validation prompt of {len(prompt)} tokens is too short for {steps} decode steps")
+        full = decoder.full_logits(prompt)
+        stepped = decoder.prefill_then_decode(prompt, len(prompt) - steps)
+        worst = max(worst, float(np.abs(full - stepped).max()))
+    report.add("KV consistency max-abs", worst, config.kv_max_abs, False, f"prefill, then {steps} decode steps")
+
+
+def _greedy_agreement(report, decoder, torch_model, prompts, config: ValidationConfig) -> None:
+    count = config.greedy_tokens
+    matched, total = 0, 0
+    for prompt in prompts:
+        ours = greedy(decoder.next_token_stream(prompt), count)
+        theirs = greedy(torch_model.next_token_stream(prompt), count)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), count)
+        matched += same
+        total += count
+    report.add("greedy agreement", matched / total, config.greedy_agreement, True,
+               f"{count} tokens x {len(prompts)} prompts, matched until first difference")

@@ -1,0 +1,54 @@
+"""Validation reports: ``report.json`` for machines, ``report.html`` for people, a table for the terminal."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from nanoexport.artifact import write_json
+
+
+def format_value(value: float) -> str:
+    return f"{value:.3e}" if value and abs(value) < 1e-2 else f"{value:.4f}"
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    status = "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]"
+    table = Table(title=f"validation of {report['artifact']} ({report['target']}): {status}")
+    for column in ("check", "value", "threshold", "result", "detail"):
+        table.add_column(column)
+    for check in report["checks"]:
+        bound = (">= " if check["higher_is_better"] else "<= ") + format_value(check["threshold"])
+        result = "[green]pass[/]" if check["passed"] else "[red]fail[/]"
+        table.add_row(check["name"], format_value(check["value"]), bound, result, check["detail"])
+    return table
+
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    write_json(folder / "report.json", report)
+    rows = "".join(
+        "<tr class='{}'><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td></tr>".format(
+            "pass" if c["passed"] else "fail",
+            html.escape(c["name"]),
+            format_value(c["value"]),
+            "&ge;" if c["higher_is_better"] else "&le;",
+            format_value(c["threshold"]),
+            "pass" if c["passed"] else "FAIL",
+            html.escape(c["detail"]),
+        )
+        for c in report["checks"]
+    )
+    verdict = "passed" if report["passed"] else "FAILED"
+    (folder / "report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>nanoexport validation</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
+        ".fail{background:#fdd}.pass{background:#efe}</style>"
+        f"<h1>{html.escape(report['model'])} &rarr; {html.escape(report['target'])}: {verdict}</h1>"
+        f"<p>{report['prompts']} prompts</p><table><tr><th>check</th><th>value</th><th>threshold</th>"
+        f"<th>result</th><th>detail</th></tr>{rows}</table>\n",
+        encoding="utf-8",
+    )

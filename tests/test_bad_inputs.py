@@ -1,0 +1,159 @@
+"""Bad input: one clear line on stderr, exit code 2, and nothing half-written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoexport.cli import main
+
+
+def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def assert_clean(out: Path):
+    assert not out.exists()
+    if out.parent.exists():
+        assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def assert_one_line_error(code, err, *phrases):
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", tmp_path / "no-such-model", "--out", out], capsys)
+    assert_one_line_error(code, err, "does not exist", "no-such-model")
+    assert_clean(out)
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out], capsys)
+    assert_one_line_error(code, err, "unsupported architecture 'bert'", "llama", "gpt2", "qwen3")
+    assert_clean(out)
+
+
+def test_truncated_safetensors(tmp_path, tiny_checkpoint, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out], capsys)
+    assert_one_line_error(code, err, "corrupt safetensors file", "model.safetensors", "truncated")
+    assert_clean(out)
+
+
+class _Payload:
+    """Unpickling this would create a file; weights_only loading must refuse it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_with_code_is_refused(tmp_path, tiny_checkpoint, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(tiny_checkpoint("llama") / "config.json", model)
+    marker = tmp_path / "unpickled"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, model / "pytorch_model.bin")
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out], capsys)
+    assert_one_line_error(code, err, "refusing to unpickle", "safetensors")
+    assert not marker.exists()
+    assert_clean(out)
+
+
+def test_pickle_of_plain_tensors_loads(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    import nanoexport
+
+    model = tmp_path / "model"
+    model.mkdir()
+    source = tiny_checkpoint("llama")
+    shutil.copy(source / "config.json", model)
+    torch.save(load_file(source / "model.safetensors"), model / "pytorch_model.bin")
+    artifact = nanoexport.export(model, out=tmp_path / "out", progress=False)
+    assert nanoexport.validate(artifact).passed
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "read-only-filesystem"])
+def test_unwritable_output_folder(tmp_path, tiny_checkpoint, capsys, where):
+    if where == "parent-is-a-file":
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        out = blocker / "out"
+    else:
+        out = Path("/proc/nanoexport-test-out")  # refused even to root
+    code, err = run_cli(["--model", tiny_checkpoint("llama"), "--out", out], capsys)
+    assert_one_line_error(code, err, "cannot write to", "--out")
+    assert not out.exists()
+
+
+def test_output_folder_holding_another_artifact(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["--model", tiny_checkpoint("llama"), "--out", out, "--no-validate"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, err = run_cli(["--model", tiny_checkpoint("gpt2"), "--out", out], capsys)
+    assert_one_line_error(code, err, "already holds a different artifact", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+    assert run_cli(["--model", tiny_checkpoint("gpt2"), "--out", out, "--overwrite", "--no-validate"], capsys)[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["source"]["family"] == "gpt2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unknown_target(tmp_path, capsys):
+    code, err = run_cli(["--target", "tpu", "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "unknown target 'tpu'", "onnx")
+
+
+def test_validate_rejects_a_path_escaping_the_artifact(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["--model", tiny_checkpoint("llama"), "--out", out, "--no-validate"], capsys)[0] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][0]["path"] = "../../etc/passwd"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run_cli(["validate", out], capsys)
+    assert_one_line_error(code, err, "escapes the artifact folder")
+
+
+def test_validate_detects_a_damaged_file(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["--model", tiny_checkpoint("llama"), "--out", out, "--no-validate"], capsys)[0] == 0
+    data = out / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4])
+    code, err = run_cli(["validate", out], capsys)
+    assert_one_line_error(code, err, "damaged", "model.onnx.data")
+
+
+def test_validate_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    code, err = run_cli(["validate", tmp_path], capsys)
+    assert_one_line_error(code, err, "not a nanoexport artifact")
+
+
+def test_bad_config_file(tmp_path, capsys):
+    config = tmp_path / "nanoexport.toml"
+    config.write_text('targte = "onnx"\n')
+    code, err = run_cli(["--config", config, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "unknown setting 'targte'")
