@@ -23,6 +23,8 @@ examples:
   nanoexport --target onnx --model ./my-llama  export a local Hugging Face checkpoint
   nanoexport --model Qwen/Qwen2.5-0.5B --out build/qwen --overwrite
   nanoexport --config ci/nanoexport.toml       settings from a file; flags override it
+  nanoexport --verify-passes -v                check every pass on ONNX Runtime and log its statistics
+  nanoexport --skip-passes fold_constants      run the other passes only
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -71,6 +73,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--config", type=Path, help="settings file (default: ./nanoexport.toml if present)")
         parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
+        parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
+        parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
+        parser.add_argument("--verify-passes", action="store_true", default=None,
+                            help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
@@ -78,6 +84,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     elif verb == "inspect":
         parser.add_argument("artifact", type=Path, help="artifact folder")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +107,10 @@ def _export(args: argparse.Namespace) -> int:
     from nanoexport.validate import validate
     from nanoexport.validate.report import report_table
 
-    config = load_config(args.config, {"model": args.model, "target": args.target, "out": args.out})
+    config = load_config(args.config, {
+        "model": args.model, "target": args.target, "out": args.out, "passes": args.passes,
+        "skip_passes": args.skip_passes, "verify_passes": args.verify_passes,
+    })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))
     if args.no_validate:

@@ -43,6 +43,9 @@ class ExportConfig:
     model: str = ""
     target: str = "onnx"
     out: str = ""
+    passes: list[str] = field(default_factory=list)  # empty: every pass
+    skip_passes: list[str] = field(default_factory=list)
+    verify_passes: bool = False
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 
     def manifest_view(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from nanoexport.artifact import Artifact, staging, write_manifest
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
 from nanoexport.capture.onnx_export import export_onnx, kv_shape
 from nanoexport.config import ExportConfig
-from nanoexport.passes import CLEANUP, run_passes
+from nanoexport.passes import run_passes, select_passes
 from nanoexport.progress import Steps
 from nanoexport.targets import get_target
 
@@ -51,6 +51,7 @@ def export(
     if isinstance(model, (str, Path)):
         config.model = str(model)
     target_module = get_target(config.target)
+    passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
     destination = Path(out or config.out or default_out(name, config.target))
 
@@ -60,7 +61,7 @@ def export(
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
         with steps.step("passes") as detail:
-            pass_stats = run_passes(graph, CLEANUP, on_pass=detail)
+            pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):
             model_files = target_module.lower(graph, config, folder)
             _write_tokenizer(checkpoint, folder)
@@ -87,6 +88,10 @@ def export(
                     "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
                 },
             )
+    for stat in pass_stats:
+        change = "" if stat.logits_change is None else f", logits moved {stat.logits_change:.2e}"
+        log.info("pass %s: %.2fs, %d -> %d nodes%s", stat.name, stat.seconds, stat.nodes_before, stat.nodes_after,
+                 change)
     artifact = Artifact.load(destination)
     artifact.checkpoint = checkpoint
     return artifact

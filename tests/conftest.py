@@ -28,4 +28,7 @@ def demo_artifact(tmp_path_factory):
     """The bundled demo model exported for the onnx target once per session."""
     import nanoexport
 
-    return nanoexport.export(out=tmp_path_factory.mktemp("demo") / "demo-onnx", progress=False)
+    return nanoexport.export(
+        out=tmp_path_factory.mktemp("demo") / "demo-onnx", config=nanoexport.ExportConfig(verify_passes=True),
+        progress=False,
+    )

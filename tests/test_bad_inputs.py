@@ -157,3 +157,12 @@ def test_bad_config_file(tmp_path, capsys):
     config.write_text('targte = "onnx"\n')
     code, err = run_cli(["--config", config, "--out", tmp_path / "out"], capsys)
     assert_one_line_error(code, err, "unknown setting 'targte'")
+
+
+def test_hub_id_when_the_hub_is_unreachable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache: nothing to fall back on
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", "nanoexport-tests/no-such-model", "--out", out], capsys)
+    assert_one_line_error(code, err, "could not download nanoexport-tests/no-such-model", "local checkpoint folder")
+    assert_clean(out)

@@ -8,7 +8,10 @@ from nanoexport.capture.checkpoint import SUPPORTED_FAMILIES
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
 def test_family_exports_and_matches_pytorch(family, tiny_checkpoint, tmp_path):
-    artifact = nanoexport.export(tiny_checkpoint(family), out=tmp_path / family, progress=False)
+    artifact = nanoexport.export(
+        tiny_checkpoint(family), out=tmp_path / family, config=nanoexport.ExportConfig(verify_passes=True),
+        progress=False,
+    )
     report = nanoexport.validate(nanoexport.Artifact.load(artifact.path))
     checks = {check.name: check for check in report.checks}
 

@@ -1,7 +1,8 @@
 """Graph passes: named functions from an ONNX graph to an ONNX graph, run in order with statistics.
 
 Each pass changes the model in place and keeps its numbers: the graph computes the same logits before and
-after (the tests run both on ONNX Runtime).
+after. ``run_passes(..., verify=True)`` checks that on ONNX Runtime after every pass and names the pass
+that moved the logits.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
+
+from nanoexport.errors import NanoexportError
+from nanoexport.passes.verify import GraphRunner
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,11 @@ def fold_constants(model: ir.Model) -> None:
     onnxscript.optimizer.optimize_ir(model)
 
 
+def eliminate_identity(model: ir.Model) -> None:
+    """Remove Identity nodes that only rename a value."""
+    common.IdentityEliminationPass()(model)
+
+
 def remove_unused(model: ir.Model) -> None:
     """Remove nodes, functions and opset imports that no output depends on."""
     common.RemoveUnusedNodesPass()(model)
@@ -37,12 +46,17 @@ def remove_unused(model: ir.Model) -> None:
     common.RemoveUnusedOpsetsPass()(model)
 
 
-def eliminate_identity(model: ir.Model) -> None:
-    """Remove Identity nodes that only rename a value."""
-    common.IdentityEliminationPass()(model)
+PASSES: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, remove_unused]
+PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 
 
-CLEANUP: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, remove_unused]
+def select_passes(only: list[str] | None = None, skip: list[str] | None = None) -> list[GraphPass]:
+    """The passes named in ``only`` (default: all), minus ``skip``, in pipeline order."""
+    for name in [*(only or []), *(skip or [])]:
+        if name not in PASS_NAMES:
+            raise NanoexportError(f"unknown pass {name!r}; passes: {', '.join(PASS_NAMES)}")
+    chosen = set(only) if only else set(PASS_NAMES)
+    return [p for p in PASSES if p.__name__ in chosen and p.__name__ not in (skip or [])]
 
 
 @dataclass
@@ -51,6 +65,7 @@ class PassStats:
     seconds: float
     nodes_before: int
     nodes_after: int
+    logits_change: float | None = None  # max-abs change of the logits, when verified
 
 
 def count_nodes(model: ir.Model) -> int:
@@ -58,16 +73,37 @@ def count_nodes(model: ir.Model) -> int:
 
 
 def run_passes(
-    model: ir.Model, passes: list[GraphPass], on_pass: Callable[[str], None] | None = None
+    model: ir.Model,
+    passes: list[GraphPass],
+    on_pass: Callable[[str], None] | None = None,
+    verify: bool = False,
+    tolerance: float = 1e-4,
 ) -> list[PassStats]:
-    """Run ``passes`` in order on ``model`` (in place); returns time and node counts per pass."""
+    """Run ``passes`` in order on ``model`` (in place); returns time and node counts per pass.
+
+    With ``verify``, the graph runs on ONNX Runtime before and after each pass on fixed inputs, and a
+    pass that moves the logits by more than ``tolerance`` stops the pipeline with its name.
+    """
+    runner = GraphRunner(model) if verify else None
+    logits = runner.logits(model) if runner else None
     stats = []
     for graph_pass in passes:
+        name = graph_pass.__name__
         if on_pass is not None:
-            on_pass(graph_pass.__name__)
+            on_pass(name)
         before = count_nodes(model)
         started = time.perf_counter()
         graph_pass(model)
-        stats.append(PassStats(graph_pass.__name__, time.perf_counter() - started, before, count_nodes(model)))
-        log.debug("pass %s: %d -> %d nodes", graph_pass.__name__, before, stats[-1].nodes_after)
+        stat = PassStats(name, time.perf_counter() - started, before, count_nodes(model))
+        if runner is not None:
+            new_logits = runner.logits(model)
+            stat.logits_change = float(abs(new_logits - logits).max())
+            if stat.logits_change > tolerance:
+                raise NanoexportError(
+                    f"pass {name} changed the logits by {stat.logits_change:.3g} (> {tolerance:g}); "
+                    f"skip it with --skip-passes {name} and report the model"
+                )
+            logits = new_logits
+        stats.append(stat)
+        log.debug("pass %s: %d -> %d nodes", name, before, stat.nodes_after)
     return stats

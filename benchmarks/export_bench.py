@@ -1,0 +1,104 @@
+"""Export wall time and peak RSS, for the demo model and a random-weight Qwen2.5-0.5B-config model.
+
+Each export runs as its own process (``nanoexport --no-validate``) so its peak RSS is its own. The
+Qwen model is built from Qwen2.5-0.5B's published config with random weights (the hub is not needed)
+and saved as safetensors first, in a separate process.
+
+Examples:
+    python benchmarks/export_bench.py                  # both models
+    python benchmarks/export_bench.py --models demo    # only the demo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN25_05B = dict(
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
+)
+BUILD_QWEN = """
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+settings = dict({settings!r})
+config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1], safe_serialization=True)
+"""
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def weight_bytes(folder: Path) -> int:
+    """fp32 bytes of the checkpoint's parameters, counting tied tensors once (as stored)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += 4 * count
+    return total
+
+
+def measure_export(model: Path, out: Path) -> dict:
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--out", str(out), "--no-validate"],
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"export of {model} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    artifact_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "artifact_bytes": artifact_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["demo", "qwen2.5-0.5b"], default=["demo", "qwen2.5-0.5b"])
+    parser.add_argument("--json", type=Path, default=RESULTS / "export_bench.json")
+    args = parser.parse_args()
+    from nanoexport.capture.checkpoint import DEMO_MODEL
+
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models:
+            if name == "demo":
+                model = DEMO_MODEL
+            else:
+                model = Path(scratch) / name
+                subprocess.run([sys.executable, "-c", BUILD_QWEN.format(settings=QWEN25_05B), str(model)], check=True)
+            figures = measure_export(model, Path(scratch) / f"{name}-onnx")
+            figures["weights_fp32_bytes"] = weight_bytes(model)
+            figures["peak_rss_over_weights"] = round(figures["peak_rss_bytes"] / figures["weights_fp32_bytes"], 3)
+            results.append({"model": name, **figures})
+            print(
+                f"{name:14s} export {figures['seconds']:7.1f} s   peak RSS {figures['peak_rss_bytes'] / 2**20:8.0f} MiB"
+                f"   fp32 weights {figures['weights_fp32_bytes'] / 2**20:8.0f} MiB"
+                f"   ratio {figures['peak_rss_over_weights']:.2f}",
+                flush=True,
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results},
+                   indent=2) + "\n"
+    )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Calibration data, observers and block-wise weight quantizers (the quantization issue builds this stage)."""
