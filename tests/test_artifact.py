@@ -11,7 +11,8 @@ from tiny_models import tiny_model
 
 
 def test_two_exports_are_byte_identical(demo_artifact, tmp_path):
-    again = nanoexport.export(out=tmp_path / "again", progress=False)
+    same_config = nanoexport.ExportConfig(verify_passes=demo_artifact.manifest["config"]["verify_passes"])
+    again = nanoexport.export(out=tmp_path / "again", config=same_config, progress=False)
     first = sorted(p.relative_to(demo_artifact.path) for p in demo_artifact.path.rglob("*") if p.is_file())
     second = sorted(p.relative_to(again.path) for p in again.path.rglob("*") if p.is_file())
     hashed = [p for p in first if p.name not in ("report.json", "report.html")]
