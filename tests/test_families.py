@@ -36,3 +36,33 @@ def test_interface_names_follow_optimum(tiny_checkpoint, tmp_path):
     # KV heads are not repeated in the cache: [batch, kv_heads, seq, head_dim]
     assert io["inputs"][3]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
     assert io["outputs"][1]["shape"] == ["batch_size", 2, "total_sequence_length", 16]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padded_batch_matches_pytorch(family, tiny_checkpoint, tmp_path):
+    """Batch and padding stay dynamic: two prompts of different lengths in one left-padded batch."""
+    import numpy as np
+    import torch
+
+    from nanoexport.targets.onnx import Runner
+    from tiny_models import tiny_model
+
+    artifact = nanoexport.export(tiny_checkpoint(family), out=tmp_path / family, progress=False)
+    kv = artifact.manifest["io"]["kv_cache"]
+    generator = np.random.default_rng(1)
+    ids = generator.integers(3, kv["vocab_size"], (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :4] = 0  # the second prompt is 5 tokens, padded on the left
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for layer in range(kv["num_layers"]):
+        for part in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{part}"] = np.zeros((2, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
+    ours = Runner(artifact.path).forward(feeds)["logits"]
+
+    model = tiny_model(family)
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       position_ids=torch.tensor(positions)).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - theirs[real]).max() <= 1e-4

@@ -55,3 +55,16 @@ def test_select_passes():
     assert [p.__name__ for p in select_passes(only=["remove_unused", "strip_metadata"])] == ["strip_metadata", "remove_unused"]
     with pytest.raises(NanoexportError, match="unknown pass 'fuse_everything'"):
         select_passes(only=["fuse_everything"])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+def test_attention_reads_the_kv_heads_without_repeating_them(family, captured):
+    graph = captured(family)
+    run_passes(graph, PASSES, verify=True)
+    attentions = [node for node in graph.graph if node.op_type == "Attention"]
+    assert len(attentions) == 2
+    for node in attentions:
+        query, key, value = node.inputs[:3]
+        assert key.shape[1] == value.shape[1] == 2 < query.shape[1] == 4
+        assert key.producer().op_type == "Concat"  # straight from the cache, no Expand/Reshape copy
+    assert not any(node.op_type == "Expand" and node.outputs[0].shape.rank() == 5 for node in graph.graph)

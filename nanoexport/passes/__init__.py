@@ -17,6 +17,7 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.fusion import fuse
 from nanoexport.passes.verify import GraphRunner
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def remove_unused(model: ir.Model) -> None:
     common.RemoveUnusedOpsetsPass()(model)
 
 
-PASSES: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, remove_unused]
+PASSES: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, fuse, remove_unused]
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 
 
