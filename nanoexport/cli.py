@@ -25,6 +25,7 @@ examples:
   nanoexport --config ci/nanoexport.toml       settings from a file; flags override it
   nanoexport --verify-passes -v                check every pass on ONNX Runtime and log its statistics
   nanoexport --skip-passes fold_constants      run the other passes only
+  nanoexport --kv-cache static --max-context 512   fixed-capacity KV cache written at cache_position
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -75,6 +76,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
         parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
         parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
+        parser.add_argument("--kv-cache", choices=["dynamic", "static"],
+                            help="KV cache form: growing (dynamic) or fixed capacity (static); default per target")
+        parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
         parser.add_argument("--verify-passes", action="store_true", default=None,
                             help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
     elif verb == "validate":
@@ -109,7 +113,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, {
         "model": args.model, "target": args.target, "out": args.out, "passes": args.passes,
-        "skip_passes": args.skip_passes, "verify_passes": args.verify_passes,
+        "skip_passes": args.skip_passes, "verify_passes": args.verify_passes, "kv_cache": args.kv_cache,
+        "max_context": args.max_context,
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))

@@ -46,6 +46,8 @@ class ExportConfig:
     passes: list[str] = field(default_factory=list)  # empty: every pass
     skip_passes: list[str] = field(default_factory=list)
     verify_passes: bool = False
+    kv_cache: str = ""  # dynamic | static; empty: the target's default
+    max_context: int = 2048  # capacity of a static cache
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 
     def manifest_view(self) -> dict[str, Any]:

@@ -13,9 +13,10 @@ import torch
 
 from nanoexport.artifact import Artifact, staging, write_manifest
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
-from nanoexport.capture.onnx_export import export_onnx, kv_shape
+from nanoexport.capture.onnx_export import export_onnx, kv_shape, sliding_window
 from nanoexport.config import ExportConfig
-from nanoexport.passes import run_passes, select_passes
+from nanoexport.errors import NanoexportError
+from nanoexport.passes import run_passes, select_passes, static_kv_cache_pass
 from nanoexport.progress import Steps
 from nanoexport.targets import get_target
 
@@ -51,6 +52,7 @@ def export(
     if isinstance(model, (str, Path)):
         config.model = str(model)
     target_module = get_target(config.target)
+    config.kv_cache = _kv_cache_form(config, target_module)
     passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
     destination = Path(out or config.out or default_out(name, config.target))
@@ -60,6 +62,8 @@ def export(
             checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
+        if config.kv_cache == "static":
+            passes = [*passes, static_kv_cache_pass(config.max_context, sliding_window(checkpoint.config))]
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):
@@ -80,7 +84,7 @@ def export(
                         "config": checkpoint.config.to_diff_dict(),
                     },
                     "config": config.manifest_view(),
-                    "io": io_signature(graph, checkpoint),
+                    "io": io_signature(graph, checkpoint, config),
                     "passes": [
                         {"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
                         for s in pass_stats
@@ -114,7 +118,19 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
         (tokenizer_folder / file_name).write_bytes(data)
 
 
-def io_signature(graph: ir.Model, checkpoint: Checkpoint) -> dict[str, Any]:
+def _kv_cache_form(config: ExportConfig, target_module) -> str:
+    forms = target_module.KV_CACHE_FORMS
+    form = config.kv_cache or forms[0]
+    if form not in forms:
+        raise NanoexportError(
+            f"target {config.target} cannot run a {form!r} KV cache; choose --kv-cache from {', '.join(forms)}"
+        )
+    if form == "static" and config.max_context < 1:
+        raise NanoexportError(f"--max-context must be at least 1, not {config.max_context}")
+    return form
+
+
+def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) -> dict[str, Any]:
     """Names, dtypes and shapes of the graph's inputs and outputs, and the KV-cache layout."""
 
     def describe(value: ir.Value) -> dict[str, Any]:
@@ -131,6 +147,8 @@ def io_signature(graph: ir.Model, checkpoint: Checkpoint) -> dict[str, Any]:
             "kv_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": checkpoint.config.vocab_size,
+            "form": config.kv_cache,
+            "capacity": config.max_context if config.kv_cache == "static" else None,
         },
     }
 

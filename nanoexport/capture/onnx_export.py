@@ -14,6 +14,7 @@ import onnx_ir as ir
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,20 @@ def kv_shape(config) -> tuple[int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return kv_heads, head_dim
+
+
+def sliding_window(config) -> int | None:
+    """The attention window every layer uses, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if not window or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    if "full_attention" in layer_types:
+        raise NanoexportError(
+            f"{config.model_type} mixes sliding-window and full-attention layers, which the static KV cache does "
+            "not support yet; use --kv-cache dynamic"
+        )
+    return window
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

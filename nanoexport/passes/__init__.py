@@ -18,6 +18,7 @@ import onnxscript.optimizer
 
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.fusion import fuse
+from nanoexport.passes.kv_cache import static_kv_cache as rewrite_static_kv_cache
 from nanoexport.passes.verify import GraphRunner
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,16 @@ def remove_unused(model: ir.Model) -> None:
 
 PASSES: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, fuse, remove_unused]
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
+
+
+def static_kv_cache_pass(capacity: int, sliding_window: int | None) -> GraphPass:
+    """The KV-cache rewrite as a pass, bound to the cache's capacity and the model's attention window."""
+
+    def static_kv_cache(model: ir.Model) -> None:
+        """Growing Concat cache -> fixed-capacity buffers written at cache_position (see kv_cache.py)."""
+        rewrite_static_kv_cache(model, capacity, sliding_window)
+
+    return static_kv_cache
 
 
 def select_passes(only: list[str] | None = None, skip: list[str] | None = None) -> list[GraphPass]:

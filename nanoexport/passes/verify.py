@@ -1,4 +1,9 @@
-"""Run an in-memory graph on ONNX Runtime on fixed inputs, to check that a pass kept its numbers."""
+"""Run an in-memory graph on ONNX Runtime on fixed inputs, to check that a pass kept its numbers.
+
+The inputs are one logical state (5 new tokens after 3 cached positions with random keys and values),
+rendered for whichever cache interface the graph has, so a pass that turns the growing cache into a
+fixed-capacity one is checked like any other: the logits must not move.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-# Sizes for the symbolic dimensions of the explicit-cache interface; past > 0 so the cache is read.
-DIMENSIONS = {"batch_size": 1, "sequence_length": 5, "past_sequence_length": 3, "total_sequence_length": 8}
+NEW_TOKENS = 5
+CACHED = 3
 
 
 class GraphRunner:
@@ -18,18 +23,38 @@ class GraphRunner:
     def __init__(self, model: ir.Model, seed: int = 0):
         generator = np.random.default_rng(seed)
         vocab_size = model.graph.outputs[0].shape[-1]
-        past = DIMENSIONS["past_sequence_length"]
-        self.feeds = {}
+        self.input_ids = generator.integers(0, vocab_size, (1, NEW_TOKENS), dtype=np.int64)
+        self.past = {
+            value.name: generator.standard_normal((1, value.shape[1], CACHED, value.shape[3])).astype(np.float32)
+            for value in model.graph.inputs
+            if value.name.startswith("past_key_values.")
+        }
+
+    def feeds(self, model: ir.Model) -> dict[str, np.ndarray]:
+        total = CACHED + NEW_TOKENS
+        feeds = {}
         for value in model.graph.inputs:
-            shape = [DIMENSIONS[str(d)] if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
-            if value.name == "input_ids":
-                self.feeds[value.name] = generator.integers(0, vocab_size, shape, dtype=np.int64)
-            elif value.name == "attention_mask":
-                self.feeds[value.name] = np.ones(shape, np.int64)
-            elif value.name == "position_ids":
-                self.feeds[value.name] = np.broadcast_to(np.arange(past, past + shape[1]), shape).astype(np.int64)
+            name = value.name
+            if name == "input_ids":
+                feeds[name] = self.input_ids
+            elif name == "position_ids":
+                feeds[name] = np.arange(CACHED, total, dtype=np.int64)[None]
+            elif name == "cache_position":
+                feeds[name] = np.array([CACHED], np.int64)
+            elif name == "attention_mask":
+                slots = value.shape[1] if isinstance(value.shape[1], int) else total
+                feeds[name] = (np.arange(slots) < total).astype(np.int64)[None]
+            elif name in self.past:
+                capacity = value.shape[2]
+                if isinstance(capacity, int):
+                    buffer = np.zeros((1, value.shape[1], capacity, value.shape[3]), np.float32)
+                    buffer[:, :, :CACHED] = self.past[name]
+                    feeds[name] = buffer
+                else:
+                    feeds[name] = self.past[name]
             else:
-                self.feeds[value.name] = generator.standard_normal(shape).astype(value.dtype.numpy())
+                raise ValueError(f"no verification input for graph input {name!r}")
+        return feeds
 
     def logits(self, model: ir.Model) -> np.ndarray:
         import onnxruntime as ort
@@ -42,4 +67,4 @@ class GraphRunner:
             # Runtime graph optimizations off: we compare our graphs, not what ORT makes of them.
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return session.run([model.graph.outputs[0].name], self.feeds)[0]
+            return session.run([model.graph.outputs[0].name], self.feeds(model))[0]

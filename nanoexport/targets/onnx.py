@@ -11,6 +11,7 @@ from nanoexport.config import ExportConfig
 
 NAME = "onnx"
 RUNTIME = "onnxruntime"
+KV_CACHE_FORMS = ("dynamic", "static")  # the first is the default
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 

@@ -6,11 +6,14 @@ Batch 1 without padding: the attention mask is all ones and positions count from
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from nanoexport.errors import NanoexportError
 
 PROMPTS = (
     "To be, or not to be, that is the question:",
@@ -20,12 +23,20 @@ PROMPTS = (
 RANDOM_PROMPT_LENGTH = 16
 
 
+@dataclass
+class KVCache:
+    """Per-layer key and value tensors and how many positions they hold."""
+
+    tensors: list[np.ndarray]
+    length: int
+
+
 class Runner(Protocol):
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class ArtifactDecoder:
-    """Drives an artifact runner through the explicit KV-cache interface."""
+    """Drives an artifact runner through its explicit KV-cache interface, growing or fixed-capacity."""
 
     def __init__(self, runner: Runner, kv_cache: dict[str, Any]):
         self.runner = runner
@@ -33,26 +44,38 @@ class ArtifactDecoder:
         self.kv_heads = kv_cache["kv_heads"]
         self.head_dim = kv_cache["head_dim"]
         self.vocab_size = kv_cache["vocab_size"]
+        self.capacity = kv_cache.get("capacity")  # None: the cache grows
 
-    def empty_cache(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+    def empty_cache(self) -> KVCache:
+        slots = 0 if self.capacity is None else self.capacity
+        shape = (1, self.kv_heads, slots, self.head_dim)
+        return KVCache([np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)], 0)
 
-    def step(self, tokens: list[int], cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(self, tokens: list[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed ``tokens`` after the ``cache``; returns logits ``[len(tokens), vocab]`` and the new cache."""
-        past = cache[0].shape[2]
+        past, total = cache.length, cache.length + len(tokens)
         feeds = {
             "input_ids": np.array([tokens], np.int64),
-            "attention_mask": np.ones((1, past + len(tokens)), np.int64),
-            "position_ids": np.arange(past, past + len(tokens), dtype=np.int64)[None],
+            "position_ids": np.arange(past, total, dtype=np.int64)[None],
         }
+        if self.capacity is None:
+            feeds["attention_mask"] = np.ones((1, total), np.int64)
+        else:
+            if total > self.capacity:
+                raise NanoexportError(
+                    f"{total} tokens do not fit the artifact's KV cache of {self.capacity}; export with a larger "
+                    "--max-context"
+                )
+            feeds["attention_mask"] = (np.arange(self.capacity) < total).astype(np.int64)[None]
+            feeds["cache_position"] = np.array([past], np.int64)
         for layer in range(self.num_layers):
-            feeds[f"past_key_values.{layer}.key"] = cache[2 * layer]
-            feeds[f"past_key_values.{layer}.value"] = cache[2 * layer + 1]
+            feeds[f"past_key_values.{layer}.key"] = cache.tensors[2 * layer]
+            feeds[f"past_key_values.{layer}.value"] = cache.tensors[2 * layer + 1]
         outputs = self.runner.forward(feeds)
         present = []
         for layer in range(self.num_layers):
             present += [outputs[f"present.{layer}.key"], outputs[f"present.{layer}.value"]]
-        return outputs["logits"][0], present
+        return outputs["logits"][0], KVCache(present, total)
 
     def full_logits(self, prompt: list[int]) -> np.ndarray:
         return self.step(prompt, self.empty_cache())[0]

@@ -1,0 +1,116 @@
+"""KV-cache rewrite: the captured growing cache (Concat) -> a fixed-capacity cache written in place.
+
+Static interface (batch and sequence length stay symbolic; the cache does not grow):
+    input_ids       [batch, sequence_length]       int64
+    position_ids    [batch, sequence_length]       int64   rotary positions
+    attention_mask  [batch, capacity]              int64   1 for cache slots that hold real tokens,
+                                                           including the ones written by this call
+    cache_position  [batch]                        int64   slot of this call's first token
+    past_key_values.{i}.key/.value  [batch, kv_heads, capacity, head_dim]
+outputs ``logits`` and ``present.{i}.key/.value`` of the same fixed shape: the buffers after the write
+(``TensorScatter``, opset 24). A query at slot ``p`` sees slots ``<= p`` that the mask marks valid, and
+within ``sliding_window`` slots when the model has one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from nanoexport.errors import NanoexportError
+
+STATIC_OPSET = 24
+
+
+def static_kv_cache(model: ir.Model, capacity: int, sliding_window: int | None = None) -> None:
+    """Rewrite ``model``'s explicit growing cache into buffers of ``capacity`` slots written at ``cache_position``.
+
+    Requires the canonical form: each layer's ``present`` is ``Concat(past, new, axis=-2)`` and every
+    ``Attention`` reads those presents. Logits for the tokens of a call are unchanged.
+    """
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
+    concats = _cache_concats(graph)
+    attentions = [node for node in graph if node.op_type == "Attention"]
+    presents = {concat.outputs[0] for concat in concats}
+    if not attentions or any(node.inputs[1] not in presents or node.inputs[2] not in presents for node in attentions):
+        raise NanoexportError(
+            "the static KV cache needs every attention fused into Attention reading the cache; this model's "
+            "attention is not fused yet: use --kv-cache dynamic"
+        )
+
+    batch = inputs["input_ids"].shape[0]
+    cache_position = ir.Value(name="cache_position", shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
+    attention_mask = ir.Value(
+        name="attention_mask", shape=ir.Shape([batch, capacity]), type=ir.TensorType(ir.DataType.INT64)
+    )
+    mask_nodes, mask = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity, sliding_window)
+    graph.insert_before(graph.node(0), mask_nodes)
+
+    for concat in concats:
+        past, update = concat.inputs
+        past.shape = ir.Shape([past.shape[0], past.shape[1], capacity, past.shape[3]])
+        write = ir.node(
+            "TensorScatter", [past, update, cache_position], attributes={"axis": 2, "mode": "linear"},
+            name=f"{concat.outputs[0].name}/write",
+        )
+        written = write.outputs[0]
+        written.shape, written.type = past.shape, past.type
+        graph.insert_before(concat, write)
+        grown = concat.outputs[0]
+        grown.replace_all_uses_with(written, replace_graph_outputs=True)
+        written.name, grown.name = grown.name, f"{grown.name}.grown"
+        graph.remove(concat, safe=True)
+    for node in attentions:
+        node.replace_input_with(3, mask)
+    common.RemoveUnusedNodesPass()(model)  # the exporter's mask code for a growing cache
+
+    old_mask = inputs["attention_mask"]
+    if old_mask.uses():
+        raise NanoexportError("the attention mask feeds more than the attention; this graph is not in canonical form")
+    index = graph.inputs.index(old_mask)
+    graph.inputs[index] = attention_mask
+    graph.inputs.insert(index + 1, cache_position)
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), STATIC_OPSET)
+
+
+def _cache_concats(graph: ir.Graph) -> list[ir.Node]:
+    outputs = {value.name: value for value in graph.outputs}
+    concats = []
+    for name, value in outputs.items():
+        if not name.startswith("present."):
+            continue
+        node = value.producer()
+        if node is None or node.op_type != "Concat" or not node.inputs[0].name.startswith("past_key_values."):
+            raise NanoexportError(f"{name} is not a Concat of the past cache; this graph is not in canonical form")
+        concats.append(node)
+    return concats
+
+
+def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, sliding_window: int | None):
+    """Bool ``[batch, 1, sequence_length, capacity]``: which cache slots each query may attend to."""
+    nodes: list[ir.Node] = []
+
+    def add(op_type, inputs, **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attributes)
+        nodes.append(node)
+        return node.outputs[0]
+
+    def constant(name, array) -> ir.Value:
+        return add("Constant", [], value=ir.tensor(np.asarray(array), name=name))
+
+    slots = constant("cache_slots", np.arange(capacity, dtype=np.int64))
+    sequence = add("Squeeze", [add("Shape", [input_ids], start=1, end=2)])
+    offsets = add("Range", [constant("zero", np.int64(0)), sequence, constant("one", np.int64(1))])
+    # slot of each query token: [batch, seq, 1]
+    query_slots = add("Unsqueeze", [
+        add("Add", [add("Unsqueeze", [cache_position, constant("axis_1", [1])]), offsets]), constant("axis_2", [2])
+    ])
+    visible = add("LessOrEqual", [slots, query_slots])  # causal: [batch, seq, capacity]
+    if sliding_window:
+        window_start = add("Sub", [query_slots, constant("window", np.int64(sliding_window))])
+        visible = add("And", [visible, add("Greater", [slots, window_start])])
+    valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant("axis_1b", [1])])
+    mask = add("Unsqueeze", [add("And", [visible, valid]), constant("axis_1c", [1])])
+    return nodes, mask
