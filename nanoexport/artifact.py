@@ -129,6 +129,9 @@ def staging(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _replace(new: Path, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # mkdtemp made it private; an artifact is an ordinary folder
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, retired / "artifact")

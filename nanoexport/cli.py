@@ -26,6 +26,7 @@ examples:
   nanoexport --verify-passes -v                check every pass on ONNX Runtime and log its statistics
   nanoexport --skip-passes fold_constants      run the other passes only
   nanoexport --kv-cache static --max-context 512   fixed-capacity KV cache written at cache_position
+  nanoexport --split-prefill-decode --prefill-chunk 64   static prefill and decode graphs, one weights file
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -79,6 +80,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--kv-cache", choices=["dynamic", "static"],
                             help="KV cache form: growing (dynamic) or fixed capacity (static); default per target")
         parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
+        parser.add_argument("--split-prefill-decode", action="store_true", default=None,
+                            help="write a prefill graph (--prefill-chunk tokens) and a one-token decode graph, "
+                                 "all shapes static, sharing one weights file (implies --kv-cache static)")
+        parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill call (default: 128)")
         parser.add_argument("--verify-passes", action="store_true", default=None,
                             help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
     elif verb == "validate":
@@ -114,7 +119,8 @@ def _export(args: argparse.Namespace) -> int:
     config = load_config(args.config, {
         "model": args.model, "target": args.target, "out": args.out, "passes": args.passes,
         "skip_passes": args.skip_passes, "verify_passes": args.verify_passes, "kv_cache": args.kv_cache,
-        "max_context": args.max_context,
+        "max_context": args.max_context, "split_prefill_decode": args.split_prefill_decode,
+        "prefill_chunk": args.prefill_chunk,
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))

@@ -48,6 +48,8 @@ class ExportConfig:
     verify_passes: bool = False
     kv_cache: str = ""  # dynamic | static; empty: the target's default
     max_context: int = 2048  # capacity of a static cache
+    split_prefill_decode: bool = False  # two static-shape graphs sharing one weights file
+    prefill_chunk: int = 128  # tokens per call of the prefill graph
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 
     def manifest_view(self) -> dict[str, Any]:

@@ -120,13 +120,21 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
 
 def _kv_cache_form(config: ExportConfig, target_module) -> str:
     forms = target_module.KV_CACHE_FORMS
-    form = config.kv_cache or forms[0]
+    form = config.kv_cache or ("static" if config.split_prefill_decode else forms[0])
     if form not in forms:
         raise NanoexportError(
             f"target {config.target} cannot run a {form!r} KV cache; choose --kv-cache from {', '.join(forms)}"
         )
     if form == "static" and config.max_context < 1:
         raise NanoexportError(f"--max-context must be at least 1, not {config.max_context}")
+    if config.split_prefill_decode:
+        if form != "static":
+            raise NanoexportError("--split-prefill-decode needs the static KV cache; drop --kv-cache dynamic")
+        if not 1 < config.prefill_chunk <= config.max_context:
+            raise NanoexportError(
+                f"--prefill-chunk must be between 2 and --max-context ({config.max_context}), "
+                f"not {config.prefill_chunk}"
+            )
     return form
 
 
@@ -149,6 +157,7 @@ def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) 
             "vocab_size": checkpoint.config.vocab_size,
             "form": config.kv_cache,
             "capacity": config.max_context if config.kv_cache == "static" else None,
+            "prefill_chunk": config.prefill_chunk if config.split_prefill_decode else None,
         },
     }
 

@@ -58,7 +58,7 @@ def test_left_padded_batch_matches_pytorch(family, tiny_checkpoint, tmp_path):
     for layer in range(kv["num_layers"]):
         for part in ("key", "value"):
             feeds[f"past_key_values.{layer}.{part}"] = np.zeros((2, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
-    ours = Runner(artifact.path).forward(feeds)["logits"]
+    ours = Runner(artifact).forward(feeds)["logits"]
 
     model = tiny_model(family)
     with torch.no_grad():

@@ -12,7 +12,7 @@ STATIC = dict(kv_cache="static", max_context=96, verify_passes=True)
 
 
 def greedy_tokens(artifact, count=40):
-    decoder = ArtifactDecoder(Runner(artifact.path), artifact.manifest["io"]["kv_cache"])
+    decoder = ArtifactDecoder(Runner(artifact), artifact.manifest["io"]["kv_cache"])
     return [greedy(decoder.next_token_stream(p), count) for p in prompts_for(artifact.path, decoder.vocab_size)]
 
 
@@ -68,7 +68,7 @@ def test_static_interface_has_fixed_cache_shapes(tiny_checkpoint, tmp_path):
 def test_generation_past_the_capacity_is_refused(tiny_checkpoint, tmp_path):
     static = nanoexport.export(tiny_checkpoint("llama"), out=tmp_path / "static",
                                config=nanoexport.ExportConfig(kv_cache="static", max_context=20), progress=False)
-    decoder = ArtifactDecoder(Runner(static.path), static.manifest["io"]["kv_cache"])
+    decoder = ArtifactDecoder(Runner(static), static.manifest["io"]["kv_cache"])
     with pytest.raises(NanoexportError, match="do not fit the artifact's KV cache of 20"):
         greedy(decoder.next_token_stream(list(range(3, 19))), 8)
 
@@ -92,3 +92,54 @@ def test_max_context_below_one_is_refused(tmp_path, capsys):
 
     assert main(["--kv-cache", "static", "--max-context", "0", "--out", str(tmp_path / "out")]) == 2
     assert "--max-context must be at least 1" in capsys.readouterr().err
+
+
+SPLIT = dict(split_prefill_decode=True, prefill_chunk=16, max_context=96, verify_passes=True)
+
+
+def assert_fully_static(path):
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), (path.name, value.name)
+    produced = {out for node in model.graph.node for out in node.output}
+    assert produced <= {v.name for v in values}  # every intermediate value has a recorded, static shape
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gpt2"])
+def test_split_graphs_are_static_and_reproduce_dynamic_tokens(family, tiny_checkpoint, tmp_path):
+    dynamic = nanoexport.export(tiny_checkpoint(family), out=tmp_path / "dynamic", progress=False)
+    split = nanoexport.export(tiny_checkpoint(family), out=tmp_path / "split",
+                              config=nanoexport.ExportConfig(**SPLIT), progress=False)
+    assert split.manifest["model_files"] == ["prefill.onnx", "decode.onnx", "model.onnx.data"]
+    prefill = assert_fully_static(split.path / "prefill.onnx")
+    decode = assert_fully_static(split.path / "decode.onnx")
+    assert [d.dim_value for d in prefill.graph.input[0].type.tensor_type.shape.dim] == [1, 16]
+    assert [d.dim_value for d in decode.graph.input[0].type.tensor_type.shape.dim] == [1, 1]
+    for graph in (prefill, decode):
+        locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"model.onnx.data"}  # one weights file, referenced by both graphs
+    assert greedy_tokens(split) == greedy_tokens(dynamic)
+    assert nanoexport.validate(split).passed
+
+
+def test_split_on_the_demo_model_with_prompts_longer_than_a_chunk(tmp_path):
+    config = nanoexport.ExportConfig(**dict(SPLIT, prefill_chunk=4))  # 9-12 token prompts: 3 chunks each
+    split = nanoexport.export(out=tmp_path / "split", config=config, progress=False)
+    dynamic = nanoexport.export(out=tmp_path / "dynamic", progress=False)
+    assert greedy_tokens(split) == greedy_tokens(dynamic)
+    report = nanoexport.validate(split)
+    assert report.passed, [c for c in report.checks if not c.passed]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(split_prefill_decode=True, kv_cache="dynamic"), "needs the static KV cache"),
+    (dict(split_prefill_decode=True, prefill_chunk=4096), "--prefill-chunk must be between 2 and --max-context"),
+])
+def test_bad_split_settings_are_refused(settings, message, tmp_path):
+    with pytest.raises(NanoexportError, match=message):
+        nanoexport.export(out=tmp_path / "out", config=nanoexport.ExportConfig(**settings), progress=False)

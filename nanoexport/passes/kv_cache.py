@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+import onnxscript.optimizer
 
 from nanoexport.errors import NanoexportError
 
@@ -114,3 +115,33 @@ def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, s
     valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant("axis_1b", [1])])
     mask = add("Unsqueeze", [add("And", [visible, valid]), constant("axis_1c", [1])])
     return nodes, mask
+
+
+def specialize(model: ir.Model, sequence_length: int) -> None:
+    """Fix batch to 1 and the new-token count to ``sequence_length``, and make every shape in the graph static.
+
+    For a static-cache graph, this gives the prefill (a chunk of tokens) or decode (one token) graph.
+    Raises when a value's shape stays unknown or symbolic.
+    """
+    graph = model.graph
+    if "cache_position" not in {value.name for value in graph.inputs}:
+        raise NanoexportError("a prefill/decode split needs the static KV cache: add --kv-cache static")
+    sizes = {"batch_size": 1, "sequence_length": sequence_length}
+    for value in [*graph.inputs, *graph.outputs]:
+        value.shape = ir.Shape([sizes.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
+    boundary = {*graph.inputs, *graph.outputs, *graph.initializers.values()}
+    for node in graph:
+        for value in node.outputs:
+            if value not in boundary:
+                value.shape = None  # the tracer's symbolic shapes; inferred again below
+    onnxscript.optimizer.optimize_ir(model)
+    common.ShapeInferencePass()(model)
+    dynamic = [
+        value.name for node in graph for value in node.outputs
+        if value.shape is None or not value.shape.is_static()
+    ]
+    if dynamic:
+        raise NanoexportError(
+            f"{len(dynamic)} values keep a dynamic shape at sequence length {sequence_length} "
+            f"(first: {dynamic[0]}); report the model"
+        )

@@ -77,7 +77,7 @@ def validate(
     if problems:
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
     checkpoint = _reference(artifact, reference)
-    runner = get_target(artifact.target).Runner(artifact.path)
+    runner = get_target(artifact.target).Runner(artifact)
     decoder = ArtifactDecoder(runner, artifact.manifest["io"]["kv_cache"])
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)

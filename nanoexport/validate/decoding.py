@@ -45,6 +45,7 @@ class ArtifactDecoder:
         self.head_dim = kv_cache["head_dim"]
         self.vocab_size = kv_cache["vocab_size"]
         self.capacity = kv_cache.get("capacity")  # None: the cache grows
+        self.prefill_chunk = kv_cache.get("prefill_chunk")  # None: any number of tokens per call
 
     def empty_cache(self) -> KVCache:
         slots = 0 if self.capacity is None else self.capacity
@@ -53,18 +54,31 @@ class ArtifactDecoder:
 
     def step(self, tokens: list[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed ``tokens`` after the ``cache``; returns logits ``[len(tokens), vocab]`` and the new cache."""
-        past, total = cache.length, cache.length + len(tokens)
+        if self.prefill_chunk is None or len(tokens) == 1:
+            return self._call(tokens, cache, len(tokens))
+        # A fixed-length prefill graph: feed whole chunks, the last one padded. Padding lands in cache slots
+        # past the real tokens, which the mask hides and later tokens overwrite.
+        rows = []
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            logits, cache = self._call(chunk + [0] * (self.prefill_chunk - len(chunk)), cache, len(chunk))
+            rows.append(logits[: len(chunk)])
+        return np.concatenate(rows), cache
+
+    def _call(self, tokens: list[int], cache: KVCache, real: int) -> tuple[np.ndarray, KVCache]:
+        """One runtime call on ``tokens``, of which the first ``real`` count; the rest is padding."""
+        past, total = cache.length, cache.length + real
         feeds = {
             "input_ids": np.array([tokens], np.int64),
-            "position_ids": np.arange(past, total, dtype=np.int64)[None],
+            "position_ids": np.arange(past, past + len(tokens), dtype=np.int64)[None],
         }
         if self.capacity is None:
             feeds["attention_mask"] = np.ones((1, total), np.int64)
         else:
-            if total > self.capacity:
+            if past + len(tokens) > self.capacity:
                 raise NanoexportError(
-                    f"{total} tokens do not fit the artifact's KV cache of {self.capacity}; export with a larger "
-                    "--max-context"
+                    f"{past + len(tokens)} tokens do not fit the artifact's KV cache of {self.capacity}; export "
+                    "with a larger --max-context"
                 )
             feeds["attention_mask"] = (np.arange(self.capacity) < total).astype(np.int64)[None]
             feeds["cache_position"] = np.array([past], np.int64)
