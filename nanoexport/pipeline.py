@@ -67,8 +67,8 @@ def export(
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):
-            model_files = target_module.lower(graph, config, folder)
             _write_tokenizer(checkpoint, folder)
+            model_files = target_module.lower(graph, config, folder, checkpoint)
             write_manifest(
                 folder,
                 {

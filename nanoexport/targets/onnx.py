@@ -1,5 +1,7 @@
 """The ``onnx`` target: the graph as ``model.onnx`` plus ``model.onnx.data``, run by ONNX Runtime.
 
+With the growing (dynamic) cache the artifact is also an onnxruntime-genai model folder:
+``genai_config.json`` and, beside it where genai looks for them, the tokenizer files.
 With ``split_prefill_decode``, ``prefill.onnx`` (a fixed chunk of tokens) and ``decode.onnx`` (one token)
 replace ``model.onnx``; both read their weights from the one ``model.onnx.data``.
 """
@@ -11,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from nanoexport.artifact import Artifact
+from nanoexport.artifact import Artifact, write_json
+from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.capture.onnx_export import kv_shape
 from nanoexport.config import ExportConfig
 from nanoexport.passes.kv_cache import specialize
 
@@ -22,11 +26,15 @@ MODEL_FILE = "model.onnx"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def lower(model: ir.Model, config: ExportConfig, folder: Path) -> list[str]:
+def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
     """Write ``model`` into ``folder`` for ONNX Runtime; returns the model files written."""
     ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
+    if config.kv_cache == "dynamic":
+        return [MODEL_FILE, WEIGHTS_FILE, *_write_genai_config(folder, checkpoint)]
     if not config.split_prefill_decode:
         return [MODEL_FILE, WEIGHTS_FILE]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
@@ -37,6 +45,59 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path) -> list[str]:
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
+
+
+def _write_genai_config(folder: Path, checkpoint: Checkpoint) -> list[str]:
+    """onnxruntime-genai's description of the decoder (greedy search by default); returns the files written."""
+    hf = checkpoint.config
+    kv_heads, head_dim = kv_shape(hf)
+    eos = hf.eos_token_id if hf.eos_token_id is not None else 0
+    first_eos = eos[0] if isinstance(eos, list) else eos
+    context = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", 2048)
+    genai = {
+        "model": {
+            # genai's gpt2 type expects one combined past tensor per layer; its generic decoder reads ours.
+            "type": "llama" if hf.model_type == "gpt2" else hf.model_type,
+            "bos_token_id": hf.bos_token_id if hf.bos_token_id is not None else first_eos,
+            "eos_token_id": eos,
+            "pad_token_id": hf.pad_token_id if hf.pad_token_id is not None else first_eos,
+            "vocab_size": hf.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": head_dim,
+                "hidden_size": hf.hidden_size,
+                "num_attention_heads": hf.num_attention_heads,
+                "num_hidden_layers": hf.num_hidden_layers,
+                "num_key_value_heads": kv_heads,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
+            "past_present_share_buffer": False, "early_stopping": True, "length_penalty": 1.0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+    write_json(folder / GENAI_CONFIG, genai)
+    # genai reads the tokenizer from the folder that holds genai_config.json.
+    tokenizer_files = sorted(name for name in checkpoint.tokenizer_files if name in GENAI_TOKENIZER_FILES)
+    for name in tokenizer_files:
+        (folder / name).write_bytes(checkpoint.tokenizer_files[name])
+    return [GENAI_CONFIG, *tokenizer_files]
 
 
 class Runner:
