@@ -21,19 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-QWEN25_05B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643,
-)
-BUILD_QWEN = """
-import sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM
-settings = dict({settings!r})
-config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1], safe_serialization=True)
-"""
+from models import MODELS, checkpoint
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -69,19 +58,13 @@ def measure_export(model: Path, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=["demo", "qwen2.5-0.5b"], default=["demo", "qwen2.5-0.5b"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--json", type=Path, default=RESULTS / "export_bench.json")
     args = parser.parse_args()
-    from nanoexport.capture.checkpoint import DEMO_MODEL
-
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
-            if name == "demo":
-                model = DEMO_MODEL
-            else:
-                model = Path(scratch) / name
-                subprocess.run([sys.executable, "-c", BUILD_QWEN.format(settings=QWEN25_05B), str(model)], check=True)
+            model = checkpoint(name, Path(scratch))
             figures = measure_export(model, Path(scratch) / f"{name}-onnx")
             figures["weights_fp32_bytes"] = weight_bytes(model)
             figures["peak_rss_over_weights"] = round(figures["peak_rss_bytes"] / figures["weights_fp32_bytes"], 3)

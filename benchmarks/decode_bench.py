@@ -1,0 +1,118 @@
+"""Time to first token and decode tokens/s on ONNX Runtime CPU: our artifact beside the model builder's.
+
+For each model, in the same run: ``nanoexport`` (onnx target) and onnxruntime-genai's model builder
+(``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``) export the same checkpoint, and both
+artifacts run through the same onnxruntime-genai generator: a 128-token prompt (time to first token),
+then greedy decoding (tokens/s). The median of several runs is reported, with ours/builder ratios.
+
+Examples:
+    python benchmarks/decode_bench.py
+    python benchmarks/decode_bench.py --models demo --runs 5 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models import MODELS, checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT_TOKENS = 128
+
+
+def export_ours(model: Path, out: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--out", str(out), "--no-validate"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+
+
+def export_builder(model: Path, out: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
+         "-p", "fp32", "-e", "cpu"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def measure(folder: Path, prompt: np.ndarray, new_tokens: int, runs: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    first_token, decode_rate = [], []
+    for _ in range(runs + 1):  # the first run warms up and is dropped
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt)
+        generator.generate_next_token()
+        first = time.perf_counter()
+        generated = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            generated += 1
+        finished = time.perf_counter()
+        first_token.append(first - started)
+        decode_rate.append((generated - 1) / (finished - first))
+    return {
+        "time_to_first_token_s": round(statistics.median(first_token[1:]), 5),
+        "decode_tokens_per_s": round(statistics.median(decode_rate[1:]), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=RESULTS / "decode_bench.json")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models:
+            model = checkpoint(name, Path(scratch))
+            vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+            prompt = np.random.default_rng(0).integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
+            figures = {}
+            for tool, export in (("nanoexport", export_ours), ("builder", export_builder)):
+                out = Path(scratch) / f"{name}-{tool}"
+                export(model, out)
+                figures[tool] = measure(out, prompt, args.new_tokens, args.runs)
+            ours, theirs = figures["nanoexport"], figures["builder"]
+            row = {
+                "model": name,
+                "precision": "fp32",
+                **{f"{tool}_{key}": value for tool, values in figures.items() for key, value in values.items()},
+                "decode_ratio": round(ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"], 3),
+                "first_token_ratio": round(theirs["time_to_first_token_s"] / ours["time_to_first_token_s"], 3),
+            }
+            rows.append(row)
+            print(
+                f"{name:13s} fp32  decode tok/s: ours {ours['decode_tokens_per_s']:8.1f}  builder "
+                f"{theirs['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f}   "
+                f"first token (128-token prompt): ours {ours['time_to_first_token_s'] * 1000:7.1f} ms  builder "
+                f"{theirs['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f}",
+                flush=True,
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(
+        {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": args.runs,
+         "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
