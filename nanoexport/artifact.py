@@ -94,13 +94,12 @@ def sha256_of(path: Path) -> str:
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:
     """Every file under ``folder`` (sorted, posix paths) with its size and sha256."""
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if relative in (MANIFEST, *REPORT_FILES):
-            continue
-        entries.append({"path": relative, "size": path.stat().st_size, "sha256": sha256_of(path)})
-    return entries
+    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
+    return [
+        {"path": relative, "size": path.stat().st_size, "sha256": sha256_of(path)}
+        for relative, path in files
+        if relative not in (MANIFEST, *REPORT_FILES)
+    ]
 
 
 def check_destination(out: Path, overwrite: bool) -> None:

@@ -68,3 +68,39 @@ def test_attention_reads_the_kv_heads_without_repeating_them(family, captured):
         assert key.shape[1] == value.shape[1] == 2 < query.shape[1] == 4
         assert key.producer().op_type == "Concat"  # straight from the cache, no Expand/Reshape copy
     assert not any(node.op_type == "Expand" and node.outputs[0].shape.rank() == 5 for node in graph.graph)
+
+
+def test_duplicate_initializers_are_merged(tmp_path):
+    import torch
+
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # two layers with identical weights: their initializers should merge
+        for name, parameter in model.model.layers[1].named_parameters():
+            parameter.copy_(dict(model.model.layers[0].named_parameters())[name])
+    graph = export_onnx(load_checkpoint(model))
+    before = len(graph.graph.initializers)
+    stats = run_passes(graph, select_passes(only=["merge_duplicate_initializers"]), verify=True)
+    assert stats[0].logits_change <= 1e-6
+    assert before - len(graph.graph.initializers) >= 7  # layer 1's q, k, v, o, gate, up and down weights
+
+
+def test_no_op_casts_are_removed(tiny_checkpoint):
+    graph = export_onnx(load_checkpoint(tiny_checkpoint("llama")))
+    logits = graph.graph.outputs[0]
+    producer = logits.producer()
+    cast = ir.node("Cast", [producer.inputs[0]], attributes={"to": ir.DataType.FLOAT})
+    cast.outputs[0].dtype = ir.DataType.FLOAT
+    graph.graph.insert_before(producer, cast)
+    producer.replace_input_with(0, cast.outputs[0])
+    run_passes(graph, select_passes(only=["eliminate_no_ops", "eliminate_identity"]), verify=True)
+    assert producer.inputs[0].producer() is not cast
+    assert cast not in list(graph.graph)
+
+
+def test_shape_inference_types_every_value(tiny_checkpoint):
+    graph = export_onnx(load_checkpoint(tiny_checkpoint("qwen2")))
+    run_passes(graph, select_passes(only=["fold_constants", "infer_shapes"]))
+    untyped = [v.name for node in graph.graph for v in node.outputs if v.dtype is None or v.shape is None]
+    assert untyped == []

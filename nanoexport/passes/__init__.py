@@ -7,14 +7,18 @@ that moved the logits.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules import common as basic_rules
 
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.fusion import fuse
@@ -36,9 +40,45 @@ def fold_constants(model: ir.Model) -> None:
     onnxscript.optimizer.optimize_ir(model)
 
 
+def infer_shapes(model: ir.Model) -> None:
+    """Record the shape and type of every value that ONNX shape inference can work out."""
+    common.ShapeInferencePass()(model)
+
+
+NO_OP_RULES = pattern.RewriteRuleSet([
+    basic_rules.no_op_cast_rule,
+    basic_rules.no_op_expand_rule,
+    basic_rules.no_op_transpose_rule,
+    basic_rules.transpose_transpose_rule,
+    basic_rules.reshape_reshape_rule,
+    basic_rules.unsqueeze_unsqueeze_rule,
+])
+
+
+def eliminate_no_ops(model: ir.Model) -> None:
+    """Casts to the type a value already has, and Expand/Transpose/Reshape chains that change nothing."""
+    log.info("eliminate_no_ops: %d rewrites", NO_OP_RULES.apply_to_model(model))
+
+
 def eliminate_identity(model: ir.Model) -> None:
     """Remove Identity nodes that only rename a value."""
     common.IdentityEliminationPass()(model)
+
+
+def merge_duplicate_initializers(model: ir.Model) -> None:
+    """Let initializers with identical dtype, shape and bytes share one tensor."""
+    seen: dict[tuple, ir.Value] = {}
+    for name, value in list(model.graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or value in model.graph.inputs:
+            continue
+        data = np.ascontiguousarray(tensor.numpy())
+        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
+        if key not in seen:
+            seen[key] = value
+            continue
+        value.replace_all_uses_with(seen[key], replace_graph_outputs=True)
+        del model.graph.initializers[name]
 
 
 def remove_unused(model: ir.Model) -> None:
@@ -48,7 +88,10 @@ def remove_unused(model: ir.Model) -> None:
     common.RemoveUnusedOpsetsPass()(model)
 
 
-PASSES: list[GraphPass] = [strip_metadata, fold_constants, eliminate_identity, fuse, remove_unused]
+PASSES: list[GraphPass] = [
+    strip_metadata, fold_constants, infer_shapes, eliminate_no_ops, eliminate_identity, merge_duplicate_initializers,
+    fuse, remove_unused,
+]
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 
 
