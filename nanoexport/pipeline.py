@@ -13,7 +13,7 @@ import torch
 
 from nanoexport.artifact import Artifact, staging, write_manifest
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
-from nanoexport.capture.onnx_export import export_onnx, kv_shape, sliding_window
+from nanoexport.capture.onnx_export import attention_windows, export_onnx, kv_shape
 from nanoexport.config import ExportConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.passes import run_passes, select_passes, static_kv_cache_pass
@@ -63,7 +63,7 @@ def export(
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
         if config.kv_cache == "static":
-            passes = [*passes, static_kv_cache_pass(config.max_context, sliding_window(checkpoint.config))]
+            passes = [*passes, static_kv_cache_pass(config.max_context, attention_windows(checkpoint.config))]
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):

@@ -3,6 +3,7 @@
 import pytest
 
 import nanoexport
+from nanoexport.capture.checkpoint import SUPPORTED_FAMILIES
 from nanoexport.errors import NanoexportError
 from nanoexport.targets.onnx import Runner
 from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
@@ -23,7 +24,7 @@ def export_both(model, tmp_path):
     return dynamic, static
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
 def test_static_cache_reproduces_dynamic_tokens(family, tiny_checkpoint, tmp_path):
     dynamic, static = export_both(tiny_checkpoint(family), tmp_path)
     assert greedy_tokens(static) == greedy_tokens(dynamic)
@@ -73,13 +74,6 @@ def test_generation_past_the_capacity_is_refused(tiny_checkpoint, tmp_path):
         greedy(decoder.next_token_stream(list(range(3, 19))), 8)
 
 
-def test_static_cache_is_refused_for_mixed_attention_layers(tiny_checkpoint, tmp_path):
-    with pytest.raises(NanoexportError, match="gemma2 mixes sliding-window and full-attention layers.*--kv-cache dynamic"):
-        nanoexport.export(tiny_checkpoint("gemma2"), out=tmp_path / "gemma2",
-                          config=nanoexport.ExportConfig(kv_cache="static"), progress=False)
-    assert not (tmp_path / "gemma2").exists()
-
-
 def test_static_cache_is_refused_where_attention_is_not_fused(tiny_checkpoint, tmp_path):
     with pytest.raises(NanoexportError, match="attention is not fused yet: use --kv-cache dynamic"):
         nanoexport.export(tiny_checkpoint("llama"), out=tmp_path / "llama", progress=False,
@@ -110,7 +104,7 @@ def assert_fully_static(path):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma2", "gpt2"])
 def test_split_graphs_are_static_and_reproduce_dynamic_tokens(family, tiny_checkpoint, tmp_path):
     dynamic = nanoexport.export(tiny_checkpoint(family), out=tmp_path / "dynamic", progress=False)
     split = nanoexport.export(tiny_checkpoint(family), out=tmp_path / "split",

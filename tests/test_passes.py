@@ -104,3 +104,37 @@ def test_shape_inference_types_every_value(tiny_checkpoint):
     run_passes(graph, select_passes(only=["fold_constants", "infer_shapes"]))
     untyped = [v.name for node in graph.graph for v in node.outputs if v.dtype is None or v.shape is None]
     assert untyped == []
+
+
+# Per family: ops that must be gone after fusion (their unfused spelling) and canonical op counts per layer.
+UNFUSED = {"Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Neg", "Erf"}
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
+def test_no_unfused_attention_norm_or_rope_remains(family, captured):
+    graph = captured(family)
+    run_passes(graph, PASSES, verify=True)
+    ops = [node.op_type for node in graph.graph]
+    layers = 2
+    assert not UNFUSED & set(ops), UNFUSED & set(ops)
+    assert ops.count("Attention") == layers
+    norms = "LayerNormalization" if family == "gpt2" else "RMSNormalization"
+    per_layer_norms = {"qwen3": 4, "gemma2": 4}.get(family, 2)  # q/k norms; Gemma 2's sandwich norms
+    assert ops.count(norms) == per_layer_norms * layers + 1
+    assert ops.count("RotaryEmbedding") == (0 if family == "gpt2" else 2 * layers)
+    for node in graph.graph:
+        if node.op_type == "Attention":
+            assert node.inputs[1].producer().op_type == "Concat"  # the KV heads, straight from the cache
+
+
+def test_no_unfused_subgraph_remains_in_the_demo_model():
+    from nanoexport.capture.checkpoint import DEMO_MODEL
+
+    checkpoint = load_checkpoint(DEMO_MODEL)
+    graph = export_onnx(checkpoint)
+    run_passes(graph, PASSES, verify=True)
+    ops = [node.op_type for node in graph.graph]
+    layers = checkpoint.config.num_hidden_layers
+    assert not UNFUSED & set(ops)
+    assert (ops.count("Attention"), ops.count("RMSNormalization"), ops.count("RotaryEmbedding")) == (
+        layers, 2 * layers + 1, 2 * layers)

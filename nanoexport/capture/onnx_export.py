@@ -14,7 +14,6 @@ import onnx_ir as ir
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +55,13 @@ def kv_shape(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def sliding_window(config) -> int | None:
-    """The attention window every layer uses, or None for full attention."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if not window or (layer_types and "sliding_attention" not in layer_types):
-        return None
-    if "full_attention" in layer_types:
-        raise NanoexportError(
-            f"{config.model_type} mixes sliding-window and full-attention layers, which the static KV cache does "
-            "not support yet; use --kv-cache dynamic"
-        )
-    return window
+def attention_windows(config) -> list[int | None]:
+    """Per layer, how many positions back attention reaches, or None for full attention."""
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if layer_type == "sliding_attention" else None for layer_type in layer_types]
+    return [window] * config.num_hidden_layers
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -7,6 +7,7 @@ for most families; these rules take the rest of the way.
 from __future__ import annotations
 
 import logging
+import math
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
@@ -53,10 +54,70 @@ class AttentionOnSharedKVHeads(pattern.RewriteRuleClassBase):
         return op.Attention(query, key, value, mask, **{name: attr.value for name, attr in attributes.items()})
 
 
-FUSION_RULES = pattern.RewriteRuleSet([AttentionOnSharedKVHeads.rule()])
+class EagerAttention(pattern.RewriteRuleClassBase):
+    """Attention spelled out (``softmax(q @ k^T * scale [softcapped] + mask) @ v``) -> ``Attention``.
+
+    Families that keep eager attention for a soft cap (Gemma 2: ``cap * tanh(scores / cap)``, applied
+    before the mask, as ``Attention``'s ``softcap`` is) export it op by op.
+    """
+
+    def __init__(self, name: str, softcapped: bool):
+        super().__init__(name)
+        self.softcapped = softcapped
+
+    def pattern(self, op, query, key, value, scale, cap, mask):
+        scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), scale)
+        if self.softcapped:
+            scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+        return op.MatMul(op.Softmax(op.Add(scores, mask), axis=-1), value)
+
+    def check(self, context, query, key, value, scale, cap, mask, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        constants = (scale, cap) if self.softcapped else (scale,)
+        for constant in constants:
+            if constant.const_value is None or constant.const_value.size != 1:
+                return result.fail("scale and cap must be scalar constants", constant)
+        for tensor in (query, key, value):
+            if tensor.shape is None or tensor.shape.rank() != 4:
+                return result.fail("query, key and value must be 4-D [batch, heads, seq, head_dim]", tensor)
+        if mask.dtype != query.dtype:
+            return result.fail("the mask must be additive, of the query's type", mask)
+        return result
+
+    def rewrite(self, op, query, key, value, scale, cap, mask, **_):
+        softcap = float(cap.const_value.numpy().item()) if self.softcapped else 0.0
+        return op.Attention(query, key, value, mask, scale=float(scale.const_value.numpy().item()), softcap=softcap)
+
+
+class TanhGelu(pattern.RewriteRuleClassBase):
+    """GELU's tanh approximation written out (GPT-2's ``gelu_new``) -> ``Gelu(approximate="tanh")``.
+
+    0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+    """
+
+    def pattern(self, op, x):
+        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), 0.044715)), math.sqrt(2 / math.pi))
+        return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+
+    def rewrite(self, op, x, **_):
+        return op.Gelu(x, approximate="tanh")
+
+
+FUSION_RULES = pattern.RewriteRuleSet([
+    TanhGelu.rule(),
+    EagerAttention.rule("softcapped eager attention", softcapped=True),
+    EagerAttention.rule("eager attention", softcapped=False),
+    AttentionOnSharedKVHeads.rule(),
+])
+MAX_ROUNDS = 4  # a rewrite can expose another (eager attention first, then its KV repeat)
 
 
 def fuse(model: ir.Model) -> None:
     """Rewrite the subgraphs ``FUSION_RULES`` match into canonical ops, keeping the logits."""
-    count = FUSION_RULES.apply_to_model(model)
-    log.info("fuse: %d rewrites", count)
+    total = 0
+    for _ in range(MAX_ROUNDS):
+        count = FUSION_RULES.apply_to_model(model)
+        total += count
+        if not count:
+            break
+    log.info("fuse: %d rewrites", total)

@@ -9,7 +9,7 @@ Static interface (batch and sequence length stay symbolic; the cache does not gr
     past_key_values.{i}.key/.value  [batch, kv_heads, capacity, head_dim]
 outputs ``logits`` and ``present.{i}.key/.value`` of the same fixed shape: the buffers after the write
 (``TensorScatter``, opset 24). A query at slot ``p`` sees slots ``<= p`` that the mask marks valid, and
-within ``sliding_window`` slots when the model has one.
+in a sliding-window layer only the last ``window`` of them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from nanoexport.errors import NanoexportError
 STATIC_OPSET = 24
 
 
-def static_kv_cache(model: ir.Model, capacity: int, sliding_window: int | None = None) -> None:
+def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None]) -> None:
     """Rewrite ``model``'s explicit growing cache into buffers of ``capacity`` slots written at ``cache_position``.
 
-    Requires the canonical form: each layer's ``present`` is ``Concat(past, new, axis=-2)`` and every
-    ``Attention`` reads those presents. Logits for the tokens of a call are unchanged.
+    Requires the canonical form: each layer's ``present`` is ``Concat(past, new, axis=-2)`` and the
+    layers' ``Attention`` nodes, in order, read those presents. ``windows`` gives each layer's attention
+    window (None: full attention). Logits for the tokens of a call are unchanged.
     """
     graph = model.graph
     inputs = {value.name: value for value in graph.inputs}
@@ -41,13 +42,20 @@ def static_kv_cache(model: ir.Model, capacity: int, sliding_window: int | None =
             "attention is not fused yet: use --kv-cache dynamic"
         )
 
+    if len(attentions) != len(windows):
+        raise NanoexportError(
+            f"found {len(attentions)} Attention nodes for {len(windows)} layers; this graph is not in canonical form"
+        )
     batch = inputs["input_ids"].shape[0]
     cache_position = ir.Value(name="cache_position", shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
     attention_mask = ir.Value(
         name="attention_mask", shape=ir.Shape([batch, capacity]), type=ir.TensorType(ir.DataType.INT64)
     )
-    mask_nodes, mask = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity, sliding_window)
-    graph.insert_before(graph.node(0), mask_nodes)
+    masks = {}
+    for window in dict.fromkeys(windows):
+        mask_nodes, masks[window] = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity,
+                                                     window)
+        graph.insert_before(graph.node(0), mask_nodes)
 
     for concat in concats:
         past, update = concat.inputs
@@ -63,8 +71,8 @@ def static_kv_cache(model: ir.Model, capacity: int, sliding_window: int | None =
         grown.replace_all_uses_with(written, replace_graph_outputs=True)
         written.name, grown.name = grown.name, f"{grown.name}.grown"
         graph.remove(concat, safe=True)
-    for node in attentions:
-        node.replace_input_with(3, mask)
+    for node, window in zip(attentions, windows):
+        node.replace_input_with(3, masks[window])
     common.RemoveUnusedNodesPass()(model)  # the exporter's mask code for a growing cache
 
     old_mask = inputs["attention_mask"]
@@ -98,22 +106,22 @@ def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, s
         nodes.append(node)
         return node.outputs[0]
 
-    def constant(name, array) -> ir.Value:
-        return add("Constant", [], value=ir.tensor(np.asarray(array), name=name))
+    def constant(array) -> ir.Value:
+        return add("Constant", [], value=ir.tensor(np.asarray(array)))
 
-    slots = constant("cache_slots", np.arange(capacity, dtype=np.int64))
+    slots = constant(np.arange(capacity, dtype=np.int64))
     sequence = add("Squeeze", [add("Shape", [input_ids], start=1, end=2)])
-    offsets = add("Range", [constant("zero", np.int64(0)), sequence, constant("one", np.int64(1))])
+    offsets = add("Range", [constant(np.int64(0)), sequence, constant(np.int64(1))])
     # slot of each query token: [batch, seq, 1]
     query_slots = add("Unsqueeze", [
-        add("Add", [add("Unsqueeze", [cache_position, constant("axis_1", [1])]), offsets]), constant("axis_2", [2])
+        add("Add", [add("Unsqueeze", [cache_position, constant([1])]), offsets]), constant([2])
     ])
     visible = add("LessOrEqual", [slots, query_slots])  # causal: [batch, seq, capacity]
     if sliding_window:
-        window_start = add("Sub", [query_slots, constant("window", np.int64(sliding_window))])
+        window_start = add("Sub", [query_slots, constant(np.int64(sliding_window))])
         visible = add("And", [visible, add("Greater", [slots, window_start])])
-    valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant("axis_1b", [1])])
-    mask = add("Unsqueeze", [add("And", [visible, valid]), constant("axis_1c", [1])])
+    valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant([1])])
+    mask = add("Unsqueeze", [add("And", [visible, valid]), constant([1])])
     return nodes, mask
 
 
