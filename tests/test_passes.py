@@ -122,6 +122,8 @@ def test_no_unfused_attention_norm_or_rope_remains(family, captured):
     per_layer_norms = {"qwen3": 4, "gemma2": 4}.get(family, 2)  # q/k norms; Gemma 2's sandwich norms
     assert ops.count(norms) == per_layer_norms * layers + 1
     assert ops.count("RotaryEmbedding") == (0 if family == "gpt2" else 2 * layers)
+    if family != "gpt2":  # GPT-2's projections are already fused Gemms
+        assert ops.count("MatMul") == 4 * layers + 1  # qkv, o, gate+up, down per layer; the LM head
     for node in graph.graph:
         if node.op_type == "Attention":
             assert node.inputs[1].producer().op_type == "Concat"  # the KV heads, straight from the cache
@@ -138,3 +140,4 @@ def test_no_unfused_subgraph_remains_in_the_demo_model():
     assert not UNFUSED & set(ops)
     assert (ops.count("Attention"), ops.count("RMSNormalization"), ops.count("RotaryEmbedding")) == (
         layers, 2 * layers + 1, 2 * layers)
+    assert ops.count("MatMul") == 4 * layers + 1

@@ -21,7 +21,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as basic_rules
 
 from nanoexport.errors import NanoexportError
-from nanoexport.passes.fusion import fuse
+from nanoexport.passes.fusion import fuse, merge_projections
 from nanoexport.passes.kv_cache import static_kv_cache as rewrite_static_kv_cache
 from nanoexport.passes.verify import GraphRunner
 
@@ -90,7 +90,7 @@ def remove_unused(model: ir.Model) -> None:
 
 PASSES: list[GraphPass] = [
     strip_metadata, fold_constants, infer_shapes, eliminate_no_ops, eliminate_identity, merge_duplicate_initializers,
-    fuse, remove_unused,
+    fuse, merge_projections, remove_unused,
 ]
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 

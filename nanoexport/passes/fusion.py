@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -110,6 +111,49 @@ FUSION_RULES = pattern.RewriteRuleSet([
     AttentionOnSharedKVHeads.rule(),
 ])
 MAX_ROUNDS = 4  # a rewrite can expose another (eager attention first, then its KV repeat)
+
+
+def _is_weight_matrix(value: ir.Value) -> bool:
+    return value.const_value is not None and value.shape is not None and value.shape.rank() == 2
+
+
+def merge_projections(model: ir.Model) -> None:
+    """MatMuls of one input by several weight matrices -> one MatMul by the concatenated weights, then Split.
+
+    Merges the query/key/value projections and the gate/up projections: one larger kernel call per token
+    instead of several small ones. Sibling MatMuls that share an input have no single root, which
+    onnxscript's pattern matcher cannot anchor, so this groups them by their input directly.
+    """
+    graph = model.graph
+    siblings: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "MatMul" and _is_weight_matrix(node.inputs[1]):
+            siblings.setdefault(node.inputs[0], []).append(node)
+    merged_count = 0
+    for x, nodes in siblings.items():
+        if len(nodes) < 2:
+            continue
+        weights = [node.inputs[1] for node in nodes]
+        name = "+".join(weight.name for weight in weights)
+        merged = ir.Value(name=name, const_value=ir.tensor(
+            np.concatenate([weight.const_value.numpy() for weight in weights], axis=1), name=name))
+        sizes = ir.Value(name=f"{name}/sizes", const_value=ir.tensor(
+            np.array([weight.shape[1] for weight in weights], np.int64), name=f"{name}/sizes"))
+        for initializer in (merged, sizes):
+            initializer.shape = initializer.const_value.shape
+            initializer.type = ir.TensorType(initializer.const_value.dtype)
+            graph.register_initializer(initializer)
+        matmul = ir.node("MatMul", [x, merged])
+        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+        graph.insert_before(nodes[0], [matmul, split])
+        for node, part in zip(nodes, split.outputs):
+            old = node.outputs[0]
+            part.shape, part.type = old.shape, old.type
+            old.replace_all_uses_with(part, replace_graph_outputs=True)
+            part.name, old.name = old.name, f"{old.name}.unmerged"
+            graph.remove(node, safe=True)
+        merged_count += 1
+    log.info("merge_projections: %d groups", merged_count)
 
 
 def fuse(model: ir.Model) -> None:
