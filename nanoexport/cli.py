@@ -27,6 +27,7 @@ examples:
   nanoexport --skip-passes fold_constants      run the other passes only
   nanoexport --kv-cache static --max-context 512   fixed-capacity KV cache written at cache_position
   nanoexport --split-prefill-decode --prefill-chunk 64   static prefill and decode graphs, one weights file
+  nanoexport --kv-cache sliding --max-context 256  attend to the last 256 positions, generate without end
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -77,8 +78,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
         parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
         parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
-        parser.add_argument("--kv-cache", choices=["dynamic", "static"],
-                            help="KV cache form: growing (dynamic) or fixed capacity (static); default per target")
+        parser.add_argument("--kv-cache", choices=["dynamic", "static", "sliding"],
+                            help="KV cache form: growing (dynamic), fixed capacity (static), or fixed capacity "
+                                 "written round-robin so generation runs past it (sliding); default per target")
         parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
         parser.add_argument("--split-prefill-decode", action="store_true", default=None,
                             help="write a prefill graph (--prefill-chunk tokens) and a one-token decode graph, "

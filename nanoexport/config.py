@@ -46,7 +46,7 @@ class ExportConfig:
     passes: list[str] = field(default_factory=list)  # empty: every pass
     skip_passes: list[str] = field(default_factory=list)
     verify_passes: bool = False
-    kv_cache: str = ""  # dynamic | static; empty: the target's default
+    kv_cache: str = ""  # dynamic | static | sliding; empty: the target's default
     max_context: int = 2048  # capacity of a static cache
     split_prefill_decode: bool = False  # two static-shape graphs sharing one weights file
     prefill_chunk: int = 128  # tokens per call of the prefill graph

@@ -62,8 +62,9 @@ def export(
             checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
-        if config.kv_cache == "static":
-            passes = [*passes, static_kv_cache_pass(config.max_context, attention_windows(checkpoint.config))]
+        if config.kv_cache in ("static", "sliding"):
+            windows = attention_windows(checkpoint.config)
+            passes = [*passes, static_kv_cache_pass(config.max_context, windows, config.kv_cache == "sliding")]
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):
@@ -125,11 +126,11 @@ def _kv_cache_form(config: ExportConfig, target_module) -> str:
         raise NanoexportError(
             f"target {config.target} cannot run a {form!r} KV cache; choose --kv-cache from {', '.join(forms)}"
         )
-    if form == "static" and config.max_context < 1:
+    if form != "dynamic" and config.max_context < 1:
         raise NanoexportError(f"--max-context must be at least 1, not {config.max_context}")
     if config.split_prefill_decode:
-        if form != "static":
-            raise NanoexportError("--split-prefill-decode needs the static KV cache; drop --kv-cache dynamic")
+        if form == "dynamic":
+            raise NanoexportError("--split-prefill-decode needs a fixed-size KV cache; drop --kv-cache dynamic")
         if not 1 < config.prefill_chunk <= config.max_context:
             raise NanoexportError(
                 f"--prefill-chunk must be between 2 and --max-context ({config.max_context}), "
@@ -156,7 +157,7 @@ def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) 
             "head_dim": head_dim,
             "vocab_size": checkpoint.config.vocab_size,
             "form": config.kv_cache,
-            "capacity": config.max_context if config.kv_cache == "static" else None,
+            "capacity": None if config.kv_cache == "dynamic" else config.max_context,
             "prefill_chunk": config.prefill_chunk if config.split_prefill_decode else None,
         },
     }

@@ -7,7 +7,6 @@ from nanoexport.capture.checkpoint import SUPPORTED_FAMILIES
 from nanoexport.errors import NanoexportError
 from nanoexport.targets.onnx import Runner
 from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
-from tiny_models import save_tiny_checkpoint
 
 STATIC = dict(kv_cache="static", max_context=96, verify_passes=True)
 
@@ -39,17 +38,7 @@ def test_static_cache_on_the_demo_model(tmp_path):
 
 
 def test_static_cache_with_a_sliding_window_shorter_than_the_text(tmp_path):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tiny_models import TINY_CONFIGS
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("mistral", **dict(TINY_CONFIGS["mistral"], sliding_window=8))
-    model = AutoModelForCausalLM.from_config(config).eval()
-    folder = tmp_path / "mistral-window"
-    model.save_pretrained(folder)
-    dynamic, static = export_both(folder, tmp_path)
+    dynamic, static = export_both(windowed_mistral(tmp_path / "mistral-window", 8), tmp_path)
     assert greedy_tokens(static) == greedy_tokens(dynamic)
     assert nanoexport.validate(static).passed  # 16-token prompts + 32 generated, window 8: against PyTorch
 
@@ -131,9 +120,41 @@ def test_split_on_the_demo_model_with_prompts_longer_than_a_chunk(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(split_prefill_decode=True, kv_cache="dynamic"), "needs the static KV cache"),
+    (dict(split_prefill_decode=True, kv_cache="dynamic"), "needs a fixed-size KV cache"),
     (dict(split_prefill_decode=True, prefill_chunk=4096), "--prefill-chunk must be between 2 and --max-context"),
 ])
 def test_bad_split_settings_are_refused(settings, message, tmp_path):
     with pytest.raises(NanoexportError, match=message):
         nanoexport.export(out=tmp_path / "out", config=nanoexport.ExportConfig(**settings), progress=False)
+
+
+def windowed_mistral(folder, window):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import TINY_CONFIGS
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", **dict(TINY_CONFIGS["mistral"], sliding_window=window))
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_sliding_cache_generates_past_its_capacity(split, tmp_path):
+    """A window-8 model in an 8-slot round-robin cache: 16-token prompts and 32 new tokens, exact vs PyTorch."""
+    model = windowed_mistral(tmp_path / "mistral-window", 8)
+    config = nanoexport.ExportConfig(kv_cache="sliding", max_context=8, verify_passes=True,
+                                     split_prefill_decode=split, prefill_chunk=4)
+    sliding = nanoexport.export(model, out=tmp_path / "sliding", config=config, progress=False)
+    report = nanoexport.validate(sliding)
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert greedy_tokens(sliding) == greedy_tokens(nanoexport.export(model, out=tmp_path / "dynamic", progress=False))
+
+
+def test_sliding_cache_keeps_the_static_cache_numbers_within_capacity(tiny_checkpoint, tmp_path):
+    sliding = nanoexport.export(tiny_checkpoint("qwen2"), out=tmp_path / "sliding", progress=False,
+                                config=nanoexport.ExportConfig(kv_cache="sliding", max_context=96))
+    static = nanoexport.export(tiny_checkpoint("qwen2"), out=tmp_path / "static", progress=False,
+                               config=nanoexport.ExportConfig(kv_cache="static", max_context=96))
+    assert greedy_tokens(sliding) == greedy_tokens(static)

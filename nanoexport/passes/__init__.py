@@ -95,12 +95,12 @@ PASSES: list[GraphPass] = [
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 
 
-def static_kv_cache_pass(capacity: int, windows: list[int | None]) -> GraphPass:
-    """The KV-cache rewrite as a pass, bound to the cache's capacity and each layer's attention window."""
+def static_kv_cache_pass(capacity: int, windows: list[int | None], circular: bool) -> GraphPass:
+    """The KV-cache rewrite as a pass, bound to the cache's capacity, each layer's window and the write mode."""
 
     def static_kv_cache(model: ir.Model) -> None:
         """Growing Concat cache -> fixed-capacity buffers written at cache_position (see kv_cache.py)."""
-        rewrite_static_kv_cache(model, capacity, windows)
+        rewrite_static_kv_cache(model, capacity, windows, circular)
 
     return static_kv_cache
 

@@ -24,12 +24,16 @@ from nanoexport.errors import NanoexportError
 STATIC_OPSET = 24
 
 
-def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None]) -> None:
+def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None], circular: bool = False) -> None:
     """Rewrite ``model``'s explicit growing cache into buffers of ``capacity`` slots written at ``cache_position``.
 
     Requires the canonical form: each layer's ``present`` is ``Concat(past, new, axis=-2)`` and the
     layers' ``Attention`` nodes, in order, read those presents. ``windows`` gives each layer's attention
     window (None: full attention). Logits for the tokens of a call are unchanged.
+
+    ``circular``: position ``p`` goes to slot ``p % capacity``, so generation runs past the capacity with
+    attention over the last ``capacity`` positions (a sliding window). Exact for one-token calls, and for
+    longer calls while nothing they need is overwritten (``cache_position + tokens <= capacity``).
     """
     graph = model.graph
     inputs = {value.name: value for value in graph.inputs}
@@ -54,14 +58,14 @@ def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None]) -
     masks = {}
     for window in dict.fromkeys(windows):
         mask_nodes, masks[window] = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity,
-                                                     window)
+                                                     window, circular)
         graph.insert_before(graph.node(0), mask_nodes)
 
     for concat in concats:
         past, update = concat.inputs
         past.shape = ir.Shape([past.shape[0], past.shape[1], capacity, past.shape[3]])
         write = ir.node(
-            "TensorScatter", [past, update, cache_position], attributes={"axis": 2, "mode": "linear"},
+            "TensorScatter", [past, update, cache_position], attributes={"axis": 2, "mode": "circular" if circular else "linear"},
             name=f"{concat.outputs[0].name}/write",
         )
         written = write.outputs[0]
@@ -97,7 +101,7 @@ def _cache_concats(graph: ir.Graph) -> list[ir.Node]:
     return concats
 
 
-def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, sliding_window: int | None):
+def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, window: int | None, circular: bool):
     """Bool ``[batch, 1, sequence_length, capacity]``: which cache slots each query may attend to."""
     nodes: list[ir.Node] = []
 
@@ -112,14 +116,20 @@ def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, s
     slots = constant(np.arange(capacity, dtype=np.int64))
     sequence = add("Squeeze", [add("Shape", [input_ids], start=1, end=2)])
     offsets = add("Range", [constant(np.int64(0)), sequence, constant(np.int64(1))])
-    # slot of each query token: [batch, seq, 1]
-    query_slots = add("Unsqueeze", [
-        add("Add", [add("Unsqueeze", [cache_position, constant([1])]), offsets]), constant([2])
-    ])
-    visible = add("LessOrEqual", [slots, query_slots])  # causal: [batch, seq, capacity]
-    if sliding_window:
-        window_start = add("Sub", [query_slots, constant(np.int64(sliding_window))])
-        visible = add("And", [visible, add("Greater", [slots, window_start])])
+    start = add("Unsqueeze", [cache_position, constant([1])])  # [batch, 1]
+    # position of each query token: [batch, seq, 1]
+    query_positions = add("Unsqueeze", [add("Add", [start, offsets]), constant([2])])
+    if circular:
+        # After this call's writes, slot j holds the latest position <= last that is j modulo the capacity.
+        last = add("Sub", [add("Add", [start, sequence]), constant(np.int64(1))])  # [batch, 1]
+        back = add("Mod", [add("Sub", [last, slots]), constant(np.int64(capacity))])
+        slot_positions = add("Unsqueeze", [add("Sub", [last, back]), constant([1])])  # [batch, 1, capacity]
+    else:
+        slot_positions = slots
+    visible = add("LessOrEqual", [slot_positions, query_positions])  # causal: [batch, seq, capacity]
+    if window:
+        window_start = add("Sub", [query_positions, constant(np.int64(window))])
+        visible = add("And", [visible, add("Greater", [slot_positions, window_start])])
     valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant([1])])
     mask = add("Unsqueeze", [add("And", [visible, valid]), constant([1])])
     return nodes, mask

@@ -21,7 +21,7 @@ from nanoexport.passes.kv_cache import specialize
 
 NAME = "onnx"
 RUNTIME = "onnxruntime"
-KV_CACHE_FORMS = ("dynamic", "static")  # the first is the default
+KV_CACHE_FORMS = ("dynamic", "static", "sliding")  # the first is the default
 MODEL_FILE = "model.onnx"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"

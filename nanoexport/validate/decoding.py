@@ -46,6 +46,7 @@ class ArtifactDecoder:
         self.vocab_size = kv_cache["vocab_size"]
         self.capacity = kv_cache.get("capacity")  # None: the cache grows
         self.prefill_chunk = kv_cache.get("prefill_chunk")  # None: any number of tokens per call
+        self.circular = kv_cache.get("form") == "sliding"
 
     def empty_cache(self) -> KVCache:
         slots = 0 if self.capacity is None else self.capacity
@@ -54,6 +55,13 @@ class ArtifactDecoder:
 
     def step(self, tokens: list[int], cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Feed ``tokens`` after the ``cache``; returns logits ``[len(tokens), vocab]`` and the new cache."""
+        if len(tokens) > 1 and self.circular and cache.length + self._call_length(len(tokens)) > self.capacity:
+            # One call would overwrite slots that its own earlier tokens still attend to: go token by token.
+            rows = []
+            for token in tokens:
+                logits, cache = self._call([token], cache, 1)
+                rows.append(logits)
+            return np.concatenate(rows), cache
         if self.prefill_chunk is None or len(tokens) == 1:
             return self._call(tokens, cache, len(tokens))
         # A fixed-length prefill graph: feed whole chunks, the last one padded. Padding lands in cache slots
@@ -65,6 +73,12 @@ class ArtifactDecoder:
             rows.append(logits[: len(chunk)])
         return np.concatenate(rows), cache
 
+    def _call_length(self, count: int) -> int:
+        """Cache slots that feeding ``count`` tokens writes, padding included."""
+        if self.prefill_chunk is None or count == 1:
+            return count
+        return -(-count // self.prefill_chunk) * self.prefill_chunk
+
     def _call(self, tokens: list[int], cache: KVCache, real: int) -> tuple[np.ndarray, KVCache]:
         """One runtime call on ``tokens``, of which the first ``real`` count; the rest is padding."""
         past, total = cache.length, cache.length + real
@@ -75,12 +89,12 @@ class ArtifactDecoder:
         if self.capacity is None:
             feeds["attention_mask"] = np.ones((1, total), np.int64)
         else:
-            if past + len(tokens) > self.capacity:
+            if past + len(tokens) > self.capacity and not self.circular:
                 raise NanoexportError(
                     f"{past + len(tokens)} tokens do not fit the artifact's KV cache of {self.capacity}; export "
-                    "with a larger --max-context"
+                    "with a larger --max-context or with --kv-cache sliding"
                 )
-            feeds["attention_mask"] = (np.arange(self.capacity) < total).astype(np.int64)[None]
+            feeds["attention_mask"] = (np.arange(self.capacity) < min(total, self.capacity)).astype(np.int64)[None]
             feeds["cache_position"] = np.array([past], np.int64)
         for layer in range(self.num_layers):
             feeds[f"past_key_values.{layer}.key"] = cache.tensors[2 * layer]
