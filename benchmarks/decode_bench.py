@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models import MODELS, checkpoint
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from models import MODELS, RESULTS, checkpoint, write_results
 PROMPT_TOKENS = 128
 
 
@@ -107,11 +103,8 @@ def main() -> None:
                 f"{theirs['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f}",
                 flush=True,
             )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(
-        {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": args.runs,
-         "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "results": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    settings = {"runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS}
+    write_results(args.json, settings, rows)
 
 
 if __name__ == "__main__":

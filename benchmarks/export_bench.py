@@ -12,18 +12,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from models import MODELS, checkpoint
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from models import MODELS, RESULTS, checkpoint, write_results
 
 
 def weight_bytes(folder: Path) -> int:
@@ -75,12 +71,7 @@ def main() -> None:
                 f"   ratio {figures['peak_rss_over_weights']:.2f}",
                 flush=True,
             )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results},
-                   indent=2) + "\n"
-    )
-    print(f"wrote {args.json}")
+    write_results(args.json, {}, results)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ torch.manual_seed(0)
 AutoModelForCausalLM.from_config(config).save_pretrained(sys.argv[1], safe_serialization=True)
 """
 MODELS = ("demo", "qwen2.5-0.5b")
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def checkpoint(name: str, scratch: Path) -> Path:
@@ -33,3 +37,11 @@ def checkpoint(name: str, scratch: Path) -> Path:
     if not folder.exists():
         subprocess.run([sys.executable, "-c", BUILD.format(settings=QWEN25_05B), str(folder)], check=True)
     return folder
+
+
+def write_results(path: Path, settings: dict, rows: list[dict]) -> None:
+    """The run as JSON: the machine, the benchmark's settings and one row per model."""
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine, **settings, "results": rows}, indent=2) + "\n")
+    print(f"wrote {path}")

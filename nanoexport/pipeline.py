@@ -12,7 +12,7 @@ import onnx_ir as ir
 import torch
 
 from nanoexport.artifact import Artifact, staging, write_manifest
-from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
+from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import attention_windows, export_onnx, kv_shape
 from nanoexport.config import ExportConfig
 from nanoexport.errors import NanoexportError
@@ -106,7 +106,7 @@ def _model_name(model: Any) -> str:
     if isinstance(model, Checkpoint):
         return model.name
     if isinstance(model, torch.nn.Module):
-        return Path(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__).name
+        return module_name(model)
     return Path(str(model)).name or "model"
 
 

@@ -189,6 +189,11 @@ def _hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def module_name(model: torch.nn.Module) -> str:
+    """A short name for a model in memory: the last part of the path it was loaded from, or its class."""
+    return Path(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__).name
+
+
 def _from_module(model: torch.nn.Module) -> Checkpoint:
     config = getattr(model, "config", None)
     if config is None:
@@ -201,7 +206,7 @@ def _from_module(model: torch.nn.Module) -> Checkpoint:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode() + b"\0" + tensor.detach().contiguous().numpy().tobytes())
     return Checkpoint(
-        name=Path(getattr(config, "name_or_path", "") or type(model).__name__).name,
+        name=module_name(model),
         source="",
         model=model,
         weights_sha256=digest.hexdigest(),

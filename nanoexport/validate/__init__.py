@@ -83,8 +83,9 @@ def validate(
     prompts = prompts_for(artifact.path, decoder.vocab_size)
 
     report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
-    _compare_logits(report, decoder, torch_model, prompts, config)
-    _kv_consistency(report, decoder, prompts, config)
+    full_logits = [decoder.full_logits(prompt) for prompt in prompts]
+    _compare_logits(report, full_logits, torch_model, prompts, config)
+    _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
     if write:
         write_report(artifact.path, report.to_dict())
@@ -112,10 +113,9 @@ def _reference(artifact: Artifact, reference: Any) -> Checkpoint:
     return checkpoint
 
 
-def _compare_logits(report, decoder, torch_model, prompts, config: ValidationConfig) -> None:
+def _compare_logits(report, full_logits, torch_model, prompts, config: ValidationConfig) -> None:
     max_abs, min_cosine, agree, positions = 0.0, 1.0, 0, 0
-    for prompt in prompts:
-        ours = decoder.full_logits(prompt)
+    for prompt, ours in zip(prompts, full_logits):
         theirs = torch_model.logits(prompt)
         max_abs = max(max_abs, float(np.abs(ours - theirs).max()))
         cosine = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
@@ -127,13 +127,12 @@ def _compare_logits(report, decoder, torch_model, prompts, config: ValidationCon
     report.add("top-1 agreement", agree / positions, config.top1_agreement, True, f"{positions} positions")
 
 
-def _kv_consistency(report, decoder, prompts, config: ValidationConfig) -> None:
+def _kv_consistency(report, full_logits, decoder, prompts, config: ValidationConfig) -> None:
     steps = config.decode_steps
     worst = 0.0
-    for prompt in prompts:
+    for prompt, full in zip(prompts, full_logits):
         if len(prompt) <= steps:
             raise NanoexportError(f"validation prompt of {len(prompt)} tokens is too short for {steps} decode steps")
-        full = decoder.full_logits(prompt)
         stepped = decoder.prefill_then_decode(prompt, len(prompt) - steps)
         worst = max(worst, float(np.abs(full - stepped).max()))
     report.add("KV consistency max-abs", worst, config.kv_max_abs, False, f"prefill, then {steps} decode steps")
