@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 from nanoexport.artifact import Artifact, write_json
 from nanoexport.capture.checkpoint import Checkpoint
@@ -30,21 +31,67 @@ GENAI_CONFIG = "genai_config.json"
 GENAI_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+class SkipRMSNorm(pattern.RewriteRuleClassBase):
+    """Residual Add feeding an RMSNormalization -> ONNX Runtime's SkipSimplifiedLayerNormalization.
+
+    One kernel reads both addends once and returns the normalized value and the sum (the next residual).
+    """
+
+    def pattern(self, op, x, skip, weight):
+        total = op.Add(x, skip)
+        normalized = op.RMSNormalization(total, weight, _allow_other_attributes=True, _outputs=["normalized"])
+        return normalized, total
+
+    def check(self, context, x, skip, weight, normalized, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        norm = normalized.producer()
+        if norm.attributes.get_int("axis", -1) not in (-1, 2):
+            return result.fail("only normalization over the last axis fuses")
+        if x.shape is None or skip.shape is None or x.shape != skip.shape or x.shape.rank() != 3:
+            return result.fail("both addends must be [batch, sequence, hidden] of one shape")
+        if weight.shape is None or weight.shape.rank() != 1:
+            return result.fail("the scale must be 1-D", weight)
+        return result
+
+    def rewrite(self, op, x, skip, weight, normalized, **_):
+        epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
+        outputs = op.SkipSimplifiedLayerNormalization(
+            x, skip, weight, epsilon=epsilon, _domain="com.microsoft", _outputs=4
+        )
+        # ONNX shape inference does not know vendor ops: record the shapes it cannot work out.
+        statistics_shape = ir.Shape([*x.shape[:-1], 1])
+        for value, shape in zip(outputs, (x.shape, statistics_shape, statistics_shape, x.shape)):
+            value.shape, value.type = shape, ir.TensorType(ir.DataType.FLOAT)
+        output, _mean, _inverse_std, total = outputs
+        output.type = total.type = x.type
+        return output, total
+
+
+ORT_KERNEL_RULES = pattern.RewriteRuleSet([SkipRMSNorm.rule()])
+
+
 def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
     """Write ``model`` into ``folder`` for ONNX Runtime; returns the model files written."""
-    ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
-    if config.kv_cache == "dynamic":
-        return [MODEL_FILE, WEIGHTS_FILE, *_write_genai_config(folder, checkpoint)]
     if not config.split_prefill_decode:
-        return [MODEL_FILE, WEIGHTS_FILE]
+        _use_ort_kernels(model)
+        ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
+        genai_files = _write_genai_config(folder, checkpoint) if config.kv_cache == "dynamic" else []
+        return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
     # weights file, which each specialized graph then references rather than copies.
+    ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
     for file_name, sequence_length in ((PREFILL_FILE, config.prefill_chunk), (DECODE_FILE, 1)):
         graph = ir.load(folder / MODEL_FILE)
-        specialize(graph, sequence_length)
+        specialize(graph, sequence_length)  # before the vendor ops, which ONNX shape inference does not know
+        _use_ort_kernels(graph)
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
+
+
+def _use_ort_kernels(model: ir.Model) -> None:
+    if ORT_KERNEL_RULES.apply_to_model(model):
+        model.opset_imports.setdefault("com.microsoft", 1)
 
 
 def _write_genai_config(folder: Path, checkpoint: Checkpoint) -> list[str]:
