@@ -45,7 +45,6 @@ def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None], c
             "the static KV cache needs every attention fused into Attention reading the cache; this model's "
             "attention is not fused yet: use --kv-cache dynamic"
         )
-
     if len(attentions) != len(windows):
         raise NanoexportError(
             f"found {len(attentions)} Attention nodes for {len(windows)} layers; this graph is not in canonical form"
@@ -64,8 +63,9 @@ def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None], c
     for concat in concats:
         past, update = concat.inputs
         past.shape = ir.Shape([past.shape[0], past.shape[1], capacity, past.shape[3]])
+        mode = "circular" if circular else "linear"
         write = ir.node(
-            "TensorScatter", [past, update, cache_position], attributes={"axis": 2, "mode": "circular" if circular else "linear"},
+            "TensorScatter", [past, update, cache_position], attributes={"axis": 2, "mode": mode},
             name=f"{concat.outputs[0].name}/write",
         )
         written = write.outputs[0]
@@ -143,7 +143,7 @@ def specialize(model: ir.Model, sequence_length: int) -> None:
     """
     graph = model.graph
     if "cache_position" not in {value.name for value in graph.inputs}:
-        raise NanoexportError("a prefill/decode split needs the static KV cache: add --kv-cache static")
+        raise NanoexportError("a prefill/decode split needs a fixed-size KV cache: add --kv-cache static or sliding")
     sizes = {"batch_size": 1, "sequence_length": sequence_length}
     for value in [*graph.inputs, *graph.outputs]:
         value.shape = ir.Shape([sizes.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape])
