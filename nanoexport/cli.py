@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nanoexport.artifact import Artifact
-from nanoexport.config import load_config
+from nanoexport.config import ValidationConfig, load_config
 from nanoexport.errors import NanoexportError
 
 EXPORT_EXAMPLES = """\
@@ -28,6 +28,9 @@ examples:
   nanoexport --kv-cache static --max-context 512   fixed-capacity KV cache written at cache_position
   nanoexport --split-prefill-decode --prefill-chunk 64   static prefill and decode graphs, one weights file
   nanoexport --kv-cache sliding --max-context 256  attend to the last 256 positions, generate without end
+  nanoexport --quant int4 --block-size 32      block-wise int4 weights, round to nearest
+  nanoexport --quant int4 --algo gptq --calib data.jsonl   GPTQ on your calibration text
+  nanoexport --quant int4 --size-budget 900MB  int4/int8 per layer, chosen by sensitivity, to fit 900 MB
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -39,6 +42,7 @@ VALIDATE_EXAMPLES = """\
 examples:
   nanoexport validate nanoexport-out/demo-onnx
   nanoexport validate build/qwen --reference ./qwen-checkpoint
+  nanoexport validate build/qwen --eval wiki.txt --eval-windows 0   perplexity on all of wiki.txt
 exit codes: 0 all checks passed, 1 a check failed, 2 bad input.
 """
 INSPECT_EXAMPLES = """\
@@ -88,10 +92,26 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill call (default: 128)")
         parser.add_argument("--verify-passes", action="store_true", default=None,
                             help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
+        quant = parser.add_argument_group("quantization")
+        quant.add_argument("--quant", choices=["none", "fp16", "int4", "uint4", "int8", "nf4"],
+                           help="weight type of the linear layers (default: none, fp32)")
+        quant.add_argument("--block-size", type=int, help="input rows per scale, 16 to 256 (default: 32)")
+        quant.add_argument("--algo", choices=["rtn", "gptq", "awq"], help="quantizer (default: rtn)")
+        quant.add_argument("--calib", help="calibration text, JSONL, folder or saved dataset (default: "
+                                           "calibration.txt in the checkpoint folder)")
+        quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")
+        quant.add_argument("--pad-blocks", action="store_true", default=None,
+                           help="allow a last partial block where the block size does not divide a dimension")
+        quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
+        quant.add_argument("--activations", choices=["none", "a16", "a8"],
+                           help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
         parser.add_argument("--config", type=Path, help="settings file whose [validate] table sets thresholds")
+        parser.add_argument("--eval", type=Path, help="text for the perplexity check (default: the demo's held-out "
+                                                      "plays)")
+        parser.add_argument("--eval-windows", type=int, help="windows of the text to score; 0: all (default: 16)")
     elif verb == "inspect":
         parser.add_argument("artifact", type=Path, help="artifact folder")
     return parser
@@ -123,6 +143,9 @@ def _export(args: argparse.Namespace) -> int:
         "skip_passes": args.skip_passes, "verify_passes": args.verify_passes, "kv_cache": args.kv_cache,
         "max_context": args.max_context, "split_prefill_decode": args.split_prefill_decode,
         "prefill_chunk": args.prefill_chunk,
+        "quant": {"weights": args.quant, "block_size": args.block_size, "algo": args.algo, "calib": args.calib,
+                  "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
+                  "activations": args.activations},
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))
@@ -139,6 +162,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     artifact = Artifact.load(args.artifact)
     thresholds = load_config(args.config).validate if args.config else None
+    if args.eval is not None or args.eval_windows is not None:
+        thresholds = thresholds or ValidationConfig(**artifact.manifest["config"]["validate"])
+        thresholds.eval_text = str(args.eval) if args.eval is not None else thresholds.eval_text
+        thresholds.eval_windows = args.eval_windows if args.eval_windows is not None else thresholds.eval_windows
     report = validate(artifact, reference=args.reference, config=thresholds)
     console.print(report_table(report.to_dict()))
     return 0 if report.passed else 1

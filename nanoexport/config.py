@@ -5,6 +5,12 @@ Example ``nanoexport.toml``::
     model = "path/to/checkpoint"
     target = "onnx"
 
+    [quant]
+    weights = "int4"
+    block_size = 32
+    algo = "gptq"
+    overrides = { lm_head = "int8" }
+
     [validate]
     logits_max_abs = 1e-4
     greedy_tokens = 32
@@ -34,6 +40,45 @@ class ValidationConfig:
     greedy_agreement: float = 1.0
     greedy_tokens: int = 32
     decode_steps: int = 4
+    perplexity_increase: float = 0.001  # relative to the reference's perplexity
+    # Artifacts with quantized weights are held to these instead (logits max-abs is then not gated).
+    quantized_logits_min_cosine: float = 0.99
+    quantized_top1_agreement: float = 0.85
+    quantized_greedy_agreement: float = 0.1  # greedy paths part at the first near-tie
+    quantized_perplexity_increase: float = 0.05
+    eval_text: str = ""  # default: the demo model's held-out plays
+    eval_window: int = 256  # tokens per perplexity window
+    eval_windows: int = 16  # windows scored; 0 scores the whole text
+
+
+@dataclass
+class QuantConfig:
+    """How weights (and, for QDQ targets, activations) are quantized. ``weights = "none"`` keeps fp32.
+
+    Layer names are the weights' module paths (``model.layers.0.mlp.down_proj``; merged projections as
+    ``model.layers.0.self_attn.q_proj+k_proj+v_proj``); patterns are shell-style (``*.mlp.*``).
+    """
+
+    weights: str = "none"  # none | fp16 | int4 | uint4 | int8 | nf4
+    block_size: int = 32  # input rows per scale, 16 to 256
+    algo: str = "rtn"  # rtn | gptq | awq
+    asymmetric: bool = False  # zero points per block
+    pad_blocks: bool = False  # allow a last partial block where block_size does not divide the input dim
+    scale_dtype: str = "fp16"  # fp16 | fp32
+    keep_float: list[str] = field(default_factory=lambda: ["lm_head"])  # layers left in float
+    overrides: dict[str, str] = field(default_factory=dict)  # layer pattern -> weight type, e.g. lm_head = "int8"
+    calib: str = ""  # text, JSONL, folder or saved dataset; default: calibration.txt in the checkpoint folder
+    calib_samples: int = 32
+    calib_window: int = 256  # tokens per calibration sample
+    seed: int = 0
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    size_budget: str = ""  # e.g. "2.2GB": per-layer int4/int8 chosen by sensitivity to fit
+    activations: str = "none"  # none | a16 | a8: QuantizeLinear/DequantizeLinear on activations (QDQ targets)
+    observer: str = "minmax"  # minmax | percentile | mse
+    activation_exclude: list[str] = field(
+        default_factory=lambda: ["Softmax", "RMSNormalization", "LayerNormalization", "Attention"]
+    )
 
 
 @dataclass
@@ -50,6 +95,7 @@ class ExportConfig:
     max_context: int = 2048  # capacity of a static cache
     split_prefill_decode: bool = False  # two static-shape graphs sharing one weights file
     prefill_chunk: int = 128  # tokens per call of the prefill graph
+    quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 
     def manifest_view(self) -> dict[str, Any]:
@@ -66,8 +112,19 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         path = Path(DEFAULT_CONFIG_FILE)
     if path is not None:
         _apply(config, _read_toml(path), str(path))
-    _apply(config, {key: value for key, value in (overrides or {}).items() if value is not None}, "flags")
+    _apply(config, _without_unset(overrides or {}), "flags")
     return config
+
+
+def _without_unset(values: dict[str, Any]) -> dict[str, Any]:
+    """Flags left unset are None; nested tables (``{"quant": {...}}``) are pruned the same way."""
+    kept = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _without_unset(value)
+        if value is not None and value != {}:
+            kept[key] = value
+    return kept
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import torch
 
 from nanoexport.artifact import Artifact, staging, write_manifest
+from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import attention_windows, export_onnx, kv_shape
 from nanoexport.config import ExportConfig
@@ -52,6 +53,7 @@ def export(
     if isinstance(model, (str, Path)):
         config.model = str(model)
     target_module = get_target(config.target)
+    check_config(config.quant)
     config.kv_cache = _kv_cache_form(config, target_module)
     passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
@@ -62,11 +64,19 @@ def export(
             checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
-        if config.kv_cache in ("static", "sliding"):
-            windows = attention_windows(checkpoint.config)
-            passes = [*passes, static_kv_cache_pass(config.max_context, windows, config.kv_cache == "sliding")]
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
+        quantization = None
+        if config.quant.weights != "none":
+            with steps.step(f"quantize: {config.quant.weights}, {config.quant.algo}") as detail:
+                quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, _folder_of(checkpoint),
+                                        detail)
+        if config.kv_cache in ("static", "sliding"):
+            # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
+            windows = attention_windows(checkpoint.config)
+            kv_pass = static_kv_cache_pass(config.max_context, windows, config.kv_cache == "sliding")
+            with steps.step("passes: KV-cache rewrite") as detail:
+                pass_stats += run_passes(graph, [kv_pass], on_pass=detail, verify=config.verify_passes)
         with steps.step(f"write: {config.target}"):
             _write_tokenizer(checkpoint, folder)
             model_files = target_module.lower(graph, config, folder, checkpoint)
@@ -90,6 +100,7 @@ def export(
                         {"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
                         for s in pass_stats
                     ],
+                    "quantization": quantization,
                     "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
                 },
             )
@@ -108,6 +119,11 @@ def _model_name(model: Any) -> str:
     if isinstance(model, torch.nn.Module):
         return module_name(model)
     return Path(str(model)).name or "model"
+
+
+def _folder_of(checkpoint: Checkpoint) -> Path | None:
+    folder = Path(checkpoint.source) if checkpoint.source else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:

@@ -1,1 +1,194 @@
-"""Calibration data, observers and block-wise weight quantizers (the quantization issue builds this stage)."""
+"""Calibration and block-wise weight quantization of the canonical graph.
+
+``quantize(model, config, ...)`` decides a format per linear layer (type, block size, symmetry; overrides
+by name; a size budget spent where the logits are most sensitive), captures calibration activations on
+ONNX Runtime when the algorithm needs them, quantizes each weight with RTN, GPTQ or AWQ, and puts the
+integers in the graph as blocked ``DequantizeLinear`` (see ``graph.py``). It returns the plan, which the
+manifest records.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from nanoexport.calibration.activations import capture_groups
+from nanoexport.calibration.algorithms import awq, gptq
+from nanoexport.calibration.blocks import WeightFormat, rtn
+from nanoexport.calibration.data import calibration_windows, load_tokenizer
+from nanoexport.calibration.graph import Linear, find_linears, replace_weight, scale_input, to_float16
+from nanoexport.config import QuantConfig
+from nanoexport.errors import NanoexportError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_TYPES = ("none", "fp16", "int4", "uint4", "int8", "nf4")
+ALGORITHMS = ("rtn", "gptq", "awq")
+AWQ_SAMPLE_ROWS = 2048
+DEFAULT_CALIBRATION_FILE = "calibration.txt"
+
+
+@dataclass
+class LayerPlan:
+    linear: Linear
+    weight_type: str  # a WEIGHT_TYPES entry, or "float"
+
+    def format(self, config: QuantConfig) -> WeightFormat:
+        return WeightFormat(self.weight_type, config.block_size, config.asymmetric, config.scale_dtype)
+
+    def bits_per_weight(self, config: QuantConfig) -> float:
+        if self.weight_type == "float":
+            return 32.0
+        if self.weight_type == "fp16":
+            return 16.0
+        return self.format(config).bits_per_weight()
+
+
+def check_config(config: QuantConfig) -> None:
+    """Refuse settings no quantizer can honour, naming the setting and its choices."""
+    choices = {"weights": WEIGHT_TYPES, "algo": ALGORITHMS, "scale_dtype": ("fp16", "fp32"),
+               "activations": ("none", "a16", "a8"), "observer": ("minmax", "percentile", "mse")}
+    for setting, allowed in choices.items():
+        if getattr(config, setting) not in allowed:
+            raise NanoexportError(f"quant {setting} {getattr(config, setting)!r} is not one of {', '.join(allowed)}")
+    for pattern, weight_type in config.overrides.items():
+        if weight_type not in (*WEIGHT_TYPES[1:], "float"):
+            raise NanoexportError(f"quant override {pattern} = {weight_type!r}: choose one of "
+                                  f"float, {', '.join(WEIGHT_TYPES[1:])}")
+    if not 16 <= config.block_size <= 256 or config.block_size & (config.block_size - 1):
+        raise NanoexportError(f"--block-size must be a power of two from 16 to 256, not {config.block_size}")
+    if config.weights == "nf4" and config.asymmetric:
+        raise NanoexportError("nf4 is symmetric by construction; drop --asymmetric")
+
+
+def plan_layers(model: ir.Model, config: QuantConfig) -> list[LayerPlan]:
+    """Each linear layer and the weight type it gets: an override, float if kept, else ``config.weights``."""
+    plans = []
+    for linear in find_linears(model):
+        weight_type = next((kind for pattern, kind in config.overrides.items()
+                            if fnmatch.fnmatchcase(linear.name, pattern)), None)
+        if weight_type is None:
+            kept = any(fnmatch.fnmatchcase(linear.name, pattern) for pattern in config.keep_float)
+            weight_type = "float" if kept else config.weights
+        plan = LayerPlan(linear, weight_type)
+        _check_blocks(plan, config)
+        plans.append(plan)
+    return plans
+
+
+def _check_blocks(plan: LayerPlan, config: QuantConfig) -> None:
+    rows = plan.linear.shape[0]
+    if plan.weight_type in ("float", "fp16") or rows % config.block_size == 0:
+        return
+    if plan.weight_type == "nf4":
+        raise NanoexportError(f"block size {config.block_size} does not divide the input dimension {rows} of "
+                              f"{plan.linear.name}, and nf4 blocks cannot be padded; choose a block size dividing it")
+    if not config.pad_blocks:
+        raise NanoexportError(
+            f"block size {config.block_size} does not divide the input dimension {rows} of {plan.linear.name}; "
+            "choose a block size that divides it, or pass --pad-blocks"
+        )
+
+
+def quantize(
+    model: ir.Model,
+    config: QuantConfig,
+    tokenizer_files: dict[str, bytes],
+    checkpoint_folder: Path | None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any] | None:
+    """Quantize ``model``'s linear weights in place as ``config`` says; returns the plan for the manifest."""
+    check_config(config)
+    if config.weights == "none":
+        return None
+    report = on_progress or (lambda _: None)
+    plans = plan_layers(model, config)
+    windows = None
+    if config.algo != "rtn" or config.size_budget:
+        calibration = _calibration_path(config, checkpoint_folder)
+        windows = calibration_windows(calibration, load_tokenizer(tokenizer_files), config.calib_samples,
+                                      config.calib_window, config.seed)
+    if config.size_budget:
+        from nanoexport.calibration.budget import fit_budget
+
+        report("sensitivity of each layer")
+        fit_budget(model, plans, config, parse_size(config.size_budget), windows)
+    _quantize_weights(model, plans, config, windows, report)
+    summary = _plan_summary(plans, config)
+    summary["weights_bytes"] = sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                                   if value.const_value is not None)
+    if config.size_budget and summary["weights_bytes"] > parse_size(config.size_budget):
+        raise NanoexportError(f"the quantized weights take {summary['weights_bytes']:,} bytes, over "
+                              f"--size-budget {config.size_budget}; report this with the model")
+    return summary
+
+
+def _calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Path:
+    if config.calib:
+        return Path(config.calib)
+    if checkpoint_folder is not None and (checkpoint_folder / DEFAULT_CALIBRATION_FILE).is_file():
+        return checkpoint_folder / DEFAULT_CALIBRATION_FILE
+    raise NanoexportError(f"--algo {config.algo} needs calibration data and none was given; pass --calib FILE "
+                          "(text, JSONL or a folder) or use --algo rtn")
+
+
+def parse_size(text: str) -> int:
+    """``2.2GB``, ``900MB``, ``1.5GiB`` or a byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise NanoexportError(f"--size-budget {text!r} is not a size; write it like 2.2GB or 900MB")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
+
+
+def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConfig, windows, report) -> None:
+    by_layer = {id(plan.linear.matmul): plan for plan in plans}
+    quantized = [plan for plan in plans if plan.weight_type not in ("float", "fp16")]
+    for plan in plans:
+        if plan.weight_type == "fp16":
+            to_float16(model, plan.linear)
+    if config.algo == "rtn" or not quantized:
+        for index, plan in enumerate(quantized, 1):
+            report(f"rtn {index}/{len(quantized)}")
+            replace_weight(model, plan.linear, rtn(plan.linear.matrix(), plan.format(config)))
+        return
+    done = 0
+    linears = [plan.linear for plan in quantized]
+    sample_rows = AWQ_SAMPLE_ROWS if config.algo == "awq" else 0
+    for group, statistics in capture_groups(model, linears, windows, sample_rows, config.seed):
+        for linear in group:
+            plan = by_layer[id(linear.matmul)]
+            done += 1
+            report(f"{config.algo} {done}/{len(quantized)}")
+            stats = statistics[linear.input.name]
+            weight, fmt = linear.matrix(), plan.format(config)
+            if config.algo == "gptq":
+                replace_weight(model, linear, gptq(weight, stats.hessian, fmt, config.gptq_damp,
+                                                   config.gptq_act_order))
+            elif linear.transposed:
+                # A tied weight also feeds the embedding Gather, which AWQ's input scaling would distort.
+                replace_weight(model, linear, rtn(weight, fmt, importance=(stats.sample**2).mean(0)))
+            else:
+                result, input_scale = awq(weight, stats.magnitude, stats.sample, fmt)
+                replace_weight(model, linear, result)
+                scale_input(model, linear, input_scale)
+
+
+def _plan_summary(plans: list[LayerPlan], config: QuantConfig) -> dict[str, Any]:
+    quantized = [plan for plan in plans if plan.weight_type != "float"]
+    weights = sum(np.prod(plan.linear.shape) for plan in quantized)
+    bits = sum(plan.bits_per_weight(config) * np.prod(plan.linear.shape) for plan in quantized)
+    return {
+        "layers": {plan.linear.name: plan.weight_type for plan in plans},
+        "quantized_weights": int(weights),
+        "bits_per_weight": round(float(bits / weights), 4) if weights else None,
+    }

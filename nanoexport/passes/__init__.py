@@ -7,6 +7,7 @@ that moved the logits.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
 import time
@@ -28,6 +29,45 @@ from nanoexport.passes.verify import GraphRunner
 log = logging.getLogger(__name__)
 
 GraphPass = Callable[[ir.Model], None]
+
+
+def name_weights(model: ir.Model) -> None:
+    """Name each linear layer's weight matrix after its module (``model.layers.0.mlp.down_proj.weight.T``).
+
+    The exporter folds the transposed weights into anonymous initializers; their module is recorded only in
+    the node metadata, which ``strip_metadata`` drops. Quantization plans and per-layer overrides refer to
+    layers by these names. Nothing is computed differently.
+    """
+    for node in model.graph:
+        if node.op_type != "MatMul" or len(node.inputs) != 2:
+            continue
+        weight = node.inputs[1]
+        module = _module_of(node)
+        is_constant = weight.const_value is not None or (
+            weight.producer() is not None and weight.producer().op_type == "Transpose"
+            and weight.producer().inputs[0].const_value is not None
+        )
+        if module is None or not is_constant or len(weight.uses()) != 1 or weight.is_graph_output():
+            continue
+        name = f"{module}.weight.T"
+        if weight.is_initializer():
+            model.graph.initializers.pop(weight.name)
+            weight.name = name
+            model.graph.register_initializer(weight)
+        else:
+            weight.name = name
+
+
+def _module_of(node: ir.Node) -> str | None:
+    """The dotted module path the exporter recorded for ``node``, without our wrapper's ``model.`` prefix."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    paths = [scope for scope in ast.literal_eval(scopes) if scope]
+    if len(paths) < 2:
+        return None
+    module = paths[-2]  # the last scope is the op itself (``linear``)
+    return module.removeprefix("model.")
 
 
 def strip_metadata(model: ir.Model) -> None:
@@ -89,8 +129,8 @@ def remove_unused(model: ir.Model) -> None:
 
 
 PASSES: list[GraphPass] = [
-    strip_metadata, fold_constants, infer_shapes, eliminate_no_ops, eliminate_identity, merge_duplicate_initializers,
-    fuse, merge_projections, remove_unused,
+    name_weights, strip_metadata, fold_constants, infer_shapes, eliminate_no_ops, eliminate_identity,
+    merge_duplicate_initializers, fuse, merge_projections, remove_unused,
 ]
 PASS_NAMES = [graph_pass.__name__ for graph_pass in PASSES]
 

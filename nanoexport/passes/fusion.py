@@ -117,6 +117,19 @@ def _is_weight_matrix(value: ir.Value) -> bool:
     return value.const_value is not None and value.shape is not None and value.shape.rank() == 2
 
 
+def _merged_name(names: list[str]) -> str:
+    """``a.q_proj.weight.T``, ``a.k_proj.weight.T`` -> ``a.q_proj+k_proj.weight.T``: one name, every part."""
+    parts = [name.split(".") for name in names]
+    prefix = 0
+    while all(len(p) > prefix + 1 and p[prefix] == parts[0][prefix] for p in parts):
+        prefix += 1
+    suffix = 0
+    while all(len(p) > prefix + suffix + 1 and p[-1 - suffix] == parts[0][-1 - suffix] for p in parts):
+        suffix += 1
+    middles = [".".join(p[prefix : len(p) - suffix]) for p in parts]
+    return ".".join([*parts[0][:prefix], "+".join(middles), *parts[0][len(parts[0]) - suffix :]])
+
+
 def merge_projections(model: ir.Model) -> None:
     """MatMuls of one input by several weight matrices -> one MatMul by the concatenated weights, then Split.
 
@@ -134,7 +147,7 @@ def merge_projections(model: ir.Model) -> None:
         if len(nodes) < 2:
             continue
         weights = [node.inputs[1] for node in nodes]
-        name = "+".join(weight.name for weight in weights)
+        name = _merged_name([weight.name for weight in weights])
         merged = ir.Value(name=name, const_value=ir.tensor(
             np.concatenate([weight.const_value.numpy() for weight in weights], axis=1), name=name))
         sizes = ir.Value(name=f"{name}/sizes", const_value=ir.tensor(

@@ -2,11 +2,14 @@
 
 Measured on a few prompts: logits max-abs and cosine error and top-1 agreement (one full forward),
 KV-cache consistency (prefill then one-token decode steps against one full forward, both in the
-artifact), and greedy-generation agreement. Each measure has a threshold from ``ValidationConfig``.
+artifact), greedy-generation agreement, and perplexity on evaluation text against the reference's.
+Each measure has a threshold from ``ValidationConfig``; artifacts with quantized weights are held to the
+``quantized_*`` thresholds, since they are meant to differ from the float reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +19,12 @@ import numpy as np
 import torch
 
 from nanoexport.artifact import Artifact
-from nanoexport.capture.checkpoint import Checkpoint, load_checkpoint
+from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
 from nanoexport.config import ValidationConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import get_target
 from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
+from nanoexport.validate.perplexity import perplexity, text_windows
 from nanoexport.validate.report import write_report
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class ValidationReport:
     model: str
     prompts: int
     checks: list[Check] = field(default_factory=list)
+    measured: dict[str, float] = field(default_factory=dict)  # figures reported without a threshold
 
     @property
     def passed(self) -> bool:
@@ -82,11 +87,20 @@ def validate(
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
 
+    quantized = bool(artifact.manifest.get("quantization"))
+    if quantized:
+        config = dataclasses.replace(
+            config, logits_min_cosine=config.quantized_logits_min_cosine,
+            top1_agreement=config.quantized_top1_agreement, greedy_agreement=config.quantized_greedy_agreement,
+            perplexity_increase=config.quantized_perplexity_increase,
+        )
+
     report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
     full_logits = [decoder.full_logits(prompt) for prompt in prompts]
-    _compare_logits(report, full_logits, torch_model, prompts, config)
+    _compare_logits(report, full_logits, torch_model, prompts, config, gate_max_abs=not quantized)
     _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
+    _perplexity(report, artifact, decoder, torch_model, config)
     if write:
         write_report(artifact.path, report.to_dict())
     return report
@@ -113,7 +127,7 @@ def _reference(artifact: Artifact, reference: Any) -> Checkpoint:
     return checkpoint
 
 
-def _compare_logits(report, full_logits, torch_model, prompts, config: ValidationConfig) -> None:
+def _compare_logits(report, full_logits, torch_model, prompts, config: ValidationConfig, gate_max_abs: bool) -> None:
     max_abs, min_cosine, agree, positions = 0.0, 1.0, 0, 0
     for prompt, ours in zip(prompts, full_logits):
         theirs = torch_model.logits(prompt)
@@ -122,7 +136,10 @@ def _compare_logits(report, full_logits, torch_model, prompts, config: Validatio
         min_cosine = min(min_cosine, float(cosine.min()))
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         positions += len(prompt)
-    report.add("logits max-abs error", max_abs, config.logits_max_abs, False)
+    if gate_max_abs:
+        report.add("logits max-abs error", max_abs, config.logits_max_abs, False)
+    else:
+        report.measured["logits max-abs error"] = max_abs
     report.add("logits min cosine", min_cosine, config.logits_min_cosine, True)
     report.add("top-1 agreement", agree / positions, config.top1_agreement, True, f"{positions} positions")
 
@@ -149,3 +166,22 @@ def _greedy_agreement(report, decoder, torch_model, prompts, config: ValidationC
         total += count
     report.add("greedy agreement", matched / total, config.greedy_agreement, True,
                f"{count} tokens x {len(prompts)} prompts, matched until first difference")
+
+
+def _perplexity(report, artifact: Artifact, decoder, torch_model, config: ValidationConfig) -> None:
+    """Perplexity of the artifact and of the reference on the same windows of the evaluation text."""
+    tokenizer_folder = artifact.path / "tokenizer"
+    if not tokenizer_folder.is_dir():
+        log.warning("perplexity not measured: the artifact has no tokenizer to read the evaluation text with")
+        return
+    text = config.eval_text or str(DEMO_MODEL / "heldout.txt")
+    windows = text_windows(text, tokenizer_folder, config.eval_window, config.eval_windows)
+    if decoder.capacity is not None and config.eval_window > decoder.capacity and not decoder.circular:
+        raise NanoexportError(f"the evaluation window of {config.eval_window} tokens exceeds the artifact's "
+                              f"KV cache of {decoder.capacity}; lower eval_window")
+    ours = perplexity(decoder.full_logits, windows)
+    theirs = perplexity(torch_model.logits, windows)
+    report.measured["perplexity"] = ours
+    report.measured["reference perplexity"] = theirs
+    detail = f"{ours:.3f} vs {theirs:.3f}, {len(windows)} windows of {config.eval_window} tokens of {Path(text).name}"
+    report.add("perplexity increase", ours / theirs - 1, config.perplexity_increase, False, detail)

@@ -24,6 +24,8 @@ def report_table(report: dict[str, Any]) -> Table:
         bound = (">= " if check["higher_is_better"] else "<= ") + format_value(check["threshold"])
         result = "[green]pass[/]" if check["passed"] else "[red]fail[/]"
         table.add_row(check["name"], format_value(check["value"]), bound, result, check["detail"])
+    for name, value in report.get("measured", {}).items():
+        table.add_row(name, format_value(value), "", "", "measured, not gated")
     return table
 
 
@@ -41,6 +43,9 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
             html.escape(c["detail"]),
         )
         for c in report["checks"]
+    ) + "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{format_value(value)}</td><td></td><td></td><td>measured</td></tr>"
+        for name, value in report.get("measured", {}).items()
     )
     verdict = "passed" if report["passed"] else "FAILED"
     (folder / "report.html").write_text(

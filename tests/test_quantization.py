@@ -1,0 +1,244 @@
+"""Block-wise weight quantization: the arithmetic, the graph form, calibration data, and whole exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import nanoexport
+from nanoexport.calibration import parse_size, plan_layers, quantize
+from nanoexport.calibration.algorithms import awq, gptq
+from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
+from nanoexport.calibration.data import calibration_windows, read_texts
+from nanoexport.calibration.graph import find_linears
+from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
+from nanoexport.capture.onnx_export import export_onnx
+from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.errors import NanoexportError
+from nanoexport.passes import run_passes, select_passes
+from nanoexport.passes.verify import GraphRunner
+
+
+def correlated_inputs(rows: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Activations whose channels are correlated and of very different magnitudes, as in real layers."""
+    generator = np.random.default_rng(seed)
+    x = generator.standard_normal((rows, channels)).astype(np.float32)
+    x[:, 1:] += 0.8 * x[:, :-1]
+    return x * np.exp(generator.standard_normal(channels)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype,asymmetric", [("int4", False), ("int4", True), ("uint4", False), ("uint4", True),
+                                              ("int8", False), ("nf4", False)])
+def test_rtn_stays_in_range_and_close(dtype, asymmetric):
+    weight = np.random.default_rng(1).standard_normal((128, 48)).astype(np.float32)
+    fmt = WeightFormat(dtype, 32, asymmetric)
+    quantized = rtn(weight, fmt, grid=1)  # the plain range: nothing is clipped
+    low, high = fmt.levels
+    assert quantized.values.min() >= low and quantized.values.max() <= high
+    assert quantized.scales.shape == (4, 48)
+    assert (quantized.zero_points is not None) == fmt.has_zero_point
+    error = np.abs(quantized.dequantize() - weight)
+    step = np.repeat(np.abs(quantized.scales.astype(np.float32)), 32, axis=0)
+    if dtype == "nf4":
+        step = step * np.diff(NF4_CODEBOOK).max()  # the widest gap between two levels
+    # Half a step of rounding; symmetric integers map the largest magnitude to the most negative level, so the
+    # opposite extreme can be clipped by one more level (up to a whole step).
+    allowed = 0.5 if asymmetric or dtype == "nf4" else 1.0
+    assert (error <= step * allowed * 1.001 + 1e-6).all()
+
+
+def test_symmetric_int4_maps_the_largest_magnitude_to_minus_eight():
+    weight = np.zeros((32, 2), np.float32)
+    weight[5, 0], weight[7, 1] = 0.8, -0.4  # one positive and one negative extreme
+    quantized = rtn(weight, WeightFormat("int4", 32), grid=1)
+    assert quantized.values[5, 0] == -8 and quantized.values[7, 1] == -8
+    assert np.allclose(quantized.dequantize(), weight, atol=1e-3)
+
+
+def test_scale_search_is_no_worse_than_the_plain_range():
+    weight = np.random.default_rng(2).standard_normal((256, 64)).astype(np.float32)
+    fmt = WeightFormat("int4", 32)
+    plain = ((rtn(weight, fmt, grid=1).dequantize() - weight) ** 2).sum()
+    searched = ((rtn(weight, fmt).dequantize() - weight) ** 2).sum()
+    assert searched <= plain
+
+
+def output_error(x: np.ndarray, weight: np.ndarray, dequantized: np.ndarray) -> float:
+    return float(((x @ dequantized - x @ weight) ** 2).mean())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
+    x = correlated_inputs(4096, 128)
+    weight = np.random.default_rng(3).standard_normal((128, 32)).astype(np.float32) * 0.05
+    fmt = WeightFormat("int4", 32)
+    hessian = 2 * x.T.astype(np.float64) @ x / len(x)
+    ours = output_error(x, weight, gptq(weight, hessian, fmt, act_order=act_order).dequantize())
+    assert ours < output_error(x, weight, rtn(weight, fmt, grid=1).dequantize())
+
+
+def test_awq_protects_salient_channels():
+    x = correlated_inputs(2048, 128, seed=4)
+    weight = np.random.default_rng(5).standard_normal((128, 32)).astype(np.float32) * 0.05
+    fmt = WeightFormat("int4", 32)
+    quantized, scale = awq(weight, np.abs(x).mean(0), x[:512], fmt)
+    assert output_error(x / scale, weight * scale[:, None], quantized.dequantize()) \
+        < output_error(x, weight, rtn(weight, fmt).dequantize())
+
+
+@pytest.fixture(scope="module")
+def demo_graph():
+    checkpoint = load_checkpoint(DEMO_MODEL)
+    graph = export_onnx(checkpoint)
+    run_passes(graph, select_passes())
+    return checkpoint, graph
+
+
+def reload(model: ir.Model, folder) -> ir.Model:
+    ir.save(model, folder / "model.onnx", external_data="model.onnx.data")
+    return ir.load(folder / "model.onnx")
+
+
+@pytest.mark.parametrize("weights", ["int4", "uint4", "nf4", "fp16"])
+def test_quantized_graph_computes_with_exactly_the_stored_integers(demo_graph, tmp_path, weights):
+    checkpoint, graph = demo_graph
+    model = reload(graph, tmp_path)
+    plans = {plan.linear.name: plan for plan in plan_layers(model, QuantConfig(weights=weights))}
+    expected = {name: rtn(plan.linear.matrix(), plan.format(QuantConfig(weights=weights))).dequantize()
+                for name, plan in plans.items() if plan.weight_type not in ("float", "fp16")}
+    summary = quantize(model, QuantConfig(weights=weights), checkpoint.tokenizer_files, DEMO_MODEL)
+    assert summary["layers"]["lm_head"] == "float"
+    assert not find_linears(model)[:-1], "every decoder linear is quantized; only lm_head stays float"
+    if weights != "fp16":
+        dequantize = [node for node in model.graph if node.op_type == "DequantizeLinear"]
+        assert len(dequantize) == (0 if weights == "nf4" else 16)
+        # The same graph with our own dequantized weights as float initializers gives the same logits.
+        (tmp_path / "float").mkdir()
+        floats = reload(graph, tmp_path / "float")
+        for linear in find_linears(floats):
+            if linear.name in expected:
+                linear.initializer.const_value = ir.Tensor(expected[linear.name])
+        runner = GraphRunner(floats)
+        assert np.abs(runner.logits(model) - runner.logits(floats)).max() < 1e-4
+
+
+def test_block_size_must_divide_the_input_dimension_unless_padded(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    settings = ExportConfig()
+    settings.quant.weights = "int4"
+    with pytest.raises(NanoexportError, match="block size 32 does not divide the input dimension 80 of "
+                                              "model.layers.0.mlp.down_proj.*--pad-blocks"):
+        nanoexport.export(model, out=tmp_path / "refused", config=settings, progress=False)
+    assert not (tmp_path / "refused").exists()
+    settings.quant.pad_blocks = True
+    artifact = nanoexport.export(model, out=tmp_path / "padded", config=settings, progress=False)
+    report = nanoexport.validate(artifact, reference=model, write=False)
+    assert report.passed, report.checks
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"weights": "int3"}, "quant weights 'int3' is not one of"),
+    ({"weights": "int4", "block_size": 48}, "power of two from 16 to 256"),
+    ({"weights": "int4", "algo": "gptq", "calib": "/nonexistent/calib.txt"}, "does not exist"),
+    ({"weights": "int4", "size_budget": "1MB"}, "below the smallest reachable size"),
+    ({"weights": "int4", "size_budget": "lots"}, "is not a size"),
+    ({"weights": "int4", "overrides": {"lm_head": "int2"}}, "quant override lm_head"),
+])
+def test_bad_quantization_settings_are_refused(tmp_path, settings, message):
+    config = ExportConfig()
+    for key, value in settings.items():
+        setattr(config.quant, key, value)
+    with pytest.raises(NanoexportError, match=message):
+        nanoexport.export(out=tmp_path / "out", config=config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_aware_algorithms_need_calibration_data(tmp_path):
+    folder = tmp_path / "demo-without-calibration"
+    folder.mkdir()
+    for file in DEMO_MODEL.iterdir():
+        if file.name != "calibration.txt":
+            (folder / file.name).write_bytes(file.read_bytes())
+    config = ExportConfig()
+    config.quant.weights, config.quant.algo = "int4", "awq"
+    with pytest.raises(NanoexportError, match="needs calibration data and none was given; pass --calib"):
+        nanoexport.export(folder, out=tmp_path / "out", config=config, progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    config.quant.calib = str(empty)
+    with pytest.raises(NanoexportError, match="holds no text"):
+        nanoexport.export(folder, out=tmp_path / "out", config=config, progress=False)
+
+
+def test_calibration_data_formats_and_seeded_windows(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    text = (DEMO_MODEL / "calibration.txt").read_text()[:20000]
+    (tmp_path / "plain.txt").write_text(text)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": part}) for part in text.split("\n\n")))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text(text[:10000])
+    (tmp_path / "folder" / "b.txt").write_text(text[10000:])
+    for source in ("plain.txt", "data.jsonl", "folder"):
+        assert "".join(read_texts(tmp_path / source)).replace("\n", "") == text.replace("\n", "")
+    first = calibration_windows(tmp_path / "plain.txt", tokenizer, 8, 64, seed=0)
+    assert first.shape == (8, 64)
+    assert np.array_equal(first, calibration_windows(tmp_path / "plain.txt", tokenizer, 8, 64, seed=0))
+    assert not np.array_equal(first, calibration_windows(tmp_path / "plain.txt", tokenizer, 8, 64, seed=1))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(NanoexportError, match="line 1 has no text field"):
+        read_texts(tmp_path / "bad.jsonl")
+
+
+def test_saved_datasets_dataset_is_calibration_data(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["first text", "second text"]}).save_to_disk(str(tmp_path / "saved"))
+    assert read_texts(tmp_path / "saved") == ["first text", "second text"]
+
+
+def test_size_budget_mixes_precisions_to_fit(tmp_path):
+    config = ExportConfig()
+    config.quant.weights, config.quant.size_budget = "int4", "6.2MB"
+    artifact = nanoexport.export(out=tmp_path / "budget", config=config, progress=False)
+    layers = artifact.manifest["quantization"]["layers"]
+    chosen = {kind for name, kind in layers.items() if name != "lm_head"}
+    assert chosen == {"int4", "int8"}
+    assert artifact.manifest["quantization"]["weights_bytes"] <= parse_size("6.2MB")
+
+
+def test_cli_gptq_export_validates_with_perplexity(tmp_path):
+    out = tmp_path / "gptq"
+    result = subprocess.run(
+        [sys.executable, "-m", "nanoexport.cli", "--quant", "int4", "--algo", "gptq", "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["quant"]["algo"] == "gptq"
+    assert manifest["quantization"]["bits_per_weight"] == pytest.approx(4.5)
+    report = json.loads((out / "report.json").read_text())
+    names = {check["name"] for check in report["checks"]}
+    assert "perplexity increase" in names and "logits max-abs error" not in names
+    assert report["measured"]["perplexity"] > report["measured"]["reference perplexity"] * 0.99
+
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text((DEMO_MODEL / "calibration.txt").read_text()[:30000])
+    result = subprocess.run(
+        [sys.executable, "-m", "nanoexport.cli", "validate", str(out), "--eval", str(evaluation),
+         "--eval-windows", "2"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    check = next(c for c in json.loads((out / "report.json").read_text())["checks"]
+                 if c["name"] == "perplexity increase")
+    assert "2 windows" in check["detail"] and "eval.txt" in check["detail"]
