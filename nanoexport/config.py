@@ -46,6 +46,8 @@ class ValidationConfig:
     quantized_top1_agreement: float = 0.85
     quantized_greedy_agreement: float = 0.1  # greedy paths part at the first near-tie
     quantized_perplexity_increase: float = 0.05
+    # Quantized activations round per call: a prefill and a decode step can land one level apart.
+    quantized_kv_max_abs: float = 1e-2
     eval_text: str = ""  # default: the demo model's held-out plays
     eval_window: int = 256  # tokens per perplexity window
     eval_windows: int = 16  # windows scored; 0 scores the whole text

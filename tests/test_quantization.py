@@ -242,3 +242,28 @@ def test_cli_gptq_export_validates_with_perplexity(tmp_path):
     check = next(c for c in json.loads((out / "report.json").read_text())["checks"]
                  if c["name"] == "perplexity increase")
     assert "2 windows" in check["detail"] and "eval.txt" in check["detail"]
+
+
+def test_activation_qdq_spares_excluded_ops_and_validates(tmp_path):
+    config = ExportConfig()
+    config.quant.weights, config.quant.activations, config.quant.observer = "int8", "a16", "mse"
+    artifact = nanoexport.export(out=tmp_path / "w8a16", config=config, progress=False)
+    model = ir.load(artifact.file("model.onnx"))
+    pairs = [node for node in model.graph if node.op_type == "QuantizeLinear"]
+    assert len(pairs) == artifact.manifest["quantization"]["activations"]["tensors"] > 0
+    assert {node.outputs[0].dtype for node in pairs} == {ir.DataType.UINT16}
+    for node in pairs:
+        for consumer, _ in node.outputs[0].uses():
+            for user, _ in consumer.outputs[0].uses():
+                assert user.op_type not in config.quant.activation_exclude
+    report = nanoexport.validate(artifact, write=False)
+    assert report.passed, report.checks
+
+
+def test_observers_narrow_heavy_tailed_ranges():
+    from nanoexport.calibration.qdq import _mse_range
+
+    sample = np.random.default_rng(6).standard_t(2, 50000).astype(np.float32)
+    low, high = float(sample.min()), float(sample.max())
+    mse_low, mse_high = _mse_range(sample, low, high)
+    assert low < mse_low < 0 < mse_high < high

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
+from nanoexport.calibration import qdq
 from nanoexport.calibration.activations import capture_groups
 from nanoexport.calibration.algorithms import awq, gptq
 from nanoexport.calibration.blocks import WeightFormat, rtn
@@ -107,12 +109,12 @@ def quantize(
 ) -> dict[str, Any] | None:
     """Quantize ``model``'s linear weights in place as ``config`` says; returns the plan for the manifest."""
     check_config(config)
-    if config.weights == "none":
+    if config.weights == "none" and config.activations == "none":
         return None
     report = on_progress or (lambda _: None)
-    plans = plan_layers(model, config)
+    plans = plan_layers(model, config) if config.weights != "none" else []
     windows = None
-    if config.algo != "rtn" or config.size_budget:
+    if config.algo != "rtn" or config.size_budget or config.activations != "none":
         calibration = _calibration_path(config, checkpoint_folder)
         windows = calibration_windows(calibration, load_tokenizer(tokenizer_files), config.calib_samples,
                                       config.calib_window, config.seed)
@@ -121,8 +123,16 @@ def quantize(
 
         report("sensitivity of each layer")
         fit_budget(model, plans, config, parse_size(config.size_budget), windows)
-    _quantize_weights(model, plans, config, windows, report)
+    if plans:
+        _quantize_weights(model, plans, config, windows, report)
+    common.RemoveUnusedNodesPass()(model)  # the float weights (and norm scales AWQ folded into) left behind
     summary = _plan_summary(plans, config)
+    if config.activations != "none":
+        report(f"activations: {config.observer} observers")
+        values = qdq.activation_inputs(model, config.activation_exclude)
+        ranges = qdq.observe(model, values, windows, config.observer, config.seed)
+        pairs = qdq.insert_qdq(model, ranges, config.activations, config.activation_exclude)
+        summary["activations"] = {"type": config.activations, "observer": config.observer, "tensors": pairs}
     summary["weights_bytes"] = sum(value.const_value.nbytes for value in model.graph.initializers.values()
                                    if value.const_value is not None)
     if config.size_budget and summary["weights_bytes"] > parse_size(config.size_budget):
@@ -136,8 +146,12 @@ def _calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Pa
         return Path(config.calib)
     if checkpoint_folder is not None and (checkpoint_folder / DEFAULT_CALIBRATION_FILE).is_file():
         return checkpoint_folder / DEFAULT_CALIBRATION_FILE
-    raise NanoexportError(f"--algo {config.algo} needs calibration data and none was given; pass --calib FILE "
-                          "(text, JSONL or a folder) or use --algo rtn")
+    if config.algo != "rtn":
+        needs = f"--algo {config.algo}"
+    else:
+        needs = "--size-budget" if config.size_budget else f"--activations {config.activations}"
+    raise NanoexportError(f"{needs} needs calibration data and none was given; pass --calib FILE "
+                          "(text, JSONL or a folder)")
 
 
 def parse_size(text: str) -> int:

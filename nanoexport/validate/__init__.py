@@ -92,7 +92,7 @@ def validate(
         config = dataclasses.replace(
             config, logits_min_cosine=config.quantized_logits_min_cosine,
             top1_agreement=config.quantized_top1_agreement, greedy_agreement=config.quantized_greedy_agreement,
-            perplexity_increase=config.quantized_perplexity_increase,
+            perplexity_increase=config.quantized_perplexity_increase, kv_max_abs=config.quantized_kv_max_abs,
         )
 
     report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))

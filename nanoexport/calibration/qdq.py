@@ -1,0 +1,119 @@
+"""Activation quantization for QDQ targets: observers on calibration data, then QuantizeLinear ->
+DequantizeLinear in front of the ops that should compute on integers.
+
+Activations are quantized per tensor, asymmetric, to uint16 (``a16``: W8A16 / W4A16 with the weight types
+from weight quantization) or uint8 (``a8``: W8A8). The float inputs of the arithmetic ops in
+``QUANTIZED_OPS`` get a Q/DQ pair, except where the consumer's type is excluded (softmax, normalizations,
+attention by default: their inputs need the range float gives them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from nanoexport.calibration.activations import ModelSession
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("MatMul", "Add", "Mul", "Sigmoid", "Gelu", "Sub", "Div")
+ACTIVATION_TYPES = {"a16": (np.uint16, ir.DataType.UINT16), "a8": (np.uint8, ir.DataType.UINT8)}
+SAMPLE_PER_WINDOW = 4096  # values kept per tensor and window for the percentile and MSE observers
+PERCENTILE = 99.99
+
+
+def activation_inputs(model: ir.Model, exclude: list[str]) -> list[ir.Value]:
+    """Float activations (not weights) read by a quantizable op whose type is not excluded."""
+    chosen: dict[int, ir.Value] = {}
+    for node in model.graph:
+        if node.op_type not in QUANTIZED_OPS or node.op_type in exclude or node.domain not in ("", "ai.onnx"):
+            continue
+        for value in node.inputs:
+            if value is None or value.const_value is not None or value.dtype != ir.DataType.FLOAT:
+                continue
+            producer = value.producer()
+            if producer is not None and producer.op_type in ("DequantizeLinear", "Cast") and \
+                    producer.inputs[0].const_value is not None:
+                continue  # a dequantized weight, not an activation
+            chosen[id(value)] = value
+    return list(chosen.values())
+
+
+def observe(model: ir.Model, values: list[ir.Value], windows: np.ndarray, observer: str,
+            seed: int) -> dict[str, tuple[float, float]]:
+    """The (low, high) range each value is quantized over, from ``observer`` on ``windows``."""
+    session = ModelSession(model, values)
+    names = [value.name for value in values]
+    minimum = {name: np.inf for name in names}
+    maximum = {name: -np.inf for name in names}
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    generator = np.random.default_rng(seed)
+    for window in windows:
+        for name, output in zip(names, session.run(window, names)):
+            flat = output.reshape(-1)
+            minimum[name] = min(minimum[name], float(flat.min()))
+            maximum[name] = max(maximum[name], float(flat.max()))
+            if observer != "minmax":
+                samples[name].append(generator.choice(flat, min(SAMPLE_PER_WINDOW, flat.size), replace=False))
+    ranges = {}
+    for name in names:
+        low, high = minimum[name], maximum[name]
+        if observer == "percentile":
+            sample = np.concatenate(samples[name])
+            low, high = float(np.percentile(sample, 100 - PERCENTILE)), float(np.percentile(sample, PERCENTILE))
+        elif observer == "mse":
+            low, high = _mse_range(np.concatenate(samples[name]), low, high)
+        ranges[name] = (min(low, 0.0), max(high, 0.0))  # zero must be exact (padding, masked positions)
+    return ranges
+
+
+def _mse_range(sample: np.ndarray, low: float, high: float, levels: int = 256, grid: int = 40):
+    """The narrowed [low, high] whose 8-bit rounding of ``sample`` has the least squared error."""
+    best = None
+    for fraction in np.linspace(1.0, 0.3, grid):
+        lo, hi = low * fraction, high * fraction
+        step = max(hi - lo, 1e-12) / (levels - 1)
+        rounded = np.clip(np.round((sample - lo) / step), 0, levels - 1) * step + lo
+        error = float(((rounded - sample) ** 2).mean())
+        if best is None or error < best[0]:
+            best = (error, lo, hi)
+    return best[1], best[2]
+
+
+def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activations: str,
+               exclude: list[str]) -> int:
+    """QuantizeLinear -> DequantizeLinear on each observed value, for its non-excluded quantizable
+    consumers only; returns the number of pairs inserted."""
+    storage, data_type = ACTIVATION_TYPES[activations]
+    top = np.iinfo(storage).max
+    values = {value.name: value for node in model.graph for value in node.inputs if value is not None}
+    inserted = 0
+    for name, (low, high) in sorted(ranges.items()):
+        value = values[name]
+        scale = np.float32(max(high - low, 1e-8) / top)
+        zero_point = storage(np.clip(np.round(-low / scale), 0, top))
+        scale_value = _constant(model, f"{name}.act_scale", np.array(scale, np.float32))
+        zero_value = _constant(model, f"{name}.act_zero_point", np.array(zero_point, storage))
+        quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value])
+        dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value])
+        quantize.outputs[0].type, quantize.outputs[0].shape = ir.TensorType(data_type), value.shape
+        dequantize.outputs[0].type, dequantize.outputs[0].shape = value.type, value.shape
+        dequantize.outputs[0].name = f"{name}.qdq"
+        consumers = [(node, index) for node, index in value.uses()
+                     if node.op_type in QUANTIZED_OPS and node.op_type not in exclude]
+        first = next(node for node in model.graph if any(node is user for user, _ in consumers))
+        model.graph.insert_before(first, [quantize, dequantize])
+        for node, index in consumers:
+            node.replace_input_with(index, dequantize.outputs[0])
+        inserted += 1
+    log.info("activation quantization: %d Q/DQ pairs (%s)", inserted, activations)
+    return inserted
+
+
+def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
+    model.graph.register_initializer(value)
+    return value
