@@ -70,7 +70,7 @@ class QuantConfig:
     keep_float: list[str] = field(default_factory=lambda: ["lm_head"])  # layers left in float
     overrides: dict[str, str] = field(default_factory=dict)  # layer pattern -> weight type, e.g. lm_head = "int8"
     calib: str = ""  # text, JSONL, folder or saved dataset; default: calibration.txt in the checkpoint folder
-    calib_samples: int = 32
+    calib_samples: int = 128  # as many windows as NNCF takes by default
     calib_window: int = 256  # tokens per calibration sample
     seed: int = 0
     gptq_damp: float = 0.01

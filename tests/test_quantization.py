@@ -12,7 +12,7 @@ import pytest
 
 import nanoexport
 from nanoexport.calibration import parse_size, plan_layers, quantize
-from nanoexport.calibration.algorithms import awq, gptq
+from nanoexport.calibration.algorithms import awq, estimate_scales, gptq
 from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, read_texts
 from nanoexport.calibration.graph import find_linears
@@ -80,6 +80,15 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
     hessian = 2 * x.T.astype(np.float64) @ x / len(x)
     ours = output_error(x, weight, gptq(weight, hessian, fmt, act_order=act_order).dequantize())
     assert ours < output_error(x, weight, rtn(weight, fmt, grid=1).dequantize())
+
+
+def test_scale_estimation_fits_scales_to_the_output():
+    x = correlated_inputs(4096, 128, seed=7)
+    weight = np.random.default_rng(8).standard_normal((128, 32)).astype(np.float32) * 0.05
+    hessian = 2 * x.T.astype(np.float64) @ x / len(x)
+    start = rtn(weight, WeightFormat("int4", 32))
+    refined = estimate_scales(weight, start, hessian)
+    assert output_error(x, weight, refined.dequantize()) < output_error(x, weight, start.dequantize())
 
 
 def test_awq_protects_salient_channels():

@@ -192,7 +192,7 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
                 # A tied weight also feeds the embedding Gather, which AWQ's input scaling would distort.
                 replace_weight(model, linear, rtn(weight, fmt, importance=(stats.sample**2).mean(0)))
             else:
-                result, input_scale = awq(weight, stats.magnitude, stats.sample, fmt)
+                result, input_scale = awq(weight, stats.magnitude, stats.sample, fmt, stats.hessian)
                 replace_weight(model, linear, result)
                 scale_input(model, linear, input_scale)
 

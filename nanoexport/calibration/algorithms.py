@@ -15,6 +15,7 @@ from nanoexport.calibration.blocks import (
     block_range_scales,
     quantize_with,
     rtn,
+    stored_scale,
 )
 
 GPTQ_COLUMN_BATCH = 128  # input rows updated together before the lazy batch update of the rest
@@ -77,12 +78,13 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float
 
 
 def awq(weight: np.ndarray, channel_magnitude: np.ndarray, inputs: np.ndarray, fmt: WeightFormat,
-        grid: int = 20) -> tuple[QuantizedWeight, np.ndarray]:
+        hessian: np.ndarray | None = None, grid: int = 20) -> tuple[QuantizedWeight, np.ndarray]:
     """AWQ (Lin et al. 2023): protect the weights of salient input channels by scaling them up before
     quantization and the inputs down by the same factor.
 
     Searches ``s = magnitude^alpha`` over ``alpha`` in [0, 1) for the smallest output error on the sampled
     ``inputs``; returns the quantized ``diag(s) @ weight`` and ``s`` (the graph must divide its input by it).
+    With ``hessian`` the block scales are then refitted by ``estimate_scales``.
     """
     weight = weight.astype(np.float32)
     inputs = inputs.astype(np.float32)
@@ -97,6 +99,55 @@ def awq(weight: np.ndarray, channel_magnitude: np.ndarray, inputs: np.ndarray, f
         if best is None or error < best[0]:
             best = (error, scale)
     scale = best[1]
-    # The chosen scaling, then the per-block scale search that plain RTN does, under the same importance.
-    return rtn(weight * scale[:, None], fmt, importance / scale**2), scale
+    # The chosen scaling, then the per-block scale search that plain RTN does, under the same importance,
+    # then (given the Hessian) scales refitted to the layer's output.
+    scaled = weight * scale[:, None]
+    quantized = rtn(scaled, fmt, importance / scale**2)
+    if hessian is not None:
+        quantized = estimate_scales(scaled, quantized, hessian / np.outer(scale, scale))
+    return quantized, scale
 
+
+
+def estimate_scales(weight: np.ndarray, quantized: QuantizedWeight, hessian: np.ndarray,
+                    rounds: int = 3) -> QuantizedWeight:
+    """Refit each block's scale to the layer's output, not its weights (like NNCF's scale estimation).
+
+    For fixed integers ``q`` the scale minimizing ``(w - s q)^T H_b (w - s q)`` (``H_b`` the block's part of
+    the Hessian) has a closed form; the integers are then re-rounded under it. Each block and column keeps
+    whichever of the candidates has the least output error.
+    """
+    fmt = quantized.format
+    rows, columns = weight.shape
+    size = fmt.block_size
+    if rows % size or fmt.dtype == "nf4":
+        return quantized
+    count = rows // size
+    block_hessians = np.stack([hessian[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(count)])
+    blocks = weight.astype(np.float64).reshape(count, size, columns)
+
+    def output_error(candidate: QuantizedWeight) -> np.ndarray:
+        error = blocks - candidate.dequantize().reshape(count, size, columns)
+        return (error * (block_hessians @ error)).sum(1)
+
+    best, best_error = quantized, output_error(quantized)
+    for _ in range(rounds):
+        levels = best.values.astype(np.float64)
+        if best.zero_points is not None:
+            levels = levels - np.repeat(best.zero_points, size, axis=0)
+        levels = levels.reshape(count, size, columns)
+        weighted = block_hessians @ levels
+        numerator, denominator = (weighted * blocks).sum(1), (weighted * levels).sum(1)
+        fitted = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), best.scales)
+        scales = stored_scale(fitted.astype(np.float32), fmt)
+        candidate = QuantizedWeight(quantize_with(weight, scales, best.zero_points, fmt), scales, best.zero_points,
+                                    fmt)
+        error = output_error(candidate)
+        better = error < best_error
+        if not better.any():
+            break
+        expanded = np.repeat(better, size, axis=0)
+        best = QuantizedWeight(np.where(expanded, candidate.values, best.values),
+                               np.where(better, candidate.scales, best.scales), best.zero_points, fmt)
+        best_error = np.where(better, error, best_error)
+    return best

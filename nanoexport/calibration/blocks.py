@@ -78,7 +78,7 @@ def expand_blocks(per_block: np.ndarray, block_size: int, rows: int) -> np.ndarr
     return np.repeat(per_block, block_size, axis=0)[:rows]
 
 
-def _stored_scale(scale: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+def stored_scale(scale: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     """The scale as it will be stored (fp16 rounding included), never zero, as float32 for arithmetic."""
     dtype = np.float16 if fmt.scale_dtype == "fp16" else np.float32
     scale = np.where(scale == 0, 1.0, scale)
@@ -105,18 +105,18 @@ def block_range_scales(weight: np.ndarray, fmt: WeightFormat, shrink: np.ndarray
     blocks = block_view(weight, fmt.block_size)
     low, high = fmt.levels
     if fmt.dtype == "nf4":
-        return _stored_scale(np.abs(blocks).max(1) * shrink, fmt), None
+        return stored_scale(np.abs(blocks).max(1) * shrink, fmt), None
     if fmt.asymmetric:
         minimum = np.minimum(blocks.min(1), 0) * shrink
         maximum = np.maximum(blocks.max(1), 0) * shrink
-        scales = _stored_scale((maximum - minimum) / (high - low), fmt)
+        scales = stored_scale((maximum - minimum) / (high - low), fmt)
         zero_points = np.clip(np.round(low - minimum / scales), low, high)
         return scales, zero_points
     flat = blocks.transpose(0, 2, 1)
     index = np.abs(flat).argmax(-1)
     signed_max = np.take_along_axis(flat, index[..., None], -1)[..., 0]
     midpoint = (high + 1) // 2 if fmt.dtype == "uint4" else 0
-    scales = _stored_scale(signed_max * shrink / (low - midpoint), fmt)
+    scales = stored_scale(signed_max * shrink / (low - midpoint), fmt)
     return scales, (np.full(scales.shape, midpoint, np.float32) if midpoint else None)
 
 
