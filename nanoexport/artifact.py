@@ -23,7 +23,9 @@ from nanoexport.errors import NanoexportError
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 # Written by validation after the export; outside the hashed set.
-REPORT_FILES = ("report.json", "report.html")
+# Written about the artifact, not part of it: outside the manifest's hashed set, and free to hold timings.
+REPORT_FILES = ("report.json", "report.html", "build.json")
+BUILD_LOG = "build.json"
 
 
 @dataclass

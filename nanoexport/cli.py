@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 validation failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nanoexport.artifact import Artifact
+from nanoexport.artifact import BUILD_LOG, Artifact
 from nanoexport.config import ValidationConfig, load_config
 from nanoexport.errors import NanoexportError
 
@@ -197,12 +198,25 @@ def _inspect(args: argparse.Namespace) -> int:
         for value in artifact.manifest["io"][kind]:
             io.add_row(kind[:-1], value["name"], value["dtype"], str(value["shape"]))
     console.print(io)
+    build_log = artifact.path / BUILD_LOG
+    seconds = {}
+    if build_log.is_file():
+        seconds = {entry["name"]: entry["seconds"] for entry in json.loads(build_log.read_text())["passes"]}
     passes = Table(title="passes")
-    for column in ("pass", "nodes before", "nodes after"):
+    for column in ("pass", "nodes before", "nodes after", "seconds"):
         passes.add_column(column)
     for entry in artifact.manifest["passes"]:
-        passes.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]))
+        took = f"{seconds[entry['name']]:.2f}" if entry["name"] in seconds else "-"
+        passes.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]), took)
     console.print(passes)
+    quantization = artifact.manifest.get("quantization")
+    if quantization:
+        layers = Table(title=f"quantization: {quantization['bits_per_weight']} bits per quantized weight")
+        for column in ("layer", "weights"):
+            layers.add_column(column)
+        for name, kind in quantization["layers"].items():
+            layers.add_row(name, kind)
+        console.print(layers)
     return 0
 
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import torch
 
-from nanoexport.artifact import Artifact, staging, write_manifest
+from nanoexport.artifact import BUILD_LOG, Artifact, staging, write_json, write_manifest
 from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import attention_windows, export_onnx, kv_shape
-from nanoexport.config import ExportConfig
+from nanoexport.config import ExportConfig, ValidationConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.passes import run_passes, select_passes, static_kv_cache_pass
 from nanoexport.progress import Steps
@@ -53,6 +55,7 @@ def export(
     if isinstance(model, (str, Path)):
         config.model = str(model)
     target_module = get_target(config.target)
+    _apply_target_defaults(config, target_module)
     check_config(config.quant)
     config.kv_cache = _kv_cache_form(config, target_module)
     passes = select_passes(config.passes, config.skip_passes)
@@ -66,11 +69,13 @@ def export(
             graph = export_onnx(checkpoint)
         with steps.step("passes") as detail:
             pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
-        quantization = None
-        if config.quant.weights != "none":
+        quantization, quantize_seconds = None, None
+        if config.quant.weights != "none" or config.quant.activations != "none":
             with steps.step(f"quantize: {config.quant.weights}, {config.quant.algo}") as detail:
+                started = time.perf_counter()
                 quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, _folder_of(checkpoint),
                                         detail)
+                quantize_seconds = time.perf_counter() - started
         if config.kv_cache in ("static", "sliding"):
             # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
             windows = attention_windows(checkpoint.config)
@@ -104,6 +109,10 @@ def export(
                     "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
                 },
             )
+            write_json(folder / BUILD_LOG, {
+                "passes": [dataclasses.asdict(stat) for stat in pass_stats],
+                "quantize_seconds": quantize_seconds,
+            })
     for stat in pass_stats:
         change = "" if stat.logits_change is None else f", logits moved {stat.logits_change:.2e}"
         log.info("pass %s: %.2fs, %d -> %d nodes%s", stat.name, stat.seconds, stat.nodes_before, stat.nodes_after,
@@ -133,6 +142,17 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
     tokenizer_folder.mkdir()
     for file_name, data in sorted(checkpoint.tokenizer_files.items()):
         (tokenizer_folder / file_name).write_bytes(data)
+
+
+def _apply_target_defaults(config: ExportConfig, target_module) -> None:
+    """What a target declares about itself: graphs it always splits, and validation thresholds for the
+    precision it computes in (used where the config still holds the fp32 defaults)."""
+    if getattr(target_module, "SPLIT_PREFILL_DECODE", False):
+        config.split_prefill_decode = True
+    fp32_defaults = ValidationConfig()
+    for name, value in getattr(target_module, "VALIDATION_DEFAULTS", {}).items():
+        if getattr(config.validate, name) == getattr(fp32_defaults, name):
+            setattr(config.validate, name, value)
 
 
 def _kv_cache_form(config: ExportConfig, target_module) -> str:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import nanoexport
-from nanoexport.artifact import sha256_of
+from nanoexport.artifact import REPORT_FILES, sha256_of
 from nanoexport.errors import NanoexportError
 from tiny_models import tiny_model
 
@@ -15,8 +15,8 @@ def test_two_exports_are_byte_identical(demo_artifact, tmp_path):
     again = nanoexport.export(out=tmp_path / "again", config=same_config, progress=False)
     first = sorted(p.relative_to(demo_artifact.path) for p in demo_artifact.path.rglob("*") if p.is_file())
     second = sorted(p.relative_to(again.path) for p in again.path.rglob("*") if p.is_file())
-    hashed = [p for p in first if p.name not in ("report.json", "report.html")]
-    assert hashed == [p for p in second if p.name not in ("report.json", "report.html")]
+    hashed = [p for p in first if p.name not in REPORT_FILES]
+    assert hashed == [p for p in second if p.name not in REPORT_FILES]
     for relative in hashed:
         assert (demo_artifact.path / relative).read_bytes() == (again.path / relative).read_bytes(), relative
 

@@ -67,6 +67,10 @@ def test_inspect_shows_io_and_passes(demo_artifact, capsys):
     assert main(["inspect", str(demo_artifact.path)]) == 0
     out = capsys.readouterr().out
     assert "past_key_values.0.key" in out and "present.3.value" in out and "fold_constants" in out
+    timings = json.loads((demo_artifact.path / "build.json").read_text())["passes"]
+    fold = next(entry for entry in timings if entry["name"] == "fold_constants")
+    assert fold["seconds"] > 0 and fold["logits_change"] is not None  # the fixture verifies every pass
+    assert f"{fold['seconds']:.2f}" in out
 
 
 @pytest.mark.parametrize("verb", [[], ["validate"], ["inspect"], ["targets"]])
