@@ -14,6 +14,7 @@ from nanoexport.errors import NanoexportError
 # target name -> (module, the Python package its runtime needs)
 TARGETS = {
     "onnx": ("nanoexport.targets.onnx", "onnxruntime"),
+    "coreml": ("nanoexport.targets.coreml", "coremltools"),
 }
 
 
