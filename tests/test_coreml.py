@@ -66,6 +66,9 @@ def test_validate_passes_with_fp16_thresholds(exported):
     assert checks["top-1 agreement"]["value"] >= 0.95
     assert checks["KV consistency max-abs"]["value"] < 0.05  # prefill chunks then decode steps, both fp16
     assert {"greedy agreement", "perplexity increase"} <= set(checks)
+    notes = json.loads((exported / "report.json").read_text())["notes"]
+    assert any(note.startswith("Neural Engine risk, run-time cache write") for note in notes)
+    assert "Neural Engine risk" in result.stdout
 
 
 def test_package_loads_with_both_functions_and_the_cache_states(exported, tmp_path):
@@ -180,3 +183,14 @@ def test_gemma2_with_softcapped_windowed_attention_validates(tiny_checkpoint, tm
     artifact = nanoexport.export(tiny_checkpoint("gemma2"), out=tmp_path / "gemma2", config=config, progress=False)
     report = nanoexport.validate(artifact, write=False)
     assert report.passed, [check for check in report.checks if not check.passed]
+
+
+def test_ci_recipe_int4_block32_exports_and_validates(tmp_path):
+    recipe = Path(__file__).parent.parent / "examples" / "coreml-ci" / "nanoexport.toml"
+    result = nanoexport_cli("--config", str(recipe), "--out", "int4", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    assert manifest["quantization"]["bits_per_weight"] == 4.5
+    assert manifest["config"]["quant"]["block_size"] == 32
+    result = nanoexport_cli("validate", "int4", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -52,6 +52,7 @@ class ValidationReport:
     prompts: int
     checks: list[Check] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)  # figures reported without a threshold
+    notes: list[str] = field(default_factory=list)  # the target's structural findings (not gated)
 
     @property
     def passed(self) -> bool:
@@ -82,7 +83,8 @@ def validate(
     if problems:
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
     checkpoint = _reference(artifact, reference)
-    runner = get_target(artifact.target).Runner(artifact)
+    target_module = get_target(artifact.target)
+    runner = target_module.Runner(artifact)
     decoder = ArtifactDecoder(runner, artifact.manifest["io"]["kv_cache"])
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
@@ -101,6 +103,8 @@ def validate(
     _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
     _perplexity(report, artifact, decoder, torch_model, config)
+    if hasattr(target_module, "validation_notes"):
+        report.notes = target_module.validation_notes(artifact)
     if write:
         write_report(artifact.path, report.to_dict())
     return report

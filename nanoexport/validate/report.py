@@ -26,6 +26,8 @@ def report_table(report: dict[str, Any]) -> Table:
         table.add_row(check["name"], format_value(check["value"]), bound, result, check["detail"])
     for name, value in report.get("measured", {}).items():
         table.add_row(name, format_value(value), "", "", "measured, not gated")
+    if report.get("notes"):
+        table.caption = "\n".join(report["notes"])
     return table
 
 
@@ -54,6 +56,7 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         ".fail{background:#fdd}.pass{background:#efe}</style>"
         f"<h1>{html.escape(report['model'])} &rarr; {html.escape(report['target'])}: {verdict}</h1>"
         f"<p>{report['prompts']} prompts</p><table><tr><th>check</th><th>value</th><th>threshold</th>"
-        f"<th>result</th><th>detail</th></tr>{rows}</table>\n",
+        f"<th>result</th><th>detail</th></tr>{rows}</table>"
+        + "".join(f"<p>{html.escape(note)}</p>" for note in report.get("notes", [])) + "\n",
         encoding="utf-8",
     )

@@ -131,6 +131,15 @@ def _make_reproducible(package: Path) -> None:
     manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def validation_notes(artifact: Artifact) -> list[str]:
+    """The Neural Engine report, re-read from the saved package, as lines for the validation report."""
+    notes = []
+    for finding in neural_engine_report(artifact.file(PACKAGE)):
+        where = ", ".join(f"{name}: {places['count']} ops" for name, places in finding["functions"].items())
+        notes.append(f"Neural Engine risk, {finding['rule']}: {finding['why']} ({where}; {finding['source']})")
+    return notes
+
+
 class Runner:
     """Runs a coreml artifact through the explicit-cache interface: the past tensors are written into the
     states, the function for the call's length runs, and the states come back as the present tensors."""
