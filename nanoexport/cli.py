@@ -83,9 +83,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
         parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
         parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
-        parser.add_argument("--kv-cache", choices=["dynamic", "static", "sliding"],
-                            help="KV cache form: growing (dynamic), fixed capacity (static), or fixed capacity "
-                                 "written round-robin so generation runs past it (sliding); default per target")
+        parser.add_argument("--kv-cache", choices=["dynamic", "stateful", "static", "sliding"],
+                            help="KV cache form: growing (dynamic), growing inside the runtime's state "
+                                 "(stateful), fixed capacity (static), or fixed capacity written round-robin "
+                                 "so generation runs past it (sliding); default per target")
         parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
         parser.add_argument("--split-prefill-decode", action="store_true", default=None,
                             help="write a prefill graph (--prefill-chunk tokens) and a one-token decode graph, "

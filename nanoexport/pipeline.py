@@ -25,6 +25,8 @@ from nanoexport.targets import get_target
 
 log = logging.getLogger(__name__)
 
+# Caches that grow with the sequence: explicit I/O (dynamic) or kept by the runtime between calls (stateful).
+GROWING_FORMS = ("dynamic", "stateful")
 VERSIONED_PACKAGES = ("nanoexport", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 
 
@@ -145,10 +147,14 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
 
 
 def _apply_target_defaults(config: ExportConfig, target_module) -> None:
-    """What a target declares about itself: graphs it always splits, and validation thresholds for the
-    precision it computes in (used where the config still holds the fp32 defaults)."""
+    """What a target declares about itself: graphs it always splits, the quantization it needs (used where
+    the config still holds "none"), and validation thresholds for the precision it computes in (used where
+    the config still holds the fp32 defaults)."""
     if getattr(target_module, "SPLIT_PREFILL_DECODE", False):
         config.split_prefill_decode = True
+    for name, value in getattr(target_module, "QUANT_DEFAULTS", {}).items():
+        if getattr(config.quant, name) == "none":
+            setattr(config.quant, name, value)
     fp32_defaults = ValidationConfig()
     for name, value in getattr(target_module, "VALIDATION_DEFAULTS", {}).items():
         if getattr(config.validate, name) == getattr(fp32_defaults, name):
@@ -162,11 +168,11 @@ def _kv_cache_form(config: ExportConfig, target_module) -> str:
         raise NanoexportError(
             f"target {config.target} cannot run a {form!r} KV cache; choose --kv-cache from {', '.join(forms)}"
         )
-    if form != "dynamic" and config.max_context < 1:
+    if form not in GROWING_FORMS and config.max_context < 1:
         raise NanoexportError(f"--max-context must be at least 1, not {config.max_context}")
     if config.split_prefill_decode:
-        if form == "dynamic":
-            raise NanoexportError("--split-prefill-decode needs a fixed-size KV cache; drop --kv-cache dynamic")
+        if form in GROWING_FORMS:
+            raise NanoexportError(f"--split-prefill-decode needs a fixed-size KV cache; drop --kv-cache {form}")
         if not 1 < config.prefill_chunk <= config.max_context:
             raise NanoexportError(
                 f"--prefill-chunk must be between 2 and --max-context ({config.max_context}), "
@@ -193,7 +199,7 @@ def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) 
             "head_dim": head_dim,
             "vocab_size": checkpoint.config.vocab_size,
             "form": config.kv_cache,
-            "capacity": None if config.kv_cache == "dynamic" else config.max_context,
+            "capacity": None if config.kv_cache in GROWING_FORMS else config.max_context,
             "prefill_chunk": config.prefill_chunk if config.split_prefill_decode else None,
         },
     }

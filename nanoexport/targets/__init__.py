@@ -15,6 +15,8 @@ from nanoexport.errors import NanoexportError
 TARGETS = {
     "onnx": ("nanoexport.targets.onnx", "onnxruntime"),
     "coreml": ("nanoexport.targets.coreml", "coremltools"),
+    "openvino": ("nanoexport.targets.openvino", "openvino"),
+    "qnn": ("nanoexport.targets.qnn", "onnxruntime"),
 }
 
 

@@ -1,0 +1,308 @@
+"""The ``openvino`` target: ``openvino_model.xml`` / ``.bin`` with a stateful KV cache, run by OpenVINO.
+
+The artifact is an openvino-genai model folder: ``openvino_genai.LLMPipeline(artifact, "CPU")`` loads it.
+Beside the model it holds the tokenizer and detokenizer IRs (openvino-tokenizers), ``config.json`` and
+``generation_config.json``.
+
+The model is the canonical graph with the growing cache (``--kv-cache stateful``), converted by OpenVINO's
+ONNX frontend and then made stateful the way openvino-genai expects: the ``past_key_values.*`` inputs and
+``present.*`` outputs become ReadValue/Assign state pairs, and a ``beam_idx`` input reorders the cache rows
+(a Gather before each Concat). Its inputs are ``input_ids``, ``attention_mask``, ``position_ids`` and
+``beam_idx``; its output ``logits``. For NPU, openvino-genai (the NPU plugin's NPUW) turns this same IR into
+static prefill and decode graphs when it loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
+
+Quantized weights stay as our integers and scales: blocked ``DequantizeLinear`` arrives as an i4/u4/i8
+Constant -> Convert -> [Subtract zero point] -> Multiply scale, which the CPU plugin runs as a compressed
+FullyConnected; NF4 codebook indices become an nf4 Constant. The model is read with ``Core.read_model``
+rather than ``convert_model``, whose transformations fold the fp16 and NF4 weights into fp32 constants.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import openvino as ov
+import openvino.opset13 as ops
+from openvino._offline_transformations import apply_make_stateful_transformation
+
+from nanoexport.artifact import Artifact
+from nanoexport.calibration.blocks import NF4_CODEBOOK
+from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.config import ExportConfig
+from nanoexport.errors import NanoexportError
+
+log = logging.getLogger(__name__)
+
+NAME = "openvino"
+RUNTIME = "openvino"
+# The growing cache of the canonical graph, held in the IR as ReadValue/Assign states.
+KV_CACHE_FORMS = ("stateful",)
+MODEL_FILE = "openvino_model.xml"
+WEIGHTS_FILE = "openvino_model.bin"
+TOKENIZER_FILE = "openvino_tokenizer.xml"
+DETOKENIZER_FILE = "openvino_detokenizer.xml"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Ops between the query's Reshape into heads and Attention that keep the head axis where it is.
+HEAD_PRESERVING_OPS = ("RMSNormalization", "Transpose", "RotaryEmbedding")
+# Validation measures our graph, so the CPU plugin computes as the reference does. Its defaults on this CPU
+# moved the demo's logits by 0.05 (bf16 compute), KV consistency by 0.037 (u8 KV cache) and the int4 model's
+# logits by 0.077 (int8-quantized activations); with these the fp32 artifact matches PyTorch within 2e-5.
+VALIDATION_PROPERTIES = {
+    "INFERENCE_PRECISION_HINT": "f32",
+    "KV_CACHE_PRECISION": "f32",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
+}
+AUTO_NAME = re.compile(r"(?P<type>[A-Za-z0-9]+)_\d+(?P<output>(\.\d+)?)")
+
+
+def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
+    """Write ``model`` as a stateful OpenVINO IR plus the tokenizer IRs into ``folder``; returns the files."""
+    static_query_heads(model)
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_path = Path(scratch) / "canonical.onnx"
+        ir.save(model, onnx_path, external_data="canonical.onnx.data")
+        ov_model = _read(onnx_path)
+        make_stateful(ov_model)
+        broadcast_kv_heads(ov_model)
+        compress_nf4(ov_model)
+        _name_deterministically(ov_model)
+        # Our float weights stay fp32 and our quantized ones as they are: no conversion on the way out.
+        ov.save_model(ov_model, folder / MODEL_FILE, compress_to_fp16=False)
+    return [MODEL_FILE, WEIGHTS_FILE, *_write_tokenizers(folder), *_write_configs(folder, checkpoint)]
+
+
+def static_query_heads(model: ir.Model) -> int:
+    """Reshape each attention's query into a constant number of heads; returns how many were changed.
+
+    The exporter reshapes ``[batch, seq, hidden]`` to ``[batch, seq, -1, head_dim]``. With the head count
+    unknown, OpenVINO's ``Attention`` conversion assumes as many query heads as KV heads and conversion fails
+    (GQA). Shape inference knows the count; writing it into the Reshape gives OpenVINO the same knowledge.
+    """
+    changed = 0
+    for node in model.graph:
+        if node.op_type != "Attention":
+            continue
+        reshape = _query_reshape(node)
+        if reshape is None:
+            continue
+        heads, head_dim = reshape.outputs[0].shape[2:]
+        shape = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([0, 0, heads, head_dim], np.int64))})
+        model.graph.insert_before(reshape, [shape])
+        reshape.replace_input_with(1, shape.outputs[0])
+        reshape.attributes.pop("allowzero", None)  # 0 now means "copy batch and sequence from the input"
+        changed += 1
+    return changed
+
+
+def _query_reshape(attention: ir.Node) -> ir.Node | None:
+    """The Reshape of ``[batch, seq, hidden]`` into ``[batch, seq, heads, head_dim]`` that feeds the query."""
+    node = attention.inputs[0].producer()
+    while node is not None and node.op_type in HEAD_PRESERVING_OPS:
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Reshape":
+        return None
+    flat, heads = node.inputs[0].shape, node.outputs[0].shape
+    if flat is None or heads is None or flat.rank() != 3 or heads.rank() != 4:
+        return None
+    if heads[:2] != flat[:2] or not all(isinstance(d, int) for d in heads[2:]):
+        return None
+    return node
+
+
+def _read(onnx_path: Path) -> ov.Model:
+    try:
+        return ov.Core().read_model(onnx_path)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise NanoexportError(f"OpenVINO cannot read the graph ({reason}); report the model") from None
+
+
+def make_stateful(model: ov.Model) -> None:
+    """Turn the explicit cache into ReadValue/Assign states, as optimum-intel does for openvino-genai.
+
+    ``beam_idx`` (int32 ``[batch]``) selects which cache row each batch row continues from: genai's beam
+    search reorders the cache through it. New states start empty: ``[batch, kv_heads, 0, head_dim]``.
+    """
+    past = [value for value in model.inputs if value.get_any_name().startswith(PAST_PREFIX)]
+    if not past:
+        raise NanoexportError("the graph has no past_key_values inputs; this graph is not in canonical form")
+    batch = model.input("input_ids").get_partial_shape()[0]
+    beam_idx = ops.parameter(ov.PartialShape([batch]), ov.Type.i32, name="beam_idx")
+    beam_idx.output(0).get_tensor().set_names({"beam_idx"})
+    model.add_parameters([beam_idx])
+    for value in past:
+        users = value.get_target_inputs()
+        reordered = ops.gather(value, beam_idx, ops.constant(np.int64(0)))
+        for user in users:
+            user.replace_source_output(reordered.output(0))
+    model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(model, {value.get_any_name(): present_name(value.get_any_name())
+                                               for value in past})
+    _empty_initial_states(model)
+
+
+def present_name(past_name: str) -> str:
+    return PRESENT_PREFIX + past_name.removeprefix(PAST_PREFIX)
+
+
+def _empty_initial_states(model: ov.Model) -> None:
+    """Each ReadValue starts from zeros of ``[batch of input_ids, kv_heads, 0, head_dim]``."""
+    batch = ops.gather(ops.shape_of(model.input("input_ids"), "i64"), ops.constant(np.array([0], np.int64)),
+                       ops.constant(np.int64(0)))
+    for node in model.get_ops():
+        if node.get_type_name() != "ReadValue":
+            continue
+        _, kv_heads, _, head_dim = node.get_output_partial_shape(0)
+        rest = ops.constant(np.array([kv_heads.get_length(), 0, head_dim.get_length()], np.int64))
+        zeros = ops.broadcast(ops.constant(np.zeros((), node.get_output_element_type(0).to_dtype())),
+                              ops.concat([batch, rest], 0))
+        node.set_arguments([zeros])
+    model.validate_nodes_and_infer_types()
+
+
+def broadcast_kv_heads(model: ov.Model) -> int:
+    """Repeat KV heads for grouped-query attention with Broadcast instead of Tile; returns the count.
+
+    The frontend's ``Attention`` repeats them with Unsqueeze -> Tile -> Reshape. The CPU plugin fuses the
+    cache (ReadValue -> Gather -> Concat -> Assign) into its attention kernel, which then appends in place
+    instead of copying the cache each step, only when the repeat is a bidirectional Broadcast, the form
+    PyTorch's ``repeat_kv`` converts to. Same values: the repeated axis has length 1.
+    """
+    changed = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "ScaledDotProductAttention":
+            continue
+        for index in (1, 2):
+            reshape = node.input_value(index).get_node()
+            tile = reshape.input_value(0).get_node() if reshape.get_type_name() == "Reshape" else None
+            if tile is None or tile.get_type_name() != "Tile" or not _repeats_unit_axes(tile):
+                continue
+            repeats = tile.input_value(1).get_node().get_data().astype(np.int64)
+            broadcast = ops.broadcast(tile.input_value(0), ops.constant(repeats), broadcast_spec="BIDIRECTIONAL")
+            tile.output(0).replace(broadcast.output(0))
+            changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+def _repeats_unit_axes(tile: ov.Node) -> bool:
+    """Whether ``tile`` has constant repeats and repeats only axes of length 1 (so Broadcast is the same)."""
+    repeats = tile.input_value(1).get_node()
+    if repeats.get_type_name() != "Constant":
+        return False
+    shape = tile.input_value(0).get_partial_shape()
+    return all(count == 1 or (shape[axis].is_static and shape[axis].get_length() == 1)
+               for axis, count in enumerate(repeats.get_data()))
+
+
+def compress_nf4(model: ov.Model) -> int:
+    """NF4 codebook lookups (Gather of the 16 levels by u4 indices) -> nf4 Constants; returns the count.
+
+    Our codebook is OpenVINO's nf4 one, so the indices are the nf4 codes, bit for bit. The constant takes the
+    blocked shape of the Reshape after the lookup, so that Convert -> Multiply by the block scales is the
+    pattern the CPU plugin runs as a 4-bit FullyConnected instead of folding it into an fp32 matrix.
+    """
+    changed = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Gather" or not _is_nf4_lookup(node):
+            continue
+        users = node.output(0).get_target_inputs()
+        blocks = next(iter(users)).get_node()
+        if len(users) != 1 or blocks.get_type_name() != "Reshape":
+            continue
+        indices = node.input_value(1).get_node().input_value(0).get_node()
+        codes = ov.Tensor(ov.Type.nf4, blocks.get_output_shape(0))
+        codes.data[...] = indices.get_data()  # u4 and nf4 pack alike, two codes a byte; a Reshape keeps the order
+        levels = ops.convert(ops.constant(codes), node.get_output_element_type(0))
+        blocks.output(0).replace(levels.output(0))
+        changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+def _is_nf4_lookup(gather: ov.Node) -> bool:
+    table, index = (gather.input_value(i).get_node() for i in (0, 1))
+    if table.get_type_name() != "Constant" or index.get_type_name() != "Convert":
+        return False
+    codes = index.input_value(0).get_node()
+    return (codes.get_type_name() == "Constant" and codes.get_output_element_type(0) == ov.Type.u4
+            and np.array_equal(table.get_data().reshape(-1), NF4_CODEBOOK))
+
+
+def _name_deterministically(model: ov.Model) -> None:
+    """Nodes and tensors that OpenVINO names ``<Type>_<n>`` from a process-wide counter get ``<Type>_<position>``
+    instead, so the same graph gives the same XML whatever ran before it in the process."""
+    for position, node in enumerate(model.get_ordered_ops()):
+        node.set_friendly_name(_numbered(node.get_friendly_name(), position))
+        for output in node.outputs():
+            names = output.get_tensor().get_names()
+            if names:
+                output.get_tensor().set_names({_numbered(name, position) for name in names})
+
+
+def _numbered(name: str, position: int) -> str:
+    match = AUTO_NAME.fullmatch(name)
+    return f"{match['type']}_{position}{match['output']}" if match else name
+
+
+def _write_tokenizers(folder: Path) -> list[str]:
+    """openvino-genai's tokenizer and detokenizer IRs, converted from the artifact's Hugging Face tokenizer."""
+    tokenizer_folder = folder / "tokenizer"
+    if not tokenizer_folder.is_dir():
+        log.warning("openvino: no tokenizer, so openvino-genai needs one passed in to run the artifact")
+        return []
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer, detokenizer = convert_tokenizer(AutoTokenizer.from_pretrained(tokenizer_folder),
+                                               with_detokenizer=True)
+    files = []
+    for ov_model, file_name in ((tokenizer, TOKENIZER_FILE), (detokenizer, DETOKENIZER_FILE)):
+        _name_deterministically(ov_model)
+        ov.save_model(ov_model, folder / file_name)
+        files += [file_name, file_name.replace(".xml", ".bin")]
+    return files
+
+
+def _write_configs(folder: Path, checkpoint: Checkpoint) -> list[str]:
+    """``generation_config.json`` (genai's end-of-sequence and search defaults) and the model's ``config.json``."""
+    checkpoint.model.generation_config.to_json_file(folder / "generation_config.json", use_diff=True)
+    checkpoint.config.to_json_file(folder / "config.json", use_diff=True)
+    return ["config.json", "generation_config.json"]
+
+
+class Runner:
+    """Runs an openvino artifact on OpenVINO CPU through the explicit-cache interface.
+
+    Each call writes the past tensors into the model's states (or resets them when the past is empty), runs
+    one inference and returns the states as the present tensors: validation drives every target the same way.
+    """
+
+    def __init__(self, artifact: Artifact):
+        compiled = ov.Core().compile_model(artifact.file(MODEL_FILE), "CPU", VALIDATION_PROPERTIES)
+        self.request = compiled.create_infer_request()
+        # apply_make_stateful_transformation names each state after its input and output, concatenated.
+        self.states = {state.name: state for state in self.request.query_state()}
+
+    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        past = {name: value for name, value in feeds.items() if name.startswith(PAST_PREFIX)}
+        if all(value.shape[2] == 0 for value in past.values()):
+            self.request.reset_state()
+        else:
+            for name, value in past.items():
+                self._state(name).state = ov.Tensor(np.ascontiguousarray(value))
+        inputs = {name: feeds[name] for name in MODEL_INPUTS}
+        inputs["beam_idx"] = np.arange(feeds["input_ids"].shape[0], dtype=np.int32)
+        logits = self.request.infer(inputs)["logits"].copy()
+        present = {present_name(name): self._state(name).state.data.copy() for name in past}
+        return {"logits": logits, **present}
+
+    def _state(self, past_name: str) -> ov.VariableState:
+        return self.states[past_name + present_name(past_name)]

@@ -1,0 +1,216 @@
+"""The openvino target: the CLI on the demo model, validation, our int4 weights in the IR, openvino-genai."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from filelock import FileLock
+
+ov = pytest.importorskip("openvino")
+openvino_genai = pytest.importorskip("openvino_genai")
+
+import nanoexport
+from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
+from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.errors import NanoexportError
+from nanoexport.targets import openvino as target
+from nanoexport.validate.decoding import PROMPTS, TorchReference, greedy
+
+# Shorter generation and perplexity runs than the defaults; the fp32 thresholds stay the defaults.
+CONFIG = """\
+[validate]
+greedy_tokens = 16
+eval_window = 128
+eval_windows = 4
+"""
+GREEDY_TOKENS = 24
+NEAR_TIE = 0.02  # logit margin under which fp16 rounding may pick the other token (measured partings: 0.001, 0.004)
+QUANTIZED_LINEARS = 16  # 4 layers x (merged q/k/v, o, merged gate/up, down); the tied lm_head stays float
+
+
+def nanoexport_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoexport.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          check=False, env={**os.environ, "COLUMNS": "200"})
+
+
+def shared_folder(tmp_path_factory, name: str) -> tuple[Path, FileLock]:
+    """A folder of this session that every xdist worker sees, and the lock under which the first one fills it."""
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the session's folder, above each worker's own
+    return shared / name, FileLock(str(shared / f"{name}.lock"))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """``nanoexport --target openvino`` on the demo model (fp32), once for all test workers."""
+    folder, lock = shared_folder(tmp_path_factory, "openvino-cli")
+    with lock:
+        if not (folder / "demo-openvino" / "manifest.json").is_file():
+            folder.mkdir(exist_ok=True)
+            (folder / "nanoexport.toml").write_text(CONFIG)
+            result = nanoexport_cli("--target", "openvino", "--out", "demo-openvino", "--no-validate", cwd=folder)
+            assert result.returncode == 0, result.stderr
+    return folder / "demo-openvino"
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo model exported with int4 weights, and the canonical graph its lowering received."""
+    folder, lock = shared_folder(tmp_path_factory, "openvino-int4")
+    canonical = folder / "canonical.onnx"
+    with lock:
+        if not (folder / "demo-int4" / "manifest.json").is_file():
+            folder.mkdir(exist_ok=True)
+            lower = target.lower
+
+            def keep_canonical_then_lower(model, config, out, checkpoint):
+                ir.save(model, canonical, external_data="canonical.onnx.data")
+                return lower(model, config, out, checkpoint)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(target, "lower", keep_canonical_then_lower)
+                nanoexport.export(target="openvino", out=folder / "demo-int4", progress=False,
+                                  config=ExportConfig(quant=QuantConfig(weights="int4", block_size=32)))
+    return folder / "demo-int4", canonical
+
+
+def constants(model, element_type) -> list:
+    return [node for node in model.get_ordered_ops()
+            if node.get_type_name() == "Constant" and node.get_element_type() == element_type]
+
+
+def runtime_layers(artifact: Path, properties: dict) -> list:
+    compiled = ov.Core().compile_model(artifact / target.MODEL_FILE, "CPU", properties)
+    return compiled.get_runtime_model().get_ordered_ops()
+
+
+def layer_type(node) -> str:
+    return node.get_rt_info()["layerType"].astype(str)
+
+
+def test_validate_passes_at_fp32_thresholds(exported):
+    result = nanoexport_cli("validate", str(exported), cwd=exported.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = {check["name"]: check for check in json.loads((exported / "report.json").read_text())["checks"]}
+    assert checks["logits max-abs error"]["threshold"] == 1e-4
+    assert checks["logits max-abs error"]["value"] < 5e-5  # measured 1.3e-5 with the f32 validation properties
+    assert checks["KV consistency max-abs"]["value"] < 5e-5  # states set from the past, then read back
+    assert checks["greedy agreement"]["value"] == 1.0
+    assert {"top-1 agreement", "perplexity increase"} <= set(checks)
+
+
+def test_model_is_stateful_with_genai_inputs_and_files(exported):
+    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    assert [value.get_any_name() for value in model.inputs] == [
+        "input_ids", "attention_mask", "position_ids", "beam_idx"]
+    assert [value.get_any_name() for value in model.outputs] == ["logits"]
+    kinds = Counter(node.get_type_name() for node in model.get_ordered_ops())
+    assert kinds["ReadValue"] == kinds["Assign"] == 8  # a key and a value state per layer
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert {target.MODEL_FILE, target.WEIGHTS_FILE, target.TOKENIZER_FILE, target.DETOKENIZER_FILE,
+            "generation_config.json", "config.json"} <= set(manifest["model_files"])
+    assert manifest["io"]["kv_cache"]["form"] == "stateful"
+
+
+def test_cpu_fuses_the_cache_into_its_attention_kernel(exported):
+    """KV heads repeated by Broadcast, not Tile: the CPU plugin appends to the cache in place, one kernel a layer."""
+    layers = Counter(layer_type(node) for node in runtime_layers(exported, target.VALIDATION_PROPERTIES))
+    assert layers["ScaledDotProductAttention"] == 4
+
+
+def test_genai_generates_pytorchs_greedy_tokens(exported):
+    pipe = openvino_genai.LLMPipeline(str(exported), "CPU", **target.VALIDATION_PROPERTIES)
+    tokenizer = pipe.get_tokenizer()
+    reference = TorchReference(load_checkpoint(DEMO_MODEL).model)
+    hf_tokenizer = _hf_tokenizer(exported)
+    config = openvino_genai.GenerationConfig(max_new_tokens=GREEDY_TOKENS, do_sample=False, ignore_eos=True)
+    for prompt in PROMPTS:
+        inputs = tokenizer.encode(prompt)
+        ids = inputs.input_ids.data[0].tolist()
+        assert ids == hf_tokenizer.encode(prompt)
+        tokens = list(pipe.generate(inputs, config).tokens[0])
+        assert tokens == greedy(reference.next_token_stream(ids), GREEDY_TOKENS)
+        assert tokenizer.decode(tokens) == hf_tokenizer.decode(tokens)
+
+
+def test_genai_npu_pipeline_runs_the_artifact_at_static_shapes(exported):
+    """openvino-genai's NPU pipeline turns the stateful IR into static prefill and decode graphs (NPUW), here
+    run on the CPU. Its KV cache is fp16, so its greedy path may leave PyTorch's only at a near-tie."""
+    pipe = openvino_genai.LLMPipeline(str(exported), "NPU", NPUW_DEVICES="CPU", MAX_PROMPT_LEN=32,
+                                      MIN_RESPONSE_LEN=GREEDY_TOKENS)
+    tokenizer = pipe.get_tokenizer()
+    reference = TorchReference(load_checkpoint(DEMO_MODEL).model)
+    config = openvino_genai.GenerationConfig(max_new_tokens=GREEDY_TOKENS, do_sample=False, ignore_eos=True)
+    for prompt in PROMPTS:
+        inputs = tokenizer.encode(prompt)
+        ids = inputs.input_ids.data[0].tolist()
+        tokens = list(pipe.generate(inputs, config).tokens[0])
+        expected = greedy(reference.next_token_stream(ids), GREEDY_TOKENS)
+        parted = next((i for i, (ours, theirs) in enumerate(zip(tokens, expected)) if ours != theirs), None)
+        if parted is not None:
+            top2 = np.sort(reference.logits(ids + expected[:parted])[-1])[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE, f"parted at token {parted} with a margin of {top2[1] - top2[0]}"
+
+
+def _hf_tokenizer(artifact: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(artifact / "tokenizer")
+
+
+def test_int4_weights_are_our_integers_and_scales(int4):
+    """The IR holds the canonical graph's DequantizeLinear integers and fp16 scales byte for byte."""
+    artifact, canonical = int4
+    graph = ir.load(canonical).graph
+    dequantize = [node for node in graph if node.op_type == "DequantizeLinear"]
+    assert len(dequantize) == QUANTIZED_LINEARS
+    ours = {kind: Counter(node.inputs[index].const_value.tobytes() for node in dequantize)
+            for kind, index in (("values", 0), ("scales", 1))}
+    model = ov.Core().read_model(artifact / target.MODEL_FILE)
+    theirs = {kind: Counter(node.get_data().tobytes() for node in constants(model, element_type))
+              for kind, element_type in (("values", ov.Type.i4), ("scales", ov.Type.f16))}
+    assert theirs == ours
+
+
+def test_int4_weights_take_4_5_bits_in_the_bin(int4):
+    """32 int4 values and one fp16 scale per block; the .bin holds nothing else of size but the float weights."""
+    artifact, _ = int4
+    model = ov.Core().read_model(artifact / target.MODEL_FILE)
+    quantized = constants(model, ov.Type.i4)
+    weights = sum(int(np.prod(node.get_output_shape(0))) for node in quantized)
+    quantized_bytes = sum(node.get_byte_size() for node in [*quantized, *constants(model, ov.Type.f16)])
+    assert quantized_bytes * 8 / weights == 4.5
+    float_bytes = sum(node.get_byte_size() for node in constants(model, ov.Type.f32))
+    assert float_bytes < 4.3e6  # the tied embedding / lm_head (4096 x 256 fp32) and the norms: none expanded
+    assert (artifact / target.WEIGHTS_FILE).stat().st_size < quantized_bytes + float_bytes + 64 * 1024
+
+
+def test_int4_runs_as_compressed_matmuls_and_matches_onnx_runtime(int4):
+    """The CPU plugin multiplies by the int4 weights directly, and computes what ONNX Runtime computes from them."""
+    artifact, canonical = int4
+    weights = Counter(str(node.input_value(1).get_element_type())
+                      for node in runtime_layers(artifact, target.VALIDATION_PROPERTIES)
+                      if layer_type(node) == "FullyConnected")
+    assert weights[str(ov.Type.i4)] == QUANTIZED_LINEARS
+    import onnxruntime as ort
+
+    tokens = np.random.default_rng(0).integers(0, 4096, (1, 12))
+    feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens), "position_ids": np.arange(12)[None]}
+    feeds |= {f"past_key_values.{layer}.{kind}": np.zeros((1, 2, 0, 32), np.float32)
+              for layer in range(4) for kind in ("key", "value")}
+    expected = ort.InferenceSession(canonical, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    runner = target.Runner(nanoexport.Artifact.load(artifact))
+    assert np.abs(runner.forward(feeds)["logits"] - expected).max() < 2e-3  # measured 7e-4: fp16 scale rounding
+
+
+def test_fixed_size_caches_are_refused_before_any_work(tmp_path):
+    with pytest.raises(NanoexportError, match="choose --kv-cache from stateful"):
+        nanoexport.export(target="openvino", out=tmp_path / "static", config=ExportConfig(kv_cache="static"),
+                          progress=False)
