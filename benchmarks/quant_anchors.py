@@ -16,24 +16,19 @@ perplexity on ONNX Runtime CPU over the same held-out windows, so only the weigh
 Bits per weight count everything stored per quantized weight: the int4 values, the scales (in the dtype each
 tool stores them) and zero points if any. Seconds are the quantization call alone.
 
-Example:
-    python benchmarks/quant_anchors.py
+Run them with ``python benchmarks/quant_bench.py``, which puts our quantizers beside them.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
-import tempfile
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import onnx
-from models import RESULTS, write_results
 from onnx import TensorProto, helper, numpy_helper
 
 from nanoexport.capture.checkpoint import DEMO_MODEL
@@ -395,7 +390,7 @@ def gguf_q4_0(fp32_model: Path, work: Path) -> dict:
     return result("llama.cpp Q4_0 (gguf)", seconds, weights, bits, path)
 
 
-# --- the driver -----------------------------------------------------------------------------------------------
+# --- shared by the driver (quant_bench.py) -----------------------------------------------------------------
 
 def export_fp32(out: Path, merge_projections: bool) -> Path:
     """Our onnx-target artifact of the demo model (dynamic cache, fp32); its graph file."""
@@ -422,34 +417,22 @@ def print_table(rows: list[dict]) -> None:
               f" {row['seconds']:8.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, default=RESULTS / "quant_anchors.json")
-    args = parser.parse_args()
+def quiet_logs() -> None:
+    """ONNX Runtime's quantizer logs every node and our exports every rewrite; NNCF's own report (which layers
+    went to int4, whether AWQ found its patterns) is worth keeping."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    # ONNX Runtime's quantizer logs every node and our exports every rewrite; NNCF's own report (which
-    # layers went to int4, whether AWQ found its patterns) is worth keeping.
     for noisy in ("onnxruntime.quantization.matmul_nbits_quantizer", "nanoexport", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        log.info("exporting the demo model, with and without merged projections")
-        merged = export_fp32(work / "fp32", merge_projections=True)
-        unmerged = export_fp32(work / "fp32-unmerged", merge_projections=False)
-        rows = [fp32_baseline("fp32", merged), fp32_baseline("fp32, projections not merged", unmerged)]
-        for anchor, model in ((ort_matmul_nbits, merged), (nncf_data_free, merged), (nncf_gptq, merged),
-                              (nncf_awq_scale_estimation, unmerged), (gguf_q4_0, merged)):
-            log.info("%s", anchor.__name__)
-            rows.append(anchor(model, work))
-    check_same_layers(rows)
-    print_table(rows)
-    settings = {
-        "model": "demo", "bits": 4, "block_size": BLOCK, "symmetric": True, "window": WINDOW,
-        "heldout_windows": len(heldout_windows()), "calibration_windows": len(calibration_windows()),
-        "versions": {package: version(package) for package in PACKAGES},
-    }
-    write_results(args.json, settings, rows)
 
 
-if __name__ == "__main__":
-    main()
+def anchor_rows(work: Path) -> list[dict]:
+    """The fp32 onnx artifact and every anchor's row, built under ``work``."""
+    log.info("exporting the demo model, with and without merged projections")
+    merged = export_fp32(work / "fp32", merge_projections=True)
+    unmerged = export_fp32(work / "fp32-unmerged", merge_projections=False)
+    rows = [fp32_baseline("fp32 (onnx artifact)", merged), fp32_baseline("fp32, projections not merged", unmerged)]
+    for anchor, model in ((ort_matmul_nbits, merged), (nncf_data_free, merged), (nncf_gptq, merged),
+                          (nncf_awq_scale_estimation, unmerged), (gguf_q4_0, merged)):
+        log.info("%s", anchor.__name__)
+        rows.append(anchor(model, work))
+    return rows

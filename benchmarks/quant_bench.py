@@ -68,9 +68,7 @@ def main() -> None:
     parser.add_argument("--algos", default=",".join(OURS), help="our algorithms to run, comma-separated")
     parser.add_argument("--json", type=Path, default=RESULTS / "quant_bench.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("onnxruntime.quantization.matmul_nbits_quantizer", "nanoexport", "onnxscript", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    anchors.quiet_logs()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         canonical, tokenizer_files = canonical_graph(work / "ours-canonical")
@@ -79,14 +77,7 @@ def main() -> None:
             log.info("nanoexport %s", algo)
             rows.append(ours(algo, canonical, tokenizer_files, work))
         if not args.ours_only:
-            merged = anchors.export_fp32(work / "fp32", merge_projections=True)
-            unmerged = anchors.export_fp32(work / "fp32-unmerged", merge_projections=False)
-            rows.append(anchors.fp32_baseline("fp32 (onnx artifact)", merged))
-            for anchor, model in ((anchors.ort_matmul_nbits, merged), (anchors.nncf_data_free, merged),
-                                  (anchors.nncf_gptq, merged), (anchors.nncf_awq_scale_estimation, unmerged),
-                                  (anchors.gguf_q4_0, merged)):
-                log.info("%s", anchor.__name__)
-                rows.append(anchor(model, work))
+            rows += anchors.anchor_rows(work)
     anchors.check_same_layers([row for row in rows if row["bits_per_weight"] != 32])
     anchors.print_table(rows)
     packages = anchors.PACKAGES if not args.ours_only else ("nanoexport", "onnxruntime", "numpy")
