@@ -261,6 +261,9 @@ def test_activation_qdq_spares_excluded_ops_and_validates(tmp_path):
     pairs = [node for node in model.graph if node.op_type == "QuantizeLinear"]
     assert len(pairs) == artifact.manifest["quantization"]["activations"]["tensors"] > 0
     assert {node.outputs[0].dtype for node in pairs} == {ir.DataType.UINT16}
+    # Weights keep their own quantization, and positions cast to float keep their exact values.
+    assert not [node for node in pairs if node.inputs[0].producer() is not None
+                and node.inputs[0].producer().op_type in ("DequantizeLinear", "Cast")]
     for node in pairs:
         for consumer, _ in node.outputs[0].uses():
             for user, _ in consumer.outputs[0].uses():

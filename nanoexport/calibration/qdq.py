@@ -33,12 +33,26 @@ def activation_inputs(model: ir.Model, exclude: list[str]) -> list[ir.Value]:
         for value in node.inputs:
             if value is None or value.const_value is not None or value.dtype != ir.DataType.FLOAT:
                 continue
-            producer = value.producer()
-            if producer is not None and producer.op_type in ("DequantizeLinear", "Cast") and \
-                    producer.inputs[0].const_value is not None:
-                continue  # a dequantized weight, not an activation
+            if _is_weight(value) or _from_integers(value):
+                continue
             chosen[id(value)] = value
     return list(chosen.values())
+
+
+def _from_integers(value: ir.Value) -> bool:
+    """Integers made float (positions, masks): exact already, and their run-time range is not calibration's."""
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Cast" and producer.inputs[0].dtype not in (
+        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _is_weight(value: ir.Value) -> bool:
+    """A value computed from constants only (a dequantized or cast weight), not from the model's inputs."""
+    producer = value.producer()
+    if producer is None:
+        return value.const_value is not None
+    return producer.op_type in ("DequantizeLinear", "Cast", "Transpose", "Reshape", "Gather", "Mul", "Unsqueeze") \
+        and all(_is_weight(operand) for operand in producer.inputs if operand is not None)
 
 
 def observe(model: ir.Model, values: list[ir.Value], windows: np.ndarray, observer: str,
