@@ -1,0 +1,549 @@
+"""The ``qnn`` target: static-shape QDQ ONNX graphs for Qualcomm's HTP, compiled to context binaries.
+
+The artifact holds ``prefill.onnx`` (``prefill_chunk`` tokens) and ``decode.onnx`` (one token), batch 1 and
+every shape static, reading one weights file ``model.onnx.data``. When ``onnxruntime-qnn`` is installed, each
+is also compiled by the QNN execution provider into an EPContext model (``*_ctx.onnx``) and its HTP context
+binary, for ``SOC_MODEL`` (below; a CLI flag is still to come).
+
+What the lowering changes in the canonical graph, and why:
+- weights: HTP takes block quantization only as LPBQ, block scales that are uint8 multiples of one float
+  scale per output channel. Our int4 integers are kept bit for bit; each column's fp16 block scales are
+  re-expressed as ``uint8 * per-channel scale`` (the only rounding: scales move by at most 1/510 of the
+  column's largest). The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP
+  quantizes the weight itself.
+- KV cache: HTP has no scatter into a graph input. Each layer attends over ``Concat(past, new rows)`` and
+  ``present.{i}.key/value`` are only the new rows ``[1, kv_heads, tokens, head_dim]``; the host (our Runner,
+  an app on the device) writes them into its buffer at ``cache_position``.
+- attention: the ``Attention`` op becomes MatMul -> Softmax -> MatMul with the key/value heads shared by
+  grouping query heads (no repeated cache), under an additive mask built from ``attention_mask`` and
+  ``cache_position``.
+- rotary: cos and sin are tables of ``max_context`` rows gathered by ``position_ids``.
+Activations calibrated to uint16 run as W4A16 on HTP; what calibration leaves float (attention, softmax,
+norms, the float ``lm_head``) runs in fp16 on HTP (SoC 60 and later).
+
+Inputs: ``input_ids``, ``position_ids`` ``[1, tokens]``, ``attention_mask`` ``[1, max_context]``,
+``cache_position`` ``[1]`` (int64), ``past_key_values.{i}.key/value`` ``[1, kv_heads, max_context, head_dim]``.
+Outputs: ``logits`` ``[1, tokens, vocab]`` and the new rows ``present.{i}.key/value``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from nanoexport.artifact import Artifact, write_json
+from nanoexport.calibration.data import calibration_windows, load_tokenizer
+from nanoexport.calibration.qdq import ACTIVATION_TYPES
+from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.config import ExportConfig
+from nanoexport.errors import NanoexportError
+from nanoexport.passes.kv_cache import specialize
+
+log = logging.getLogger(__name__)
+
+NAME = "qnn"
+RUNTIME = "onnxruntime"  # the CPU path; the HTP path needs onnxruntime-qnn (extra "qnn")
+KV_CACHE_FORMS = ("static",)
+SPLIT_PREFILL_DECODE = True
+QUANT_DEFAULTS = {"weights": "int4", "activations": "a16"}  # W4A16 unless the user chose
+# Integer activations move logits more than fp16 does; measured on the demo model (W4A16): cosine >= 0.99,
+# top-1 >= 0.9, KV consistency <= 0.03 (prefill and decode round activations per call).
+VALIDATION_DEFAULTS = {"quantized_kv_max_abs": 0.1}
+# HTP settings for compile and emulation: Snapdragon 8 Gen 3 (v75), the first with fp16 for the float ops.
+SOC_MODEL = "60"
+HTP_ARCH = "75"
+GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+WEIGHTS_FILE = "model.onnx.data"
+COMPILE_REPORT = "qnn_compile.json"
+CALIBRATION_FILE = "calibration.txt"  # beside the checkpoint, as quantization looks for it
+# Ops the QNN HTP backend accepts as the lowering emits them (checked before writing).
+HTP_OPS = frozenset({
+    "Add", "And", "Cast", "Concat", "Cos", "DequantizeLinear", "Div", "Equal", "Expand", "Gather", "Less",
+    "MatMul", "Mul", "Neg", "QuantizeLinear", "Reshape", "RMSNormalization", "Sigmoid",
+    "Sin", "Slice", "Softmax", "Split", "Sub", "Transpose", "Unsqueeze", "Where",
+})
+MASKED = -10000.0  # additive mask: exp underflows to 0 in fp16 too, unlike the float32 minimum (overflow)
+
+
+def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
+    """Write the prefill and decode graphs (and, with onnxruntime-qnn, their HTP builds); returns the files."""
+    if config.quant.weights == "none" or config.quant.activations == "none":
+        raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
+                              "--activations a16 (or leave both unset for W4A16)")
+    weights_to_lpbq(model)
+    # The shared weights file holds the HTP form; each reloaded graph keeps pointing into it.
+    scratch = folder / "canonical.onnx"
+    ir.save(model, scratch, external_data=WEIGHTS_FILE)
+    graphs = {}
+    for name in GRAPHS:
+        graphs[name] = ir.load(scratch)
+        specialize(graphs[name], config.prefill_chunk if name == "prefill" else 1)
+        lower_graph(graphs[name], config.max_context)
+    ranges = observe_weight_outputs(graphs["prefill"], _calibration_windows(config, checkpoint))
+    for name, file_name in GRAPHS.items():
+        quantize_outputs(graphs[name], ranges, config.quant.activations)
+        check_ops(graphs[name], name)
+        ir.save(graphs[name], folder / file_name)
+    scratch.unlink()
+    files = list(GRAPHS.values())
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        log.warning("qnn: wrote QDQ graphs only; pip install 'nanoexport[qnn]' (onnxruntime-qnn) to compile them "
+                    "to HTP context binaries")
+        return [*files, WEIGHTS_FILE]
+    return [*files, WEIGHTS_FILE, *compile_contexts(folder)]
+
+
+def lower_graph(graph: ir.Model, capacity: int) -> None:
+    """Rewrite a specialized static-cache graph into the form HTP runs (see the module docstring)."""
+    rotary_tables(graph, capacity)
+    decompose_rotary(graph)
+    new_rows_cache(graph, capacity)
+    common.ShapeInferencePass()(graph)  # the attended keys' shapes, which the attention rewrite reads
+    decompose_attention(graph)
+    common.RemoveUnusedNodesPass()(graph)
+    common.ShapeInferencePass()(graph)
+
+
+def check_ops(graph: ir.Model, name: str) -> None:
+    for node in graph.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in HTP_OPS:
+            raise NanoexportError(f"{name} graph has op {node.op_type} ({node.name}), which the qnn target cannot "
+                                  "run on HTP; report the model")
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _node(graph: ir.Graph, before: ir.Node, op_type: str, inputs, name: str, **attributes) -> ir.Value:
+    node = ir.node(op_type, inputs, attributes=attributes, name=name)
+    graph.insert_before(before, node)
+    node.outputs[0].name = name
+    return node.outputs[0]
+
+
+# --- weights ---------------------------------------------------------------------------------------------
+
+
+def weights_to_lpbq(model: ir.Model) -> None:
+    """Blocked ``DequantizeLinear -> Cast`` weights -> HTP's LPBQ form, keeping the integers."""
+    graph = model.graph
+    for dequantize in [node for node in graph if _is_blocked_weight(node)]:
+        cast = dequantize.outputs[0].uses()[0][0]
+        weight = cast.outputs[0]
+        _drop_activation_qdq(weight)
+        quant, scale = dequantize.inputs[0], dequantize.inputs[1]
+        if len(dequantize.inputs) > 2 and dequantize.inputs[2] is not None:
+            raise NanoexportError(f"HTP block quantization is symmetric but {quant.name} has zero points; "
+                                  "drop --asymmetric")
+        if quant.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
+            raise NanoexportError(f"HTP takes int4 or int8 blocked weights, not {quant.dtype.name.lower()} "
+                                  f"({quant.name}); use --quant int4 or int8")
+        block_size = dequantize.attributes.get_int("block_size")
+        integers, block_levels, channel_scale = lpbq_scales(quant.const_value.numpy(),
+                                                            scale.const_value.numpy().astype(np.float32), block_size)
+        base = quant.name.removesuffix(".quant")
+        quant = _constant(graph, f"{base}.lpbq_quant", integers)
+        levels = _constant(graph, f"{base}.block_levels", block_levels)
+        per_channel = _constant(graph, f"{base}.channel_scale", channel_scale)
+        zero = _constant(graph, f"{base}.zero_point", np.zeros(block_levels.shape, quant.const_value.numpy().dtype))
+        block_scale = _node(graph, dequantize, "DequantizeLinear", [levels, per_channel], f"{base}.block_scale",
+                            axis=1)
+        lpbq = _node(graph, dequantize, "DequantizeLinear", [quant, block_scale, zero], f"{base}.lpbq", axis=0,
+                     block_size=block_size)
+        weight.replace_all_uses_with(lpbq)
+        graph.remove([cast, dequantize], safe=True)
+    common.RemoveUnusedNodesPass()(model)  # and the canonical integers, scales and weight Q/DQ constants
+
+
+def _is_blocked_weight(node: ir.Node) -> bool:
+    if node.op_type != "DequantizeLinear" or node.attributes.get_int("block_size", 0) == 0:
+        return False
+    uses = node.outputs[0].uses()
+    return node.inputs[0].const_value is not None and len(uses) == 1 and uses[0][0].op_type == "Cast"
+
+
+def _drop_activation_qdq(weight: ir.Value) -> None:
+    """Q -> DQ pairs on a weight (calibration treats every MatMul input as an activation) read the weight."""
+    for quantize, _ in list(weight.uses()):
+        if quantize.op_type != "QuantizeLinear":
+            continue
+        for dequantize, _ in list(quantize.outputs[0].uses()):
+            dequantize.outputs[0].replace_all_uses_with(weight)
+            quantize.graph.remove(dequantize, safe=True)
+        quantize.graph.remove(quantize, safe=True)
+
+
+def lpbq_scales(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integers ``[K, N]`` and block scales ``[K / block, N]`` -> (integers, uint8 levels, float32 per-channel
+    scale) with ``levels * per-channel ~ |scale|``.
+
+    LPBQ scales are positive; our quantizer gives a block a negative scale to reach -8 with its largest
+    magnitude. Such blocks negate their integers, and the one value -8 cannot become (+8) becomes 7: the only
+    integers that change. Each channel's largest block scale is 255 levels; levels are at least 1.
+    """
+    negative = np.repeat(scale < 0, block_size, axis=0)
+    integers = quant.astype(np.int64)
+    top = ml_dtypes.iinfo(quant.dtype).max
+    integers = np.where(negative, np.minimum(-integers, top), integers).astype(quant.dtype)
+    channel = np.abs(scale).max(axis=0) / 255
+    channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
+    levels = np.clip(np.round(np.abs(scale) / channel), 1, 255).astype(np.uint8)
+    return integers, levels, channel
+
+
+def _calibration_windows(config: ExportConfig, checkpoint: Checkpoint) -> np.ndarray:
+    """Prefill chunks of the calibration text, as quantization read it."""
+    source = Path(config.quant.calib) if config.quant.calib else Path(checkpoint.source) / CALIBRATION_FILE
+    if not source.exists():
+        raise NanoexportError("the qnn target calibrates its projection outputs and found no calibration data; "
+                              "pass --calib FILE")
+    tokenizer = load_tokenizer(checkpoint.tokenizer_files)
+    return calibration_windows(source, tokenizer, config.quant.calib_samples, config.prefill_chunk, config.quant.seed)
+
+
+def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Min/max of each weight MatMul output that calibration left float, over prefill calls on ``windows``.
+
+    HTP runs a block-quantized MatMul only with a quantized output too; calibration quantizes the inputs of
+    the next arithmetic op, which a Split or Reshape in between (the fused q/k/v projection) hides.
+    """
+    import onnxruntime as ort
+
+    values = [node.outputs[0] for node in model.graph
+              if _reads_lpbq_weight(node) and not _is_quantized(node.outputs[0])]
+    model.graph.outputs.extend(values)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "observe.onnx"
+            ir.save(model, path, external_data="observe.onnx.data")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.outputs[-len(values):]
+    names = [value.name for value in values]
+    low, high = np.full(len(names), np.inf), np.full(len(names), -np.inf)
+    for window in windows:
+        for index, output in enumerate(session.run(names, _first_chunk_feeds(session, window))):
+            low[index], high[index] = min(low[index], output.min()), max(high[index], output.max())
+    return {name: (min(float(lo), 0.0), max(float(hi), 0.0)) for name, lo, hi in zip(names, low, high)}
+
+
+def _first_chunk_feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """A prefill call on ``tokens`` with an empty cache."""
+    inputs = {value.name: value for value in session.get_inputs()}
+    feeds = {name: np.zeros(value.shape, np.float32) for name, value in inputs.items()
+             if name.startswith("past_key_values.")}
+    capacity = inputs["attention_mask"].shape[1]
+    feeds["input_ids"] = tokens[None].astype(np.int64)
+    feeds["position_ids"] = np.arange(len(tokens), dtype=np.int64)[None]
+    feeds["attention_mask"] = (np.arange(capacity) < len(tokens)).astype(np.int64)[None]
+    feeds["cache_position"] = np.zeros(1, np.int64)
+    return feeds
+
+
+def _reads_lpbq_weight(node: ir.Node) -> bool:
+    producer = node.inputs[1].producer() if node.op_type == "MatMul" else None
+    return producer is not None and producer.op_type == "DequantizeLinear" and \
+        producer.attributes.get_int("block_size", 0) > 0
+
+
+def _is_quantized(value: ir.Value) -> bool:
+    uses = value.uses()
+    return bool(uses) and all(node.op_type == "QuantizeLinear" for node, _ in uses)
+
+
+def quantize_outputs(model: ir.Model, ranges: dict[str, tuple[float, float]], activations: str) -> None:
+    """A Q -> DQ pair (``activations`` type, asymmetric per tensor, as calibration's) after each named value."""
+    storage, data_type = ACTIVATION_TYPES[activations]
+    top = np.iinfo(storage).max
+    graph = model.graph
+    producers = {node.outputs[0].name: node for node in graph}
+    for name, (low, high) in sorted(ranges.items()):
+        node = producers[name]
+        value = node.outputs[0]
+        scale = np.float32(max(high - low, 1e-8) / top)
+        scale_value = _constant(graph, f"{name}.out_scale", np.array(scale, np.float32))
+        zero = _constant(graph, f"{name}.out_zero_point", np.array(np.clip(np.round(-low / scale), 0, top), storage))
+        uses = list(value.uses())
+        quantize = ir.node("QuantizeLinear", [value, scale_value, zero], name=f"{name}.out_q")
+        dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero], name=f"{name}.out_dq")
+        quantize.outputs[0].name, quantize.outputs[0].type = f"{name}.out_q", ir.TensorType(data_type)
+        dequantize.outputs[0].name = f"{name}.out_qdq"
+        graph.insert_after(node, [quantize, dequantize])
+        for user, index in uses:
+            user.replace_input_with(index, dequantize.outputs[0])
+
+
+# --- rotary, KV cache, attention ------------------------------------------------------------------------
+
+
+def rotary_tables(model: ir.Model, capacity: int) -> None:
+    """``Cos``/``Sin`` of ``position * inv_freq`` -> tables of ``capacity`` rows gathered by ``position_ids``."""
+    graph = model.graph
+    positions = next(value for value in graph.inputs if value.name == "position_ids")
+    for node in [node for node in graph if node.op_type in ("Cos", "Sin")]:
+        inv_freq = _inverse_frequencies(node.inputs[0])
+        if inv_freq is None:
+            raise NanoexportError(f"rotary angles at {node.name} are not position_ids * a constant frequency "
+                                  "table; the qnn target supports the default rotary only")
+        angles = np.arange(capacity, dtype=np.float32)[:, None] * inv_freq[None, :]
+        function = np.cos if node.op_type == "Cos" else np.sin
+        table = _constant(graph, f"rotary.{node.op_type.lower()}_table", function(angles).astype(np.float32))
+        rows = _node(graph, node, "Gather", [table, positions], f"rotary.{node.op_type.lower()}", axis=0)
+        shape = _constant(graph, f"rotary.{node.op_type.lower()}_shape", np.array(node.outputs[0].shape.numpy()))
+        result = _node(graph, node, "Reshape", [rows, shape], f"rotary.{node.op_type.lower()}_rows")
+        node.outputs[0].replace_all_uses_with(result)
+        graph.remove(node, safe=True)
+
+
+def _inverse_frequencies(angles: ir.Value) -> np.ndarray | None:
+    """The constant side of ``angles = positions * inv_freq``, flattened."""
+    producer = angles.producer()
+    if producer is None or producer.op_type != "Mul":
+        return None
+    constants = [value.const_value for value in producer.inputs if value.const_value is not None]
+    return constants[0].numpy().astype(np.float32).reshape(-1) if len(constants) == 1 else None
+
+
+def decompose_rotary(model: ir.Model) -> None:
+    """``RotaryEmbedding`` (halves layout) -> Split, Mul, Sub, Add, Concat: QNN's own RotaryEmbedding gave
+    wrong values on the HTP emulator (measured: 6.5 max-abs on the demo model's first layer)."""
+    graph = model.graph
+    for node in [node for node in graph if node.op_type == "RotaryEmbedding"]:
+        attributes = node.attributes
+        if attributes.get_int("interleaved", 0) or attributes.get_int("rotary_embedding_dim", 0) or \
+                len(node.inputs) > 3 or node.inputs[0].shape.rank() != 4:
+            raise NanoexportError(f"{node.name}: only whole-head, non-interleaved rotary on [batch, heads, seq, "
+                                  "head_dim] lowers to HTP yet; report the model")
+        heads, cos, sin = node.inputs[:3]
+        name = node.name or node.outputs[0].name
+        axes = _constant(graph, f"{name}.heads_axis", np.array([1], np.int64))
+        cos = _node(graph, node, "Unsqueeze", [cos, axes], f"{name}.cos")
+        sin = _node(graph, node, "Unsqueeze", [sin, axes], f"{name}.sin")
+        split = ir.node("Split", [heads], attributes={"axis": -1, "num_outputs": 2}, num_outputs=2,
+                        name=f"{name}.halves")
+        graph.insert_before(node, split)
+        first, second = split.outputs
+        first.name, second.name = f"{name}.first", f"{name}.second"
+
+        def product(x, y, suffix):
+            return _node(graph, node, "Mul", [x, y], f"{name}.{suffix}")
+
+        rotated_first = _node(graph, node, "Sub", [product(first, cos, "first_cos"),
+                                                   product(second, sin, "second_sin")], f"{name}.rotated_first")
+        rotated_second = _node(graph, node, "Add", [product(second, cos, "second_cos"),
+                                                    product(first, sin, "first_sin")], f"{name}.rotated_second")
+        rotated = _node(graph, node, "Concat", [rotated_first, rotated_second], f"{name}.rotated", axis=-1)
+        node.outputs[0].replace_all_uses_with(rotated, replace_graph_outputs=True)
+        output_name = node.outputs[0].name
+        graph.remove(node, safe=True)
+        rotated.name = output_name
+
+
+def new_rows_cache(model: ir.Model, capacity: int) -> None:
+    """``TensorScatter`` cache writes -> attention over ``Concat(past, new)``; presents are the new rows."""
+    graph = model.graph
+    writes = [node for node in graph if node.op_type == "TensorScatter"]
+    if not writes:
+        raise NanoexportError("the qnn target needs the static KV cache; drop --kv-cache")
+    tokens = next(value for value in graph.inputs if value.name == "input_ids").shape[1]
+    mask = _attention_bias(graph, capacity, tokens)
+    for write in writes:
+        past, rows = write.inputs[0], write.inputs[1]
+        present = write.outputs[0]
+        keys = _node(graph, write, "Concat", [past, rows], f"{present.name}.attended", axis=2)
+        for node, index in list(present.uses()):
+            node.replace_input_with(index, keys)
+        name = present.name
+        graph.outputs[graph.outputs.index(present)] = rows
+        graph.remove(write, safe=True)
+        rows.name = name
+    for node in graph:
+        if node.op_type == "Attention":
+            node.replace_input_with(3, mask)
+
+
+def _attention_bias(graph: ir.Graph, capacity: int, tokens: int) -> ir.Value:
+    """Float ``[1, 1, tokens, capacity + tokens]``: 0 where a query may look, ``MASKED`` elsewhere.
+
+    Past slots are visible when ``attention_mask`` marks them and they precede ``cache_position`` (later
+    slots hold stale rows the host has not overwritten yet); the new rows causally.
+    """
+    inputs = {value.name: value for value in graph.inputs}
+    first = graph.node(0)
+    slots = _constant(graph, "mask.slots", np.arange(capacity, dtype=np.int64))
+    written = _node(graph, first, "Less", [slots, inputs["cache_position"]], "mask.before_call")
+    marked = _node(graph, first, "Cast", [inputs["attention_mask"]], "mask.marked", to=ir.DataType.BOOL)
+    visible = _node(graph, first, "And", [written, marked], "mask.past_visible")
+    zero = _constant(graph, "mask.zero", np.array(0.0, np.float32))
+    masked = _constant(graph, "mask.masked", np.array(MASKED, np.float32))
+    past = _node(graph, first, "Where", [visible, zero, masked], "mask.past_bias")
+    past_shape = _constant(graph, "mask.past_shape", np.array([1, 1, tokens, capacity], np.int64))
+    past = _node(graph, first, "Expand", [past, past_shape], "mask.past_rows")
+    causal = np.where(np.tril(np.ones((tokens, tokens), bool)), 0.0, MASKED).astype(np.float32)
+    new = _constant(graph, "mask.causal_bias", causal[None, None])
+    return _node(graph, first, "Concat", [past, new], "mask.bias", axis=3)
+
+
+def decompose_attention(model: ir.Model) -> None:
+    """``Attention`` -> MatMul, Softmax, MatMul; query heads grouped per key/value head instead of repeating keys."""
+    graph = model.graph
+    for node in [node for node in graph if node.op_type == "Attention"]:
+        attributes = node.attributes
+        if attributes.get_int("is_causal", 0) or attributes.get_float("softcap", 0.0) or len(node.outputs) > 1:
+            raise NanoexportError(f"{node.name}: causal, softcapped or multi-output Attention does not lower to "
+                                  "HTP yet; report the model")
+        query, keys, values, bias = node.inputs[:4]
+        _, heads, tokens, head_dim = query.shape.numpy()
+        kv_heads = keys.shape[1]
+        group = heads // kv_heads
+        scale = attributes.get_float("scale", 1 / np.sqrt(head_dim))
+        name = node.name or node.outputs[0].name
+
+        def constant(suffix, array):
+            return _constant(graph, f"{name}.{suffix}", np.asarray(array))
+
+        grouped = _node(graph, node, "Reshape", [query, constant("grouped_shape", [1, kv_heads, group * tokens,
+                                                                                    head_dim])], f"{name}.grouped")
+        keys_t = _node(graph, node, "Transpose", [keys], f"{name}.keys_t", perm=[0, 1, 3, 2])
+        scores = _node(graph, node, "MatMul", [grouped, keys_t], f"{name}.scores")
+        scores = _node(graph, node, "Mul", [scores, constant("scale", np.float32(scale))], f"{name}.scaled")
+        rows_bias = bias if group == 1 else _node(graph, node, "Concat", [bias] * group, f"{name}.bias", axis=2)
+        scores = _node(graph, node, "Add", [scores, rows_bias], f"{name}.masked")
+        weights = _node(graph, node, "Softmax", [scores], f"{name}.weights", axis=-1)
+        mixed = _node(graph, node, "MatMul", [weights, values], f"{name}.mixed")
+        output = _node(graph, node, "Reshape", [mixed, constant("heads_shape", [1, heads, tokens, head_dim])],
+                       f"{name}.heads")
+        node.outputs[0].replace_all_uses_with(output, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+
+
+# --- compile ---------------------------------------------------------------------------------------------
+
+
+def qnn_session_options(extra: dict[str, str] | None = None):
+    """Session options that put every node on the QNN provider's HTP backend or fail."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    _register_qnn(ort, onnxruntime_qnn)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in (extra or {}).items():
+        options.add_session_config_entry(key, value)
+    devices = [device for device in ort.get_ep_devices() if device.ep_name == "QNNExecutionProvider"]
+    options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+                                               "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH})
+    return options
+
+
+def _register_qnn(ort, onnxruntime_qnn) -> None:
+    if not any(device.ep_name == "QNNExecutionProvider" for device in ort.get_ep_devices()):
+        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+
+
+def compile_contexts(folder: Path) -> list[str]:
+    """EPContext model and HTP context binary per graph; returns the files written."""
+    import onnxruntime as ort
+
+    before = {path.name for path in folder.iterdir()}
+    seconds = {}
+    for name, file_name in GRAPHS.items():
+        started = time.perf_counter()
+        options = qnn_session_options({
+            "ep.context_enable": "1", "ep.context_embed_mode": "0",
+            "ep.context_file_path": str(folder / context_file(file_name)),
+        })
+        try:
+            ort.InferenceSession(str(folder / file_name), options)
+        except Exception as error:  # the provider's message names the node it could not place or build
+            raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
+                from None
+        seconds[name] = round(time.perf_counter() - started, 2)
+    written = sorted(path.name for path in folder.iterdir() if path.name not in before)
+    write_json(folder / COMPILE_REPORT, {"soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "seconds": seconds,
+                                         "files": written})
+    log.info("qnn: compiled for HTP (soc %s) in %s s", SOC_MODEL, seconds)
+    return [*written, COMPILE_REPORT]
+
+
+def context_file(file_name: str) -> str:
+    return file_name.replace(".onnx", "_ctx.onnx")
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs a qnn artifact through the explicit-cache interface, writing the new rows into the buffers.
+
+    ``backend="htp"``: the QNN provider's HTP backend (emulated on x86), no CPU fallback, on the compiled
+    EPContext models when the artifact has them; ``"cpu"``: the same QDQ graphs on ONNX Runtime CPU.
+    Default: HTP when onnxruntime-qnn is installed.
+    """
+
+    def __init__(self, artifact: Artifact, backend: str | None = None):
+        import onnxruntime as ort
+
+        if backend is None:
+            backend = "htp" if importlib.util.find_spec("onnxruntime_qnn") else "cpu"
+        self.backend = backend
+        files = artifact.manifest["model_files"]
+        self.sessions = {}
+        for name, file_name in GRAPHS.items():
+            if backend == "htp":
+                compiled = context_file(file_name)
+                path = artifact.file(compiled if compiled in files else file_name)
+                self.sessions[name] = ort.InferenceSession(str(path), qnn_session_options())
+            else:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                self.sessions[name] = ort.InferenceSession(str(artifact.file(file_name)), options,
+                                                           providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.sessions["decode"].get_outputs()]
+
+    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions["decode" if feeds["input_ids"].shape[1] == 1 else "prefill"]
+        graph_feeds = {value.name: feeds[value.name] for value in session.get_inputs()}
+        outputs = dict(zip(self.output_names, session.run(self.output_names, graph_feeds)))
+        start = int(feeds["cache_position"][0])
+        for name in self.output_names:
+            if name.startswith("present."):
+                buffer = feeds[name.replace("present.", "past_key_values.", 1)].copy()
+                rows = outputs[name]
+                buffer[:, :, start : start + rows.shape[2]] = rows[:, :, : buffer.shape[2] - start]
+                outputs[name] = buffer
+        return outputs
+
+
+def validation_notes(artifact: Artifact) -> list[str]:
+    """HTP against ONNX Runtime CPU on the same QDQ graphs: backend error, apart from quantization error."""
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        return ["validated on ONNX Runtime CPU only; pip install 'nanoexport[qnn]' to run the HTP emulator too"]
+    from nanoexport.validate.decoding import ArtifactDecoder, prompts_for
+
+    kv_cache = artifact.manifest["io"]["kv_cache"]
+    htp = ArtifactDecoder(Runner(artifact, "htp"), kv_cache)
+    cpu = ArtifactDecoder(Runner(artifact, "cpu"), kv_cache)
+    worst, agree, positions = 0.0, 0, 0
+    for prompt in prompts_for(artifact.path, htp.vocab_size):
+        ours, theirs = htp.full_logits(prompt), cpu.full_logits(prompt)
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        positions += len(prompt)
+    return [
+        f"HTP (QNN provider, soc {SOC_MODEL}, every node on QNN) vs ONNX Runtime CPU on the same QDQ graphs: "
+        f"logits max-abs {worst:.4f}, top-1 agreement {agree / positions:.3f} over {positions} positions",
+    ]
