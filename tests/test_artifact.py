@@ -26,7 +26,7 @@ def test_manifest_describes_every_file(demo_artifact):
     on_disk = sorted(
         p.relative_to(demo_artifact.path).as_posix()
         for p in demo_artifact.path.rglob("*")
-        if p.is_file() and p.name not in ("manifest.json", "report.json", "report.html")
+        if p.is_file() and p.name not in ("manifest.json", *REPORT_FILES)
     )
     assert [entry["path"] for entry in manifest["files"]] == on_disk
     for entry in manifest["files"]:
