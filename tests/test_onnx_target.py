@@ -39,3 +39,16 @@ def test_growing_cache_is_appended_inside_group_query_attention(demo_artifact):
     genai_config = json.loads((demo_artifact.path / "genai_config.json").read_text())
     assert genai_config["search"]["past_present_share_buffer"]
     assert nanoexport.validate(demo_artifact).passed
+
+
+@pytest.mark.parametrize("weights, asymmetric", [("int4", False), ("uint4", True)])
+def test_four_bit_weights_lower_to_matmul_nbits(weights, asymmetric, tmp_path):
+    """The canonical DequantizeLinear -> MatMul becomes one MatMulNBits over the same integers and scales."""
+    config = nanoexport.ExportConfig()
+    config.quant.weights, config.quant.asymmetric = weights, asymmetric
+    artifact = nanoexport.export(out=tmp_path / weights, config=config, progress=False)
+    ops = Counter((node.domain or "ai.onnx", node.op_type) for node in load_graph(artifact).node)
+    assert ops[("com.microsoft", "MatMulNBits")] == 16 and ops[("ai.onnx", "DequantizeLinear")] == 0
+    data = artifact.file("model.onnx.data").stat().st_size
+    assert data < 0.45 * 14_689_280  # the fp32 demo's weights file; int4 leaves the float embedding only
+    assert nanoexport.validate(artifact, write=False).passed

@@ -7,7 +7,8 @@ one buffer per layer as both past and present (``past_present_share_buffer``) in
 The fixed-size caches (``--kv-cache static|sliding``) keep the standard ``Attention``: they write the cache
 at ``cache_position`` (``TensorScatter``, round-robin when sliding), which ``GroupQueryAttention`` cannot.
 With ``split_prefill_decode``, ``prefill.onnx`` (a fixed chunk of tokens) and ``decode.onnx`` (one token)
-replace ``model.onnx``; both read their weights from the one ``model.onnx.data``.
+replace ``model.onnx``; both read their weights from the one ``model.onnx.data``. Block-quantized 4-bit
+weights run as ``MatMulNBits`` over our integers and scales (fp32 scales, as the kernel takes them).
 """
 
 from __future__ import annotations
@@ -79,7 +80,71 @@ class SkipRMSNorm(pattern.RewriteRuleClassBase):
         return output, total
 
 
-ORT_KERNEL_RULES = pattern.RewriteRuleSet([SkipRMSNorm.rule()])
+class BlockwiseMatMul(pattern.RewriteRuleClassBase):
+    """MatMul by a blocked 4-bit DequantizeLinear weight -> ONNX Runtime's MatMulNBits.
+
+    MatMulNBits reads the packed integers directly, one kernel instead of expanding the weight to float on
+    every call. The integers and scales are ours, re-laid out ([N, blocks, block/2] bytes, fp32 scales).
+    """
+
+    def __init__(self, name: str, cast: bool, zero_point: bool):
+        super().__init__(name)
+        self.cast, self.zero_point = cast, zero_point
+
+    def pattern(self, op, x, values, scales, zero_points):
+        inputs = [values, scales, zero_points] if self.zero_point else [values, scales]
+        weight = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["weight"])
+        if self.cast:
+            weight = op.Cast(weight, to=ir.DataType.FLOAT)
+        return op.MatMul(x, weight)
+
+    def check(self, context, x, values, scales, weight, zero_points=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        node = weight.producer()
+        if values.const_value is None or scales.const_value is None:
+            return result.fail("the integers and scales must be initializers")
+        if values.dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
+            return result.fail("MatMulNBits lowering takes 4-bit weights", values)
+        if node.attributes.get_int("axis", 1) != 0 or values.shape is None or values.shape.rank() != 2:
+            return result.fail("blocks must run along the input dimension of a [K, N] weight")
+        block = node.attributes.get_int("block_size", 0)
+        if block < 16 or block & (block - 1) or values.shape[0] % block:
+            return result.fail(f"block size {block} is not a power of two >= 16 dividing K")
+        if x.dtype != ir.DataType.FLOAT:
+            return result.fail("float32 activations only", x)
+        return result
+
+    def rewrite(self, op, x, values, scales, weight, zero_points=None, **_):
+        block = weight.producer().attributes.get_int("block_size")
+        rows, columns = values.shape
+        integers = values.const_value.numpy().astype(np.int16)
+        if values.dtype == ir.DataType.INT4:
+            integers = integers + 8  # MatMulNBits stores unsigned nibbles around a zero point of 8
+        stored = integers.astype(np.uint8).T.reshape(columns, rows // block, block)
+        packed = (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
+        scale = scales.const_value.numpy().astype(np.float32).T.reshape(-1)
+        inputs = [x, op.initializer(ir.tensor(np.ascontiguousarray(packed)), name=f"{values.name}.nbits"),
+                  op.initializer(ir.tensor(np.ascontiguousarray(scale)), name=f"{scales.name}.nbits")]
+        if zero_points is not None:
+            points = zero_points.const_value.numpy().astype(np.int16)
+            if values.dtype == ir.DataType.INT4:
+                points = points + 8
+            points = points.astype(np.uint8).T  # [N, blocks]
+            blocks = points.shape[1]
+            padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
+            padded[:, :blocks] = points
+            packed_points = padded[:, 0::2] | (padded[:, 1::2] << 4)
+            inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(packed_points.reshape(-1))),
+                                         name=f"{zero_points.name}.nbits"))
+        return op.MatMulNBits(*inputs, K=rows, N=columns, bits=4, block_size=block, _domain="com.microsoft")
+
+
+ORT_KERNEL_RULES = pattern.RewriteRuleSet([
+    SkipRMSNorm.rule(),
+    *(BlockwiseMatMul.rule(f"4-bit matmul{' after cast' if cast else ''}{' with zero points' if zero else ''}",
+                           cast=cast, zero_point=zero)
+      for cast in (True, False) for zero in (True, False)),
+])
 
 
 @dataclass
@@ -317,6 +382,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
 def _use_ort_kernels(model: ir.Model) -> None:
     if ORT_KERNEL_RULES.apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
+        common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
 
 
 def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
