@@ -156,7 +156,7 @@ def _calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Pa
 
 def parse_size(text: str) -> int:
     """``2.2GB``, ``900MB``, ``1.5GiB`` or a byte count -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not match:
         raise NanoexportError(f"--size-budget {text!r} is not a size; write it like 2.2GB or 900MB")
     number, prefix, binary = match.groups()
