@@ -49,8 +49,10 @@ class Linear:
 
 
 def find_linears(model: ir.Model) -> list[Linear]:
-    """Every MatMul by a float weight matrix, in graph order."""
+    """Every MatMul by a float weight matrix, in graph order; a matrix two MatMuls share counts once (it is
+    quantized once, and both read the result)."""
     linears = []
+    seen: set[int] = set()
     for node in model.graph:
         if node.op_type != "MatMul":
             continue
@@ -62,8 +64,9 @@ def find_linears(model: ir.Model) -> list[Linear]:
             continue
         if source.const_value is None or source.shape is None or source.shape.rank() != 2:
             continue
-        if source.dtype != ir.DataType.FLOAT or not source.is_initializer():
+        if source.dtype != ir.DataType.FLOAT or not source.is_initializer() or id(source) in seen:
             continue
+        seen.add(id(source))
         linears.append(Linear(_layer_name(weight.name or source.name), node, source, transposed))
     return linears
 
