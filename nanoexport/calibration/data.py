@@ -82,7 +82,9 @@ def calibration_windows(path: str | Path, tokenizer, samples: int, length: int, 
     """``[samples, length]`` token ids: windows at seeded random offsets of the tokenized, joined texts."""
     if samples < 1 or length < 2:
         raise NanoexportError(f"calibration needs at least 1 sample of 2 tokens, not {samples} of {length}")
-    ids = np.array(tokenizer.encode("\n\n".join(read_texts(path)), add_special_tokens=False), np.int64)
+    # verbose=False: the text is meant to be longer than one model input, it is cut into windows below.
+    ids = np.array(tokenizer.encode("\n\n".join(read_texts(path)), add_special_tokens=False, verbose=False),
+                   np.int64)
     if len(ids) < length:
         raise NanoexportError(
             f"calibration data {path} has {len(ids)} tokens, fewer than one window of {length}; "

@@ -24,7 +24,7 @@ def text_windows(text_file: str | Path, tokenizer_folder: str | Path, window: in
     if window < 2:
         raise NanoexportError(f"the evaluation window must be at least 2 tokens, not {window}")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)
     count = len(ids) // window
     if count == 0:
         raise NanoexportError(
