@@ -115,7 +115,7 @@ def quantize(
     plans = plan_layers(model, config) if config.weights != "none" else []
     windows = None
     if config.algo != "rtn" or config.size_budget or config.activations != "none":
-        calibration = _calibration_path(config, checkpoint_folder)
+        calibration = calibration_path(config, checkpoint_folder)
         windows = calibration_windows(calibration, load_tokenizer(tokenizer_files), config.calib_samples,
                                       config.calib_window, config.seed)
     if config.size_budget:
@@ -141,7 +141,8 @@ def quantize(
     return summary
 
 
-def _calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Path:
+def calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Path:
+    """``--calib``, else ``calibration.txt`` in the checkpoint folder; refuses when neither exists."""
     if config.calib:
         return Path(config.calib)
     if checkpoint_folder is not None and (checkpoint_folder / DEFAULT_CALIBRATION_FILE).is_file():

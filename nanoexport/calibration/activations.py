@@ -8,15 +8,14 @@ and dropped before the next group is captured, so memory stays bounded however l
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.graph import Linear
+from nanoexport.passes.verify import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ class ModelSession:
     """An ONNX Runtime session on ``model`` with extra values exposed as outputs, fed whole windows."""
 
     def __init__(self, model: ir.Model, extra_outputs: list[ir.Value], graph_inputs: list[ir.Value] = ()):
-        import onnxruntime as ort
-
         added_outputs = [value for value in extra_outputs if not value.is_graph_output()]
         added_inputs = [value for value in graph_inputs if value not in model.graph.inputs]
         model.graph.outputs.extend(added_outputs)
@@ -52,12 +49,7 @@ class ModelSession:
             moved[value.name] = model.graph.initializers.pop(value.name)
             model.graph.inputs.append(value)
         try:
-            with tempfile.TemporaryDirectory() as scratch:
-                path = Path(scratch) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(model)
         finally:
             for value in added_outputs:
                 model.graph.outputs.remove(value)

@@ -57,14 +57,20 @@ class GraphRunner:
         return feeds
 
     def logits(self, model: ir.Model) -> np.ndarray:
-        import onnxruntime as ort
+        # Runtime graph optimizations off: we compare our graphs, not what ORT makes of them.
+        session = cpu_session(model, optimize=False)
+        return session.run([model.graph.outputs[0].name], self.feeds(model))[0]
 
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data")
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            # Runtime graph optimizations off: we compare our graphs, not what ORT makes of them.
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return session.run([model.graph.outputs[0].name], self.feeds(model))[0]
+
+def cpu_session(model: ir.Model, optimize: bool = True):
+    """An ONNX Runtime CPU session on the in-memory ``model`` (written to a scratch folder, then dropped)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

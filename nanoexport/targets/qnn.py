@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,12 +39,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact, write_json
+from nanoexport.calibration import calibration_path
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.qdq import ACTIVATION_TYPES
 from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.config import ExportConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.kv_cache import specialize
+from nanoexport.passes.verify import cpu_session
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ HTP_ARCH = "75"
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 WEIGHTS_FILE = "model.onnx.data"
 COMPILE_REPORT = "qnn_compile.json"
-CALIBRATION_FILE = "calibration.txt"  # beside the checkpoint, as quantization looks for it
 # Ops the QNN HTP backend accepts as the lowering emits them (checked before writing).
 HTP_OPS = frozenset({
     "Add", "And", "Cast", "Concat", "Cos", "DequantizeLinear", "Div", "Equal", "Expand", "Gather", "Less",
@@ -204,11 +204,9 @@ def lpbq_scales(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[
 
 
 def _calibration_windows(config: ExportConfig, checkpoint: Checkpoint) -> np.ndarray:
-    """Prefill chunks of the calibration text, as quantization read it."""
-    source = Path(config.quant.calib) if config.quant.calib else Path(checkpoint.source) / CALIBRATION_FILE
-    if not source.exists():
-        raise NanoexportError("the qnn target calibrates its projection outputs and found no calibration data; "
-                              "pass --calib FILE")
+    """Prefill chunks of the calibration text quantization read (the same file, found the same way)."""
+    folder = Path(checkpoint.source) if checkpoint.source else None
+    source = calibration_path(config.quant, folder)
     tokenizer = load_tokenizer(checkpoint.tokenizer_files)
     return calibration_windows(source, tokenizer, config.quant.calib_samples, config.prefill_chunk, config.quant.seed)
 
@@ -219,16 +217,12 @@ def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tu
     HTP runs a block-quantized MatMul only with a quantized output too; calibration quantizes the inputs of
     the next arithmetic op, which a Split or Reshape in between (the fused q/k/v projection) hides.
     """
-    import onnxruntime as ort
 
     values = [node.outputs[0] for node in model.graph
               if _reads_lpbq_weight(node) and not _is_quantized(node.outputs[0])]
     model.graph.outputs.extend(values)
     try:
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "observe.onnx"
-            ir.save(model, path, external_data="observe.onnx.data")
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = cpu_session(model)
     finally:
         del model.graph.outputs[-len(values):]
     names = [value.name for value in values]
