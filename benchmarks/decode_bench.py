@@ -1,20 +1,33 @@
-"""Time to first token and decode tokens/s on ONNX Runtime CPU: our artifact beside the model builder's.
+"""Time to first token and decode tokens/s: our artifacts beside a peer exporter's, per runtime, in one run.
 
-For each model, in the same run: ``nanoexport`` (onnx target) and onnxruntime-genai's model builder
+ONNX Runtime CPU: ``nanoexport`` (onnx target) and onnxruntime-genai's model builder
 (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``) export the same checkpoint, and both
-artifacts run through the same onnxruntime-genai generator: a 128-token prompt (time to first token),
-then greedy decoding (tokens/s). The median of several runs is reported, with ours/builder ratios.
+artifacts run through the same onnxruntime-genai generator.
+
+OpenVINO CPU: ``nanoexport --target openvino`` and optimum-intel's exporter (``optimum-cli export openvino
+--task text-generation-with-past --weight-format fp32``, or ``--weight-format int4 --sym --group-size 32
+--ratio 1.0 --backup-precision none`` beside our ``--quant int4 --block-size 32``: the same decoder MatMuls
+in int4, embedding and lm_head float) export the same checkpoint, and both artifacts run through
+``openvino_genai.LLMPipeline(folder, "CPU")`` with the same greedy generation config, taking turns run by run. optimum-intel pins transformers below ours, so it cannot be installed
+beside nanoexport: on first use the benchmark creates a virtual environment for it in
+~/.cache/nanoexport/optimum-venv (``--system-site-packages``, reusing the installed CPU torch, OpenVINO,
+NNCF and openvino-tokenizers) and runs ``optimum-cli`` from there.
+
+Each measurement: a 128-token prompt (time to first token), then greedy decoding of --new-tokens tokens
+(tokens/s). The median of several runs is reported, with ours/theirs speed ratios (above 1: ours faster),
+each the median of the run-by-run ratios.
 
 Examples:
     python benchmarks/decode_bench.py
     python benchmarks/decode_bench.py --models demo --runs 5 --new-tokens 128
-    python benchmarks/decode_bench.py --precisions int4
+    python benchmarks/decode_bench.py --runtimes openvino --runs 10 --json benchmarks/results/decode_bench_openvino.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -25,18 +38,32 @@ from pathlib import Path
 import numpy as np
 
 from models import MODELS, RESULTS, checkpoint, write_results
+
+log = logging.getLogger("decode_bench")
+
 PROMPT_TOKENS = 128
-
-
 PRECISIONS = ("fp32", "int4")
+RUNTIMES = ("onnxruntime", "openvino")
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+OPTIMUM_VENV = Path.home() / ".cache" / "nanoexport" / "optimum-venv"
+# The newest optimum-intel and the versions it resolved to that import and export here: optimum-intel 2.2
+# needs transformers<5.6 and huggingface-hub<1.22, and the datasets it imports must accept that hub.
+OPTIMUM_PACKAGES = ("optimum-intel==2.2.0", "optimum==2.3.0", "transformers==5.5.4", "datasets==5.0.1")
+OPTIMUM_WEIGHTS = {
+    "fp32": ["--weight-format", "fp32"],
+    # Our int4: symmetric, blocks of 32, every decoder MatMul (--ratio 1.0: none left int8), and the embedding
+    # and lm_head float as ours keeps them (--backup-precision none; NNCF's default makes them int8).
+    "int4": ["--weight-format", "int4", "--sym", "--group-size", "32", "--ratio", "1.0", "--backup-precision", "none"],
+}
 
 
-def export_ours(model: Path, out: Path, precision: str) -> None:
+def export_ours(model: Path, out: Path, precision: str, target: str = "onnx") -> None:
     # int4: round to nearest, blocks of 32, lm_head float -- the builder's int4 defaults quantize the same
     # decoder MatMuls the same way.
     quant = ["--quant", "int4", "--block-size", "32"] if precision == "int4" else []
     subprocess.run(
-        [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--out", str(out), "--no-validate", *quant],
+        [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--target", target, "--out", str(out),
+         "--no-validate", *quant],
         check=True, stdout=subprocess.DEVNULL,
     )
 
@@ -49,12 +76,46 @@ def export_builder(model: Path, out: Path, precision: str) -> None:
     )
 
 
-def measure(folder: Path, prompt: np.ndarray, new_tokens: int, runs: int) -> dict:
+def optimum_cli() -> Path:
+    """``optimum-cli`` of the side environment, which is created (once) when missing or outdated."""
+    bin_dir = OPTIMUM_VENV / "bin"
+    stamp = OPTIMUM_VENV / "nanoexport-packages.txt"
+    wanted = "\n".join(OPTIMUM_PACKAGES) + "\n"
+    if not stamp.is_file() or stamp.read_text() != wanted:
+        log.warning("installing optimum-intel into %s (once; it cannot share our transformers)", OPTIMUM_VENV)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(OPTIMUM_VENV)],
+                       check=True)
+        pip = [str(bin_dir / "python"), "-m", "pip"]
+        # The constraints pin torch to the installed CPU build, so pip never pulls the CUDA one.
+        subprocess.run([*pip, "install", "--quiet", "-c", str(CONSTRAINTS), *OPTIMUM_PACKAGES], check=True)
+        # optimum-intel requires torchvision, but PyPI's wheel is built for the CUDA torch and fails to load
+        # beside our CPU build ("operator torchvision::nms does not exist"), taking transformers' imports
+        # down with it. Text-generation export never uses it.
+        subprocess.run([*pip, "uninstall", "--quiet", "--yes", "torchvision"], check=True)
+        stamp.write_text(wanted)
+    return bin_dir / "optimum-cli"
+
+
+def export_optimum(model: Path, out: Path, precision: str) -> None:
+    subprocess.run(
+        [str(optimum_cli()), "export", "openvino", "-m", str(model), "--task", "text-generation-with-past",
+         *OPTIMUM_WEIGHTS[precision], str(out)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def prompt_tokens(vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
+
+
+def measure_onnxruntime(folder: Path, vocab: int, new_tokens: int, runs: int) -> list[tuple[float, float]]:
+    """(time to first token in s, decode tokens/s) of each run after a warm-up run."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
-    first_token, decode_rate = [], []
-    for _ in range(runs + 1):  # the first run warms up and is dropped
+    prompt = prompt_tokens(vocab, 0)
+    samples = []
+    for _ in range(runs + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)
@@ -67,34 +128,82 @@ def measure(folder: Path, prompt: np.ndarray, new_tokens: int, runs: int) -> dic
             generator.generate_next_token()
             generated += 1
         finished = time.perf_counter()
-        first_token.append(first - started)
-        decode_rate.append((generated - 1) / (finished - first))
-    return {
-        "time_to_first_token_s": round(statistics.median(first_token[1:]), 5),
-        "decode_tokens_per_s": round(statistics.median(decode_rate[1:]), 2),
-    }
+        samples.append((first - started, (generated - 1) / (finished - first)))
+    return samples[1:]
 
 
-def compare(name: str, model: Path, precision: str, prompt: np.ndarray, scratch: Path, args) -> dict:
-    """Both tools' artifacts of ``model`` at ``precision``, measured one after the other; the printed row."""
-    figures = {}
+def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
+                     runs: int) -> dict[str, list[tuple[float, float]]]:
+    """Each tool's artifact in its own LLMPipeline, the pipelines taking turns so that run i of each sees the
+    same load; (time to first token in s, decode tokens/s) of each run after a warm-up run.
+
+    Every run has a new prompt: openvino-genai's CPU pipeline caches prompt prefixes, and a repeated prompt
+    would measure the cache instead of the prefill.
+    """
+    import openvino as ov
+    import openvino_genai as og
+
+    pipelines = {tool: og.LLMPipeline(str(folder), "CPU") for tool, folder in folders.items()}
+    config = og.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True,
+                                 do_sample=False)
+    samples = {tool: [] for tool in folders}
+    for run in range(runs + 1):
+        ids = prompt_tokens(vocab, run).astype(np.int64)[None]
+        inputs = og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+        for tool in (folders if run % 2 else reversed(folders)):
+            metrics = pipelines[tool].generate(inputs, config).perf_metrics
+            # genai's throughput is 1 / time per output token, the first token excluded.
+            samples[tool].append((metrics.get_ttft().mean / 1000, metrics.get_throughput().mean))
+    return {tool: values[1:] for tool, values in samples.items()}
+
+
+def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,
+                        args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    samples = {}
     for tool, export in (("nanoexport", export_ours), ("builder", export_builder)):
-        out = scratch / f"{name}-{precision}-{tool}"
+        out = scratch / f"{name}-{precision}-onnxruntime-{tool}"
         export(model, out, precision)
-        figures[tool] = measure(out, prompt, args.new_tokens, args.runs)
-    ours, theirs = figures["nanoexport"], figures["builder"]
+        samples[tool] = measure_onnxruntime(out, vocab, args.new_tokens, args.runs)
+    return samples
+
+
+def figures_openvino(name: str, model: Path, precision: str, vocab: int, scratch: Path,
+                     args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    folders = {tool: scratch / f"{name}-{precision}-openvino-{tool}" for tool in ("nanoexport", "optimum")}
+    export_ours(model, folders["nanoexport"], precision, target="openvino")
+    export_optimum(model, folders["optimum"], precision)
+    return measure_openvino(folders, vocab, args.new_tokens, args.runs)
+
+
+FIGURES = {"onnxruntime": figures_onnxruntime, "openvino": figures_openvino}
+
+
+def compare(name: str, runtime: str, model: Path, precision: str, scratch: Path, args: argparse.Namespace) -> dict:
+    """Both tools' artifacts of ``model`` at ``precision`` on ``runtime``; the printed row.
+
+    Figures are medians over the runs; ratios (ours/theirs speed, above 1: ours faster) are medians of the
+    run-by-run ratios, which a burst of load on a shared machine moves less than it moves either figure.
+    """
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    samples = FIGURES[runtime](name, model, precision, vocab, scratch, args)
+    (_, ours), (peer, theirs) = samples.items()
+    figures = {tool: {"time_to_first_token_s": round(statistics.median(ttft for ttft, _ in runs), 5),
+                      "decode_tokens_per_s": round(statistics.median(rate for _, rate in runs), 2)}
+               for tool, runs in samples.items()}
     row = {
         "model": name,
+        "runtime": runtime,
         "precision": precision,
         **{f"{tool}_{key}": value for tool, values in figures.items() for key, value in values.items()},
-        "decode_ratio": round(ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"], 3),
-        "first_token_ratio": round(theirs["time_to_first_token_s"] / ours["time_to_first_token_s"], 3),
+        "decode_ratio": round(statistics.median(a[1] / b[1] for a, b in zip(ours, theirs)), 3),
+        "first_token_ratio": round(statistics.median(b[0] / a[0] for a, b in zip(ours, theirs)), 3),
     }
+    mine, other = figures["nanoexport"], figures[peer]
     print(
-        f"{name:13s} {precision}  decode tok/s: ours {ours['decode_tokens_per_s']:8.1f}  builder "
-        f"{theirs['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f}   "
-        f"first token (128-token prompt): ours {ours['time_to_first_token_s'] * 1000:7.1f} ms  builder "
-        f"{theirs['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f}",
+        f"{name:13s} {runtime:11s} {precision}  decode tok/s: ours {mine['decode_tokens_per_s']:8.1f}  {peer} "
+        f"{other['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f}   "
+        f"first token ({PROMPT_TOKENS}-token prompt): ours {mine['time_to_first_token_s'] * 1000:7.1f} ms  {peer} "
+        f"{other['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f}",
         flush=True,
     )
     return row
@@ -103,22 +212,23 @@ def compare(name: str, model: Path, precision: str, prompt: np.ndarray, scratch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=RESULTS / "decode_bench.json")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
             model = checkpoint(name, Path(scratch))
-            vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-            prompt = np.random.default_rng(0).integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
-            for precision in args.precisions:
-                rows.append(compare(name, model, precision, prompt, Path(scratch), args))
+            for runtime in args.runtimes:
+                for precision in args.precisions:
+                    rows.append(compare(name, runtime, model, precision, Path(scratch), args))
     settings = {"runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
-                "precisions": args.precisions}
+                "runtimes": args.runtimes, "precisions": args.precisions}
     write_results(args.json, settings, rows)
 
 

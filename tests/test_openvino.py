@@ -13,6 +13,7 @@ import pytest
 from filelock import FileLock
 
 ov = pytest.importorskip("openvino")
+ops = pytest.importorskip("openvino.opset13")
 openvino_genai = pytest.importorskip("openvino_genai")
 
 import nanoexport
@@ -125,8 +126,10 @@ def test_cpu_fuses_the_cache_into_its_attention_kernel(exported):
     assert layers["ScaledDotProductAttention"] == 4
 
 
-def test_genai_generates_pytorchs_greedy_tokens(exported):
-    pipe = openvino_genai.LLMPipeline(str(exported), "CPU", **target.VALIDATION_PROPERTIES)
+@pytest.mark.parametrize("backend", ["PA", "SDPA"])
+def test_genai_generates_pytorchs_greedy_tokens(exported, backend):
+    """Both of genai's CPU pipelines: PagedAttention (its default, continuous batching) and the stateful one."""
+    pipe = openvino_genai.LLMPipeline(str(exported), "CPU", ATTENTION_BACKEND=backend, **target.VALIDATION_PROPERTIES)
     tokenizer = pipe.get_tokenizer()
     reference = TorchReference(load_checkpoint(DEMO_MODEL).model)
     hf_tokenizer = _hf_tokenizer(exported)
@@ -138,6 +141,41 @@ def test_genai_generates_pytorchs_greedy_tokens(exported):
         tokens = list(pipe.generate(inputs, config).tokens[0])
         assert tokens == greedy(reference.next_token_stream(ids), GREEDY_TOKENS)
         assert tokenizer.decode(tokens) == hf_tokenizer.decode(tokens)
+
+
+def test_paged_attention_conversion_leaves_no_cache_inputs(exported):
+    """genai's PagedAttention conversion removes the states and beam_idx; nothing may still read them."""
+    from openvino._offline_transformations import paged_attention_transformation
+
+    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    paged_attention_transformation(model)
+    names = {value.get_any_name() for value in model.inputs}
+    assert {"input_ids", "position_ids", "past_lens", "key_cache.0", "value_cache.3"} <= names
+    assert not names & {"beam_idx", "attention_mask"}
+    kinds = Counter(node.get_type_name() for node in model.get_ordered_ops())
+    assert kinds["PagedAttentionExtension"] == 4 and not kinds["ScaledDotProductAttention"] and not kinds["ReadValue"]
+
+
+def test_float_model_asks_for_an_f16_kv_cache_and_int4_for_the_default(exported, int4):
+    float_model = ov.Core().read_model(exported / target.MODEL_FILE)
+    assert float_model.get_rt_info(["runtime_options", "KV_CACHE_PRECISION"]).astype(str) == "f16"
+    assert not ov.Core().read_model(int4[0] / target.MODEL_FILE).has_rt_info(["runtime_options", "KV_CACHE_PRECISION"])
+
+
+def test_boolean_attention_mask_becomes_additive_with_the_same_results():
+    """Attention-23's boolean mask -> 0 / -inf: the CPU kernel is faster with it, and computes the same."""
+    rng = np.random.default_rng(0)
+    query, key, value = (ops.parameter([1, 2, 5, 8], np.float32) for _ in range(3))
+    mask = ops.parameter([1, 1, 5, 5], ov.Type.boolean)
+    attention = ops.scaled_dot_product_attention(query, key, value, mask, causal=False)
+    model = ov.Model([attention], [query, key, value, mask])
+    feeds = [rng.standard_normal((1, 2, 5, 8)).astype(np.float32) for _ in range(3)]
+    feeds.append(np.tril(np.ones((1, 1, 5, 5), bool)))
+    properties = {"INFERENCE_PRECISION_HINT": "f32"}
+    expected = ov.Core().compile_model(model, "CPU", properties)(feeds)[0]
+    assert target.additive_attention_mask(model) == 1
+    assert attention.input_value(3).get_element_type() == ov.Type.f32
+    np.testing.assert_array_equal(ov.Core().compile_model(model, "CPU", properties)(feeds)[0], expected)
 
 
 def test_genai_npu_pipeline_runs_the_artifact_at_static_shapes(exported):
