@@ -32,6 +32,8 @@ examples:
   nanoexport --quant int4 --block-size 32      block-wise int4 weights, round to nearest
   nanoexport --quant int4 --algo gptq --calib data.jsonl   GPTQ on your calibration text
   nanoexport --quant int4 --size-budget 900MB  int4/int8 per layer, chosen by sensitivity, to fit 900 MB
+  nanoexport --target qnn --soc-model 57 --htp-arch 75   HTP context binaries for one Snapdragon SoC
+  nanoexport --target qnn --max-part-bytes 300MB   layers split into graphs of at most 300 MB of weights
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -107,6 +109,11 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
         quant.add_argument("--activations", choices=["none", "a16", "a8"],
                            help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
+        qnn = parser.add_argument_group("qnn target")
+        qnn.add_argument("--soc-model", help="QNN SoC id to compile and emulate the HTP graphs for (default: 60)")
+        qnn.add_argument("--htp-arch", help="HTP architecture version: 68, 69, 73, 75, 79 or 81 (default: 75)")
+        qnn.add_argument("--max-part-bytes", help="weights per graph (e.g. 300MB); more layers are split into "
+                                                  "consecutive parts (default: 1GB)")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
@@ -148,6 +155,7 @@ def _export(args: argparse.Namespace) -> int:
         "quant": {"weights": args.quant, "block_size": args.block_size, "algo": args.algo, "calib": args.calib,
                   "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
                   "activations": args.activations},
+        "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes},
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))

@@ -14,6 +14,10 @@ Example ``nanoexport.toml``::
     [validate]
     logits_max_abs = 1e-4
     greedy_tokens = 32
+
+    [qnn]
+    soc_model = 57
+    max_part_bytes = "300MB"
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ class QuantConfig:
 
 
 @dataclass
+class QnnConfig:
+    """Settings of the ``qnn`` target (Qualcomm HTP), checked by that target."""
+
+    soc_model: str = "60"  # QNN SoC id the HTP context binaries are built and emulated for
+    htp_arch: str = "75"  # HTP architecture version: 68, 69, 73, 75, 79 or 81
+    max_part_bytes: str = "1GB"  # weights per graph; above it the layers are split into consecutive parts
+
+
+@dataclass
 class ExportConfig:
     """Everything that decides what an export produces. ``out`` only decides where it goes."""
 
@@ -99,6 +112,7 @@ class ExportConfig:
     prefill_chunk: int = 128  # tokens per call of the prefill graph
     quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
+    qnn: QnnConfig = field(default_factory=QnnConfig)
 
     def manifest_view(self) -> dict[str, Any]:
         """The settings that shape the artifact's bytes, without where it was written."""
@@ -153,6 +167,8 @@ def _apply(target: Any, values: dict[str, Any], origin: str) -> None:
         expected = type(current)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is str and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # ids and byte counts written as numbers: soc_model = 57
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise NanoexportError(
                 f"setting {key!r} in {origin} must be {expected.__name__}, not {type(value).__name__}"

@@ -1,5 +1,6 @@
 """The qnn target: W4A16 QDQ graphs on the demo model, static and within the HTP allowlist, validated on
-ONNX Runtime CPU, compiled and run on the HTP emulator when onnxruntime-qnn is installed."""
+ONNX Runtime CPU, compiled and run on the HTP emulator when onnxruntime-qnn is installed; split into parts
+under --max-part-bytes; compiled for the SoC of --soc-model / --htp-arch."""
 
 import functools
 import importlib.util
@@ -15,9 +16,10 @@ import pytest
 from filelock import FileLock
 
 import nanoexport
+from nanoexport.config import QnnConfig, load_config
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import qnn
-from nanoexport.validate.decoding import ArtifactDecoder
+from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 CONFIG = """\
@@ -34,21 +36,46 @@ eval_windows = 2
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """``nanoexport --target qnn`` on the demo model (W4A16 by default), once for all test workers."""
+# The demo's embedding (tied to lm_head, kept float) is 4.2 MB and a W4A16 layer about 0.37 MB: 5 MB parts hold
+# the embedding with layers 0-1, and layers 2-3 with the final norm and lm_head.
+PARTS_CONFIG = CONFIG + """
+[qnn]
+soc_model = 57
+"""
+
+
+def _export_once(tmp_path_factory, name: str, config: str, *flags: str) -> Path:
+    """``nanoexport --target qnn`` on the demo model in its own folder, once for all test workers."""
     shared = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
         shared = shared.parent
-    folder = shared / "qnn-cli"
-    with FileLock(str(shared / "qnn-cli.lock")):
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
         if not (folder / "demo-qnn" / "manifest.json").is_file():
             folder.mkdir(exist_ok=True)
-            (folder / "nanoexport.toml").write_text(CONFIG)
+            (folder / "nanoexport.toml").write_text(config)
             result = subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "qnn", "--out", "demo-qnn",
-                                     "--no-validate"], cwd=folder, capture_output=True, text=True)
+                                     "--no-validate", *flags], cwd=folder, capture_output=True, text=True)
             assert result.returncode == 0, result.stderr
     return folder / "demo-qnn"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """W4A16 (the default) in one part."""
+    return _export_once(tmp_path_factory, "qnn-cli", CONFIG)
+
+
+@pytest.fixture(scope="module")
+def parted(tmp_path_factory) -> Path:
+    """The same export split into parts of at most 5 MB of weights, for SoC 57 (set in the TOML file)."""
+    return _export_once(tmp_path_factory, "qnn-parts", PARTS_CONFIG, "--max-part-bytes", "5MB")
+
+
+def _decoders(*artifacts: Path, backend: str) -> list[ArtifactDecoder]:
+    kv_cache = json.loads((artifacts[0] / "manifest.json").read_text())["io"]["kv_cache"]
+    return [ArtifactDecoder(qnn.Runner(nanoexport.Artifact.load(path), backend=backend), kv_cache)
+            for path in artifacts]
 
 
 def test_graphs_are_static_w4a16_and_within_the_allowlist(exported):
@@ -117,3 +144,128 @@ def test_lpbq_keeps_the_integers_up_to_negated_blocks():
     np.testing.assert_array_equal(integers.astype(np.int64), expected)
     # Block scales become uint8 levels of a per-channel scale: within half a level of the column's largest.
     np.testing.assert_allclose(levels * channel, np.abs(scale), rtol=0, atol=0.5 / 255 * 0.04)
+
+
+# --- parts -------------------------------------------------------------------------------------------------
+
+
+def test_parts_are_listed_in_order_static_and_each_reads_its_own_weights(parted):
+    manifest = json.loads((parted / "manifest.json").read_text())
+    listing = json.loads((parted / qnn.PARTS_FILE).read_text())
+    parts = listing["parts"]
+    assert listing["max_part_bytes"] == 5_000_000 and manifest["config"]["qnn"]["max_part_bytes"] == "5MB"
+    assert [part["layers"] for part in parts] == [[0, 1], [2, 3]]
+    assert manifest["model_files"][:7] == ["part0/prefill.onnx", "part0/decode.onnx", "part0/model.onnx.data",
+                                           "part1/prefill.onnx", "part1/decode.onnx", "part1/model.onnx.data",
+                                           qnn.PARTS_FILE]
+    assert not (parted / qnn.WEIGHTS_FILE).exists()
+    for index, part in enumerate(parts):
+        assert (parted / part["weights"]).stat().st_size <= 5_000_000
+        for name, tokens in (("prefill", 16), ("decode", 1)):
+            model = ir.load(parted / part["graphs"][name])
+            assert {node.op_type for node in model.graph} <= qnn.HTP_OPS
+            shapes = {value.name: list(value.shape) for value in [*model.graph.inputs, *model.graph.outputs]}
+            assert all(isinstance(size, int) for shape in shapes.values() for size in shape), shapes
+            first = "input_ids" if index == 0 else f"hidden_states.{part['layers'][0]}"
+            last = "logits" if index == len(parts) - 1 else f"hidden_states.{part['layers'][-1] + 1}"
+            assert model.graph.inputs[0].name == first and model.graph.outputs[0].name == last
+            if first.startswith("hidden"):
+                assert shapes[first] == [1, tokens, 256]
+            caches = {int(name.split(".")[1]) for name in shapes if name.startswith(("past_key_values.", "present."))}
+            assert caches == set(part["layers"])
+            # Prefill and decode of a part read the part's one weights file, and only it.
+            locations = {value.const_value.location for value in model.graph.initializers.values()
+                         if isinstance(value.const_value, ir.ExternalTensor)}
+            assert locations == {qnn.WEIGHTS_FILE}
+            assert part["io"][name]["inputs"][0]["name"] == first
+
+
+def test_chained_parts_give_the_logits_and_tokens_of_one_graph_on_cpu(exported, parted):
+    whole, parts = _decoders(exported, parted, backend="cpu")
+    for prompt in prompts_for(exported, whole.vocab_size):
+        np.testing.assert_allclose(parts.full_logits(prompt), whole.full_logits(prompt), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(parts.prefill_then_decode(prompt, len(prompt) - 4),
+                                   whole.prefill_then_decode(prompt, len(prompt) - 4), rtol=0, atol=1e-5)
+        assert greedy(parts.next_token_stream(prompt), 8) == greedy(whole.next_token_stream(prompt), 8)
+
+
+def test_validate_chains_the_parts_on_onnxruntime_cpu(parted, monkeypatch):
+    monkeypatch.setattr(qnn, "Runner", functools.partial(qnn.Runner, backend="cpu"))
+    monkeypatch.setattr(qnn, "validation_notes", lambda artifact: [])
+    report = nanoexport.validate(parted, write=False)
+    assert report.passed, [check for check in report.checks if not check.passed]
+
+
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
+def test_parts_compile_per_part_and_chain_on_htp_like_one_graph(exported, parted):
+    files = json.loads((parted / "manifest.json").read_text())["model_files"]
+    for part in ("part0", "part1"):
+        for graph in ("prefill", "decode"):
+            assert f"{part}/{graph}_ctx.onnx" in files
+    compile_report = json.loads((parted / qnn.COMPILE_REPORT).read_text())
+    assert sorted(compile_report["seconds"]) == sorted(f"{part}/{graph}.onnx" for part in ("part0", "part1")
+                                                       for graph in ("prefill", "decode"))
+    # The same QDQ graphs on the same backend: whatever HTP computes, the cut does not change it.
+    whole, parts = _decoders(exported, parted, backend="htp")  # CPU fallback disabled
+    prompt = list(range(1, 20))
+    np.testing.assert_allclose(parts.full_logits(prompt), whole.full_logits(prompt), rtol=0, atol=1e-5)
+
+
+def test_a_part_limit_below_one_layer_is_refused_in_one_line(exported):
+    prefill = ir.load(exported / qnn.GRAPHS["prefill"])
+    assert qnn.plan_parts(prefill, 5_000_000, "5MB") == [range(0, 2), range(2, 4)]
+    assert qnn.plan_parts(prefill, 10**9, "1GB") == [range(0, 4)]
+    with pytest.raises(NanoexportError, match="less than one decoder layer") as error:
+        qnn.plan_parts(prefill, 100_000, "100kB")
+    assert "\n" not in str(error.value) and "100kB" in str(error.value)
+    with pytest.raises(NanoexportError, match="the embedding with the first layer"):
+        qnn.plan_parts(prefill, 4_300_000, "4.3MB")
+
+
+# --- SoC settings ------------------------------------------------------------------------------------------
+
+
+def test_soc_settings_reach_the_manifest_and_the_compile_report(exported, parted):
+    for artifact, soc in ((exported, "60"), (parted, "57")):  # parted: soc_model = 57, a TOML integer
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        assert manifest["config"]["qnn"]["soc_model"] == soc and manifest["config"]["qnn"]["htp_arch"] == "75"
+        if HAS_QNN:
+            compile_report = json.loads((artifact / qnn.COMPILE_REPORT).read_text())
+            assert (compile_report["soc_model"], compile_report["htp_arch"]) == (soc, "75")
+    assert qnn.settings_of(nanoexport.Artifact.load(parted)).soc_model == "57"  # what the HTP runner passes
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(soc_model="SM8650"), "not a QNN SoC id"),
+    (dict(soc_model="0"), "not a QNN SoC id"),
+    (dict(htp_arch="v75"), "choose one of 68, 69, 73, 75, 79, 81"),
+    (dict(htp_arch="77"), "not an HTP architecture"),
+    (dict(max_part_bytes="lots"), "write it like 1GB"),
+    (dict(max_part_bytes="0"), "write it like 1GB"),
+])
+def test_bad_soc_settings_are_refused_in_one_line(settings, message):
+    with pytest.raises(NanoexportError, match=message) as error:
+        qnn.check_settings(QnnConfig(**settings))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
+def test_a_soc_id_htp_cannot_create_is_refused():
+    assert qnn.check_settings(QnnConfig(soc_model="69", htp_arch="79", max_part_bytes="300MB")) == 300_000_000
+    with pytest.raises(NanoexportError, match="cannot create a device for --soc-model 80"):
+        qnn.check_settings(QnnConfig(soc_model="80"))
+
+
+def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
+    (tmp_path / "nanoexport.toml").write_text(CONFIG)
+    result = subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "qnn", "--out", "out",
+                             "--htp-arch", "77", "--no-validate"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--htp-arch '77'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_qnn_settings_from_toml_and_flags(tmp_path):
+    (tmp_path / "nanoexport.toml").write_text("[qnn]\nsoc_model = 69\nhtp_arch = 79\nmax_part_bytes = 300000000\n")
+    config = load_config(tmp_path / "nanoexport.toml", {"qnn": {"max_part_bytes": "300MB"}})
+    assert (config.qnn.soc_model, config.qnn.htp_arch, config.qnn.max_part_bytes) == ("69", "79", "300MB")

@@ -3,7 +3,14 @@
 The artifact holds ``prefill.onnx`` (``prefill_chunk`` tokens) and ``decode.onnx`` (one token), batch 1 and
 every shape static, reading one weights file ``model.onnx.data``. When ``onnxruntime-qnn`` is installed, each
 is also compiled by the QNN execution provider into an EPContext model (``*_ctx.onnx``) and its HTP context
-binary, for ``SOC_MODEL`` (below; a CLI flag is still to come).
+binary, for the SoC of ``--soc-model`` / ``--htp-arch`` (recorded in ``qnn_compile.json``).
+
+Parts: when the weights of one graph would exceed ``--max-part-bytes``, the layers are split into consecutive
+parts, each a folder ``part{p}/`` with its own ``prefill.onnx``, ``decode.onnx`` and ``model.onnx.data``. Part 0
+reads ``input_ids`` and holds the embedding, the last part holds the final norm and ``lm_head`` and gives
+``logits``; between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part
+takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
+files and I/O (one part, the files above, when the model fits).
 
 What the lowering changes in the canonical graph, and why:
 - weights: HTP takes block quantization only as LPBQ, block scales that are uint8 multiples of one float
@@ -29,7 +36,9 @@ Outputs: ``logits`` ``[1, tokens, vocab]`` and the new rows ``present.{i}.key/va
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -39,11 +48,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact, write_json
-from nanoexport.calibration import calibration_path
+from nanoexport.calibration import calibration_path, parse_size
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.qdq import ACTIVATION_TYPES
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.config import ExportConfig
+from nanoexport.config import ExportConfig, QnnConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.kv_cache import specialize
 from nanoexport.passes.verify import cpu_session
@@ -58,12 +67,14 @@ QUANT_DEFAULTS = {"weights": "int4", "activations": "a16"}  # W4A16 unless the u
 # Integer activations move logits more than fp16 does; measured on the demo model (W4A16): cosine >= 0.99,
 # top-1 >= 0.9, KV consistency <= 0.03 (prefill and decode round activations per call).
 VALIDATION_DEFAULTS = {"quantized_kv_max_abs": 0.1}
-# HTP settings for compile and emulation: Snapdragon 8 Gen 3 (v75), the first with fp16 for the float ops.
-SOC_MODEL = "60"
-HTP_ARCH = "75"
+# What the provider's htp_arch option accepts (it ignores other values with a warning, measured on 2.7.0).
+HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 WEIGHTS_FILE = "model.onnx.data"
 COMPILE_REPORT = "qnn_compile.json"
+PARTS_FILE = "qnn_parts.json"
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # model.layers.3.mlp.down_proj.weight -> 3
+CACHE_NAME = re.compile(r"^past_key_values\.(\d+)\.")
 # Ops the QNN HTP backend accepts as the lowering emits them (checked before writing).
 HTP_OPS = frozenset({
     "Add", "And", "Cast", "Concat", "Cos", "DequantizeLinear", "Div", "Equal", "Expand", "Gather", "Less",
@@ -78,6 +89,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
     if config.quant.weights == "none" or config.quant.activations == "none":
         raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
                               "--activations a16 (or leave both unset for W4A16)")
+    limit = check_settings(config.qnn)
     weights_to_lpbq(model)
     # The shared weights file holds the HTP form; each reloaded graph keeps pointing into it.
     scratch = folder / "canonical.onnx"
@@ -87,18 +99,66 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         graphs[name] = ir.load(scratch)
         specialize(graphs[name], config.prefill_chunk if name == "prefill" else 1)
         lower_graph(graphs[name], config.max_context)
-    ranges = observe_weight_outputs(graphs["prefill"], _calibration_windows(config, checkpoint))
-    for name, file_name in GRAPHS.items():
-        quantize_outputs(graphs[name], ranges, config.quant.activations)
-        check_ops(graphs[name], name)
-        ir.save(graphs[name], folder / file_name)
     scratch.unlink()
-    files = list(GRAPHS.values())
+    ranges = observe_weight_outputs(graphs["prefill"], _calibration_windows(config, checkpoint))
+    for name in GRAPHS:
+        quantize_outputs(graphs[name], ranges, config.quant.activations)
+    parts = write_parts(graphs, plan_parts(graphs["prefill"], limit, config.qnn.max_part_bytes), folder)
+    write_json(folder / PARTS_FILE, {"max_part_bytes": limit, "parts": parts})
+    files = [file for part in parts for file in (*part["graphs"].values(), part["weights"])] + [PARTS_FILE]
     if importlib.util.find_spec("onnxruntime_qnn") is None:
         log.warning("qnn: wrote QDQ graphs only; pip install 'nanoexport[qnn]' (onnxruntime-qnn) to compile them "
                     "to HTP context binaries")
-        return [*files, WEIGHTS_FILE]
-    return [*files, WEIGHTS_FILE, *compile_contexts(folder)]
+        return files
+    graph_files = [file for part in parts for file in part["graphs"].values()]
+    return [*files, *compile_contexts(folder, graph_files, config.qnn)]
+
+
+def check_settings(settings: QnnConfig) -> int:
+    """Refuse SoC and architecture values QNN would ignore or fail on; returns ``max_part_bytes`` in bytes."""
+    if not re.fullmatch(r"[0-9]+", settings.soc_model) or int(settings.soc_model) == 0:
+        raise NanoexportError(f"--soc-model {settings.soc_model!r} is not a QNN SoC id; give the SoC's number from "
+                              "the QNN SDK's list of Snapdragon devices, e.g. 57 (Snapdragon 8 Gen 3)")
+    if settings.htp_arch not in HTP_ARCHS:
+        raise NanoexportError(f"--htp-arch {settings.htp_arch!r} is not an HTP architecture QNN knows; choose one "
+                              f"of {', '.join(HTP_ARCHS)}")
+    try:
+        limit = parse_size(settings.max_part_bytes)
+    except NanoexportError:
+        limit = 0
+    if limit < 1:
+        raise NanoexportError(f"--max-part-bytes {settings.max_part_bytes!r} is not a size; write it like 1GB "
+                              "or 300MB")
+    if importlib.util.find_spec("onnxruntime_qnn") is not None:
+        _probe_device(settings)
+    return limit
+
+
+def _probe_device(settings: QnnConfig) -> None:
+    """One quantized MatMul on the HTP backend: QNN refuses an unknown SoC id only when it creates the device."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.ones((8, 4), np.int8), "w"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+                 numpy_helper.from_array(np.array(32768, np.uint16), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+             helper.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    options = qnn_session_options(settings)
+    options.log_severity_level = 4  # the provider's own lines would break the one-line error below
+    try:
+        ort.InferenceSession(model.SerializeToString(), options)
+    except Exception:
+        raise NanoexportError(f"QNN's HTP backend cannot create a device for --soc-model {settings.soc_model} "
+                              f"(--htp-arch {settings.htp_arch}); give a SoC id from the QNN SDK's list of "
+                              "Snapdragon devices, e.g. 57 (Snapdragon 8 Gen 3)") from None
 
 
 def lower_graph(graph: ir.Model, capacity: int) -> None:
@@ -423,11 +483,204 @@ def decompose_attention(model: ir.Model) -> None:
         graph.remove(node, safe=True)
 
 
+# --- parts -----------------------------------------------------------------------------------------------
+
+
+def layer_labels(graph: ir.Graph) -> dict[ir.Node, int]:
+    """Each node's layer: the highest layer whose weights or KV cache it depends on; -1 for none (the embedding,
+    the mask, the rotary tables). The final norm and ``lm_head`` come out as the last layer."""
+    layer_of = {}
+    for value in graph.inputs:
+        if match := CACHE_NAME.match(value.name):
+            layer_of[value] = int(match[1])
+    for name, value in graph.initializers.items():
+        if match := LAYER_NAME.search(name):
+            layer_of[value] = int(match[1])
+    labels = {}
+    for node in graph:
+        label = max((layer_of.get(value, -1) for value in node.inputs if value is not None), default=-1)
+        labels[node] = label
+        for value in node.outputs:
+            layer_of[value] = label
+    return labels
+
+
+def _num_layers(graph: ir.Graph) -> int:
+    return sum(1 for value in graph.inputs if CACHE_NAME.match(value.name) and value.name.endswith(".key"))
+
+
+def plan_parts(model: ir.Model, limit: int, limit_text: str) -> list[range]:
+    """Consecutive layer ranges whose weights (in the weights file) each fit ``limit`` bytes; part 0 also holds
+    the embedding, the last part the final norm and ``lm_head``. Refuses a layer that fits no part."""
+    graph = model.graph
+    labels, layers = layer_labels(graph), _num_layers(graph)
+    # Which parts need each stored weight: its layer by name, else the embedding's part (read before any
+    # layer) or the head's (read after); a tied embedding is needed by both.
+    slots: dict[ir.Value, set[int]] = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is None or not value.is_initializer() or not isinstance(value.const_value, ir.ExternalTensor):
+                continue
+            match = LAYER_NAME.search(value.name)
+            slot = int(match[1]) if match else -1 if labels[node] < 0 else layers
+            slots.setdefault(value, set()).add(slot)
+
+    def size(first: int, last: int) -> int:
+        wanted = {*range(first, last + 1), *([-1] if first == 0 else []), *([layers] if last == layers - 1 else [])}
+        return sum(value.const_value.nbytes for value, needs in slots.items() if needs & wanted)
+
+    ranges, start = [], 0
+    for layer in range(layers):
+        if layer > start and size(start, layer) > limit:
+            ranges.append(range(start, layer))
+            start = layer
+        if size(start, layer) > limit:
+            alone = sum(value.const_value.nbytes for value, needs in slots.items() if layer in needs)
+            what = "one decoder layer" if alone > limit else \
+                "the embedding with the first layer" if layer == 0 else "the last layer with the final norm and lm_head"
+            raise NanoexportError(f"--max-part-bytes {limit_text} ({limit:,} bytes) is less than {what} "
+                                  f"({size(start, layer):,} bytes of weights); parts hold whole layers, so raise it")
+    ranges.append(range(start, layers))
+    return ranges
+
+
+def write_parts(graphs: dict[str, ir.Model], ranges: list[range], folder: Path) -> list[dict]:
+    """Write each part's prefill and decode graphs and their one weights file; returns the parts' entries.
+
+    One part: the whole graphs at the top of the artifact, reading ``model.onnx.data`` already there. Several:
+    each part is cut from a reloaded copy of the whole graphs, and its weights move to its own folder.
+    """
+    if len(ranges) == 1:
+        for name, file_name in GRAPHS.items():
+            check_ops(graphs[name], name)
+            ir.save(graphs[name], folder / file_name)
+        return [_part_entry(graphs, ranges[0], "")]
+    whole = {name: folder / f"whole_{file_name}" for name, file_name in GRAPHS.items()}
+    for name, path in whole.items():
+        ir.save(graphs[name], path)
+    entries = []
+    for index, layers in enumerate(ranges):
+        part = f"part{index}"
+        (folder / part).mkdir()
+        pieces = {name: cut_part(ir.load(path), layers) for name, path in whole.items()}
+        _own_weights(pieces, folder / part)
+        for name, file_name in GRAPHS.items():
+            check_ops(pieces[name], f"{part} {name}")
+            ir.save(pieces[name], folder / part / file_name)
+        entries.append(_part_entry(pieces, layers, f"{part}/"))
+    for path in whole.values():
+        path.unlink()
+    (folder / WEIGHTS_FILE).unlink()
+    log.info("qnn: %d parts, layers %s", len(ranges), [list(layers) for layers in ranges])
+    return entries
+
+
+def cut_part(model: ir.Model, layers: range) -> ir.Model:
+    """The whole graph cut down to ``layers``: ``hidden_states.{first}`` in (or ``input_ids`` for the first
+    part), ``hidden_states.{stop}`` out (or ``logits`` for the last), and the KV cache of these layers only."""
+    graph = model.graph
+    labels, count = layer_labels(graph), _num_layers(graph)
+    inner = hidden_state(graph, labels, layers.start) if layers.start > 0 else None
+    outer = hidden_state(graph, labels, layers.stop) if layers.stop < count else None
+    outputs = {value.name: value for value in graph.outputs}
+    if inner is not None:
+        hidden = ir.Value(name=f"hidden_states.{layers.start}", shape=inner.shape, type=inner.type)
+        inner.replace_all_uses_with(hidden)
+        graph.inputs.insert(0, hidden)
+    if outer is not None:
+        outer.name = f"hidden_states.{layers.stop}"
+    kept = [outer if outer is not None else outputs["logits"]]
+    kept += [outputs[f"present.{layer}.{kind}"] for layer in layers for kind in ("key", "value")]
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    common.RemoveUnusedNodesPass()(model)
+    for value in [value for value in graph.inputs if not value.uses()]:
+        graph.inputs.remove(value)
+    return model
+
+
+def hidden_state(graph: ir.Graph, labels: dict[ir.Node, int], layer: int) -> ir.Value:
+    """The one value computed before ``layer`` that ``layer`` and later ones read: the residual stream.
+
+    A Q -> DQ pair calibration put on it counts as the value itself (the pair moves to the later part).
+    """
+    crossing = {}
+    for node in graph:
+        if labels[node] < layer:
+            continue
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and 0 <= labels[producer] < layer:
+                value = _before_qdq(value)
+                crossing[value.name] = value
+    if len(crossing) != 1:
+        raise NanoexportError(f"{len(crossing)} values pass from layer {layer - 1} to layer {layer} "
+                              f"({', '.join(sorted(crossing)[:3])}), not one hidden state; the qnn target cannot "
+                              "split this model into parts: raise --max-part-bytes or report the model")
+    return next(iter(crossing.values()))
+
+
+def _before_qdq(value: ir.Value) -> ir.Value:
+    dequantize = value.producer()
+    if dequantize.op_type != "DequantizeLinear" or dequantize.inputs[0].producer() is None:
+        return value
+    quantize = dequantize.inputs[0].producer()
+    if quantize.op_type != "QuantizeLinear" or quantize.inputs[0].const_value is not None:
+        return value
+    return quantize.inputs[0]
+
+
+def _own_weights(pieces: dict[str, ir.Model], folder: Path) -> None:
+    """Move the stored weights the ``pieces`` read into one ``model.onnx.data`` in ``folder``, shared by them."""
+    stored = {}
+    for piece in pieces.values():
+        for name, value in piece.graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                stored.setdefault(name, value)
+    holder_values = [ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
+                     for name, value in stored.items()]
+    holder = ir.Model(ir.Graph([], [], nodes=[], initializers=holder_values, opset_imports={"": 23}), ir_version=10)
+    scratch = folder / "weights.onnx"
+    ir.save(holder, scratch, external_data=WEIGHTS_FILE)
+    moved = ir.load(scratch).graph.initializers
+    for piece in pieces.values():
+        for name, value in piece.graph.initializers.items():
+            if name in moved:
+                value.const_value = moved[name].const_value
+    scratch.unlink()
+
+
+def _part_entry(graphs: dict[str, ir.Model], layers: range, prefix: str) -> dict:
+    def describe(value: ir.Value) -> dict:
+        return {"name": value.name, "dtype": value.dtype.name.lower(), "shape": list(value.shape.numpy())}
+
+    return {
+        "layers": list(layers),
+        "graphs": {name: f"{prefix}{file_name}" for name, file_name in GRAPHS.items()},
+        "weights": f"{prefix}{WEIGHTS_FILE}",
+        "io": {name: {"inputs": [describe(value) for value in graph.graph.inputs],
+                      "outputs": [describe(value) for value in graph.graph.outputs]}
+               for name, graph in graphs.items()},
+    }
+
+
+def parts_of(artifact: Artifact) -> list[dict]:
+    """The artifact's parts in order (one part of the top-level graphs for artifacts written before parts)."""
+    if PARTS_FILE in artifact.manifest["model_files"]:
+        return json.loads(artifact.file(PARTS_FILE).read_text(encoding="utf-8"))["parts"]
+    return [{"graphs": dict(GRAPHS), "weights": WEIGHTS_FILE}]
+
+
+def settings_of(artifact: Artifact) -> QnnConfig:
+    """The SoC settings the artifact was built for (the defaults for artifacts written before the options)."""
+    return QnnConfig(**artifact.manifest["config"].get("qnn", {}))
+
+
 # --- compile ---------------------------------------------------------------------------------------------
 
 
-def qnn_session_options(extra: dict[str, str] | None = None):
-    """Session options that put every node on the QNN provider's HTP backend or fail."""
+def qnn_session_options(settings: QnnConfig, extra: dict[str, str] | None = None):
+    """Session options that put every node on the QNN provider's HTP backend (for ``settings``' SoC) or fail."""
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -439,7 +692,7 @@ def qnn_session_options(extra: dict[str, str] | None = None):
         options.add_session_config_entry(key, value)
     devices = [device for device in ort.get_ep_devices() if device.ep_name == "QNNExecutionProvider"]
     options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
-                                               "soc_model": SOC_MODEL, "htp_arch": HTP_ARCH})
+                                               "soc_model": settings.soc_model, "htp_arch": settings.htp_arch})
     return options
 
 
@@ -448,15 +701,18 @@ def _register_qnn(ort, onnxruntime_qnn) -> None:
         ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
 
 
-def compile_contexts(folder: Path) -> list[str]:
-    """EPContext model and HTP context binary per graph; returns the files written."""
+def compile_contexts(folder: Path, graph_files: list[str], settings: QnnConfig) -> list[str]:
+    """EPContext model and HTP context binary per graph file; returns the files written."""
     import onnxruntime as ort
 
-    before = {path.name for path in folder.iterdir()}
+    def files() -> set[str]:
+        return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+    before = files()
     seconds = {}
-    for name, file_name in GRAPHS.items():
+    for file_name in graph_files:
         started = time.perf_counter()
-        options = qnn_session_options({
+        options = qnn_session_options(settings, {
             "ep.context_enable": "1", "ep.context_embed_mode": "0",
             "ep.context_file_path": str(folder / context_file(file_name)),
         })
@@ -465,11 +721,11 @@ def compile_contexts(folder: Path) -> list[str]:
         except Exception as error:  # the provider's message names the node it could not place or build
             raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
                 from None
-        seconds[name] = round(time.perf_counter() - started, 2)
-    written = sorted(path.name for path in folder.iterdir() if path.name not in before)
-    write_json(folder / COMPILE_REPORT, {"soc_model": SOC_MODEL, "htp_arch": HTP_ARCH, "seconds": seconds,
-                                         "files": written})
-    log.info("qnn: compiled for HTP (soc %s) in %s s", SOC_MODEL, seconds)
+        seconds[file_name] = round(time.perf_counter() - started, 2)
+    written = sorted(files() - before)
+    write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
+                                         "seconds": seconds, "files": written})
+    log.info("qnn: compiled for HTP (soc %s, v%s) in %s s", settings.soc_model, settings.htp_arch, seconds)
     return [*written, COMPILE_REPORT]
 
 
@@ -483,9 +739,10 @@ def context_file(file_name: str) -> str:
 class Runner:
     """Runs a qnn artifact through the explicit-cache interface, writing the new rows into the buffers.
 
-    ``backend="htp"``: the QNN provider's HTP backend (emulated on x86), no CPU fallback, on the compiled
-    EPContext models when the artifact has them; ``"cpu"``: the same QDQ graphs on ONNX Runtime CPU.
-    Default: HTP when onnxruntime-qnn is installed.
+    The parts run in order, each fed the hidden state the one before it gave. ``backend="htp"``: the QNN
+    provider's HTP backend (emulated on x86) for the artifact's SoC, no CPU fallback, on the compiled EPContext
+    models when the artifact has them; ``"cpu"``: the same QDQ graphs on ONNX Runtime CPU. Default: HTP when
+    onnxruntime-qnn is installed.
     """
 
     def __init__(self, artifact: Artifact, backend: str | None = None):
@@ -495,30 +752,38 @@ class Runner:
             backend = "htp" if importlib.util.find_spec("onnxruntime_qnn") else "cpu"
         self.backend = backend
         files = artifact.manifest["model_files"]
-        self.sessions = {}
-        for name, file_name in GRAPHS.items():
-            if backend == "htp":
-                compiled = context_file(file_name)
-                path = artifact.file(compiled if compiled in files else file_name)
-                self.sessions[name] = ort.InferenceSession(str(path), qnn_session_options())
-            else:
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                self.sessions[name] = ort.InferenceSession(str(artifact.file(file_name)), options,
-                                                           providers=["CPUExecutionProvider"])
-        self.output_names = [output.name for output in self.sessions["decode"].get_outputs()]
+        settings = settings_of(artifact)
+        self.parts = []  # per part: graph name -> session
+        for part in parts_of(artifact):
+            sessions = {}
+            for name, file_name in part["graphs"].items():
+                if backend == "htp":
+                    compiled = context_file(file_name)
+                    path = artifact.file(compiled if compiled in files else file_name)
+                    sessions[name] = ort.InferenceSession(str(path), qnn_session_options(settings))
+                else:
+                    options = ort.SessionOptions()
+                    options.log_severity_level = 3
+                    sessions[name] = ort.InferenceSession(str(artifact.file(file_name)), options,
+                                                          providers=["CPUExecutionProvider"])
+            self.parts.append(sessions)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.sessions["decode" if feeds["input_ids"].shape[1] == 1 else "prefill"]
-        graph_feeds = {value.name: feeds[value.name] for value in session.get_inputs()}
-        outputs = dict(zip(self.output_names, session.run(self.output_names, graph_feeds)))
+        name = "decode" if feeds["input_ids"].shape[1] == 1 else "prefill"
+        values = dict(feeds)
+        for sessions in self.parts:
+            session = sessions[name]
+            names = [output.name for output in session.get_outputs()]
+            values.update(zip(names, session.run(names, {value.name: values[value.name]
+                                                         for value in session.get_inputs()})))
+        outputs = {"logits": values["logits"]}
         start = int(feeds["cache_position"][0])
-        for name in self.output_names:
-            if name.startswith("present."):
-                buffer = feeds[name.replace("present.", "past_key_values.", 1)].copy()
-                rows = outputs[name]
+        for past in feeds:
+            if past.startswith("past_key_values."):
+                present = past.replace("past_key_values.", "present.", 1)
+                buffer, rows = feeds[past].copy(), values[present]
                 buffer[:, :, start : start + rows.shape[2]] = rows[:, :, : buffer.shape[2] - start]
-                outputs[name] = buffer
+                outputs[present] = buffer
         return outputs
 
 
@@ -537,7 +802,8 @@ def validation_notes(artifact: Artifact) -> list[str]:
         worst = max(worst, float(np.abs(ours - theirs).max()))
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         positions += len(prompt)
+    soc = settings_of(artifact).soc_model
     return [
-        f"HTP (QNN provider, soc {SOC_MODEL}, every node on QNN) vs ONNX Runtime CPU on the same QDQ graphs: "
+        f"HTP (QNN provider, soc {soc}, every node on QNN) vs ONNX Runtime CPU on the same QDQ graphs: "
         f"logits max-abs {worst:.4f}, top-1 agreement {agree / positions:.3f} over {positions} positions",
     ]
