@@ -134,27 +134,33 @@ def measure_onnxruntime(folder: Path, vocab: int, new_tokens: int, runs: int) ->
 
 def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
                      runs: int) -> dict[str, list[tuple[float, float]]]:
-    """Each tool's artifact in its own LLMPipeline, the pipelines taking turns so that run i of each sees the
-    same load; (time to first token in s, decode tokens/s) of each run after a warm-up run.
+    """(time to first token in s, decode tokens/s) of each tool's artifact, the tools taking turns run by run.
 
-    Every run has a new prompt: openvino-genai's CPU pipeline caches prompt prefixes, and a repeated prompt
-    would measure the cache instead of the prefill.
+    Each run loads the artifact into a new LLMPipeline and warms it up, and only one pipeline exists at a
+    time: with both loaded in one process, whichever was created first ran at half speed in some processes,
+    whichever artifact it held. Every run has a new prompt, since genai's CPU pipeline caches prompt
+    prefixes and a repeated prompt would measure the cache instead of the prefill.
     """
     import openvino as ov
     import openvino_genai as og
 
-    pipelines = {tool: og.LLMPipeline(str(folder), "CPU") for tool, folder in folders.items()}
+    def tokens(seed: int) -> og.TokenizedInputs:
+        ids = prompt_tokens(vocab, seed).astype(np.int64)[None]
+        return og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+
     config = og.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True,
                                  do_sample=False)
+    warm_up = og.GenerationConfig(max_new_tokens=4, min_new_tokens=4, ignore_eos=True, do_sample=False)
     samples = {tool: [] for tool in folders}
-    for run in range(runs + 1):
-        ids = prompt_tokens(vocab, run).astype(np.int64)[None]
-        inputs = og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+    for run in range(runs):
         for tool in (folders if run % 2 else reversed(folders)):
-            metrics = pipelines[tool].generate(inputs, config).perf_metrics
+            pipeline = og.LLMPipeline(str(folders[tool]), "CPU")
+            pipeline.generate(tokens(runs + run), warm_up)
+            metrics = pipeline.generate(tokens(run), config).perf_metrics
             # genai's throughput is 1 / time per output token, the first token excluded.
             samples[tool].append((metrics.get_ttft().mean / 1000, metrics.get_throughput().mean))
-    return {tool: values[1:] for tool, values in samples.items()}
+            del pipeline
+    return samples
 
 
 def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,
