@@ -107,7 +107,8 @@ def test_shape_inference_types_every_value(tiny_checkpoint):
 
 
 # Per family: ops that must be gone after fusion (their unfused spelling) and canonical op counts per layer.
-UNFUSED = {"Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Neg", "Erf"}
+UNFUSED = {"Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Neg", "Erf", "Sigmoid"}
+GELU_FAMILIES = {"gpt2", "gemma2"}  # the others gate their MLP with SiLU
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
@@ -122,6 +123,7 @@ def test_no_unfused_attention_norm_or_rope_remains(family, captured):
     per_layer_norms = {"qwen3": 4, "gemma2": 4}.get(family, 2)  # q/k norms; Gemma 2's sandwich norms
     assert ops.count(norms) == per_layer_norms * layers + 1
     assert ops.count("RotaryEmbedding") == (0 if family == "gpt2" else 2 * layers)
+    assert ops.count("Swish" if family not in GELU_FAMILIES else "Gelu") == layers
     if family != "gpt2":  # GPT-2's projections are already fused Gemms
         assert ops.count("MatMul") == 4 * layers + 1  # qkv, o, gate+up, down per layer; the LM head
     for node in graph.graph:
@@ -138,6 +140,6 @@ def test_no_unfused_subgraph_remains_in_the_demo_model():
     ops = [node.op_type for node in graph.graph]
     layers = checkpoint.config.num_hidden_layers
     assert not UNFUSED & set(ops)
-    assert (ops.count("Attention"), ops.count("RMSNormalization"), ops.count("RotaryEmbedding")) == (
-        layers, 2 * layers + 1, 2 * layers)
+    assert (ops.count("Attention"), ops.count("RMSNormalization"), ops.count("RotaryEmbedding"),
+            ops.count("Swish")) == (layers, 2 * layers + 1, 2 * layers, layers)
     assert ops.count("MatMul") == 4 * layers + 1

@@ -104,8 +104,25 @@ class TanhGelu(pattern.RewriteRuleClassBase):
         return op.Gelu(x, approximate="tanh")
 
 
+class SiLU(pattern.RewriteRuleClassBase):
+    """``x * Sigmoid(x)``, the gate activation of SwiGLU MLPs -> ``Swish`` (opset 24), one kernel."""
+
+    def __init__(self, name: str, sigmoid_first: bool):
+        super().__init__(name)
+        self.sigmoid_first = sigmoid_first
+
+    def pattern(self, op, x):
+        return op.Mul(op.Sigmoid(x), x) if self.sigmoid_first else op.Mul(x, op.Sigmoid(x))
+
+    def rewrite(self, op, x, **_):
+        return op.Swish(x, alpha=1.0)
+
+
+SWISH_OPSET = 24
 FUSION_RULES = pattern.RewriteRuleSet([
     TanhGelu.rule(),
+    SiLU.rule("silu", sigmoid_first=False),
+    SiLU.rule("silu, sigmoid first", sigmoid_first=True),
     EagerAttention.rule("softcapped eager attention", softcapped=True),
     EagerAttention.rule("eager attention", softcapped=False),
     AttentionOnSharedKVHeads.rule(),
@@ -177,4 +194,6 @@ def fuse(model: ir.Model) -> None:
         total += count
         if not count:
             break
+    if any(node.op_type == "Swish" and node.domain in ("", "ai.onnx") for node in model.graph):
+        model.opset_imports[""] = max(model.opset_imports.get("", SWISH_OPSET), SWISH_OPSET)
     log.info("fuse: %d rewrites", total)
