@@ -174,6 +174,54 @@ def test_block_quantized_matmul_keeps_its_integers(storage, asymmetric, tmp_path
         assert (packages[0] / relative).read_bytes() == (packages[1] / relative).read_bytes()
 
 
+def test_nf4_weight_is_a_lookup_table_scaled_per_block(tmp_path):
+    """Quantization's nf4 expansion -> the same 4-bit indices through the 16 levels, then the block scales."""
+    from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
+    from nanoexport.calibration.graph import find_linears, replace_weight
+
+    weight = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    def float_weight(graph):
+        value = initializer(graph, "w", weight)
+        value.shape, value.type = ir.Shape(weight.shape), ir.TensorType(ir.DataType.FLOAT)
+        return value
+
+    model = linear_model(float_weight)
+    (linear,) = find_linears(model)
+    quantized = rtn(linear.matrix(), WeightFormat("nf4", block_size=32))
+    replace_weight(model, linear, quantized)
+    package = tmp_path / "nf4.mlpackage"
+    write_package([("main", lower_graph(model))], package)
+
+    spec = ct.utils.load_spec(str(package))
+    program = load_milproto(spec, spec.specificationVersion, str(package / WEIGHTS_FOLDER))
+    (lookup,) = program.functions["main"].find_ops(op_type="constexpr_lut_to_dense")
+    (scaling,) = program.functions["main"].find_ops(op_type="constexpr_blockwise_shift_scale")
+    np.testing.assert_array_equal(lookup.indices.val.astype(np.int64), quantized.values.T)
+    np.testing.assert_array_equal(lookup.lut.val.reshape(-1), NF4_CODEBOOK.astype(np.float16))
+    assert scaling.data is lookup.outputs[0]
+    np.testing.assert_array_equal(scaling.scale.val, quantized.scales.T.astype(np.float16))
+
+    x = np.random.default_rng(1).standard_normal((1, 4, 64)).astype(np.float16)
+    expected = x.astype(np.float64) @ quantized.dequantize()
+    logits = Interpreter(package).run("main", {"x": x})["logits"]
+    np.testing.assert_allclose(logits, expected, atol=2e-3 * np.abs(expected).max())  # fp16 rounding
+
+
+def test_nf4_demo_with_quantized_tied_head_validates(tmp_path):
+    """nf4 everywhere, the tied embedding too: looked up and used as the head from one compressed table."""
+    import nanoexport
+
+    config = nanoexport.ExportConfig()
+    config.quant.weights, config.quant.keep_float = "nf4", []
+    artifact = nanoexport.export(target="coreml", out=tmp_path / "nf4", config=config, progress=False)
+    spec = ct.utils.load_spec(str(artifact.path / PACKAGE))
+    program = load_milproto(spec, spec.specificationVersion, str(artifact.path / PACKAGE / WEIGHTS_FOLDER))
+    tables = program.functions["decode"].find_ops(op_type="constexpr_lut_to_dense")
+    assert len(tables) == 17  # 4 layers x (qkv, o, gate+up, down) + the tied embedding, shared by both uses
+    report = nanoexport.validate(artifact, write=False)
+    assert report.passed, report.to_dict()
+
+
 def test_gemma2_with_softcapped_windowed_attention_validates(tiny_checkpoint, tmp_path):
     # Softcapped attention (no fused op), a sliding-window mask and GELU: the demo model has none of them.
     import nanoexport

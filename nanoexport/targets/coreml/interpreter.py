@@ -233,6 +233,15 @@ def _blockwise_shift_scale(data, scale, offset=None):
     return repeat(scale) * integers
 
 
+def _lut_to_dense(indices, lut, vector_axis=None):
+    """Each index looked up in its block's table: ``lut`` is ``[blocks per axis..., entries, 1]``."""
+    if lut.shape[-1] != 1:
+        raise NanoexportError("the MIL interpreter reads scalar lookup tables only, not vector palettes")
+    block = [size // groups for size, groups in zip(indices.shape, lut.shape[:-2])]
+    groups = np.ix_(*(np.arange(size) // step for size, step in zip(indices.shape, block)))  # broadcast, not tiled
+    return lut[(*groups, indices.astype(np.intp), 0)]
+
+
 def _split(x, axis, split_sizes):
     return np.split(x, np.cumsum(split_sizes)[:-1], axis=int(axis))
 
@@ -270,4 +279,5 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "layer_norm": _layer_norm,
     "scaled_dot_product_attention": _scaled_dot_product_attention,
     "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
+    "constexpr_lut_to_dense": _lut_to_dense,
 }

@@ -11,7 +11,9 @@ state, writes this call's rows at ``cache_position`` with ``slice_update`` and s
 
 Weights: a ``MatMul`` by a constant ``[in, out]`` matrix becomes ``linear`` over the ``[out, in]`` matrix
 (the layout Core ML's own converters give ``linear``), and a block-wise ``DequantizeLinear`` weight becomes
-``constexpr_blockwise_shift_scale`` over the same integers and scales.
+``constexpr_blockwise_shift_scale`` over the same integers and scales. An nf4 weight (codebook indices)
+becomes ``constexpr_lut_to_dense`` over the same indices and levels, scaled per block by
+``constexpr_blockwise_shift_scale``.
 """
 
 from __future__ import annotations
@@ -213,7 +215,60 @@ class _Lowering:
             return self.weight(node.inputs[0], not transpose)
         if node.op_type == "DequantizeLinear":
             return self.once(("weight", node.name, transpose), lambda: self.blockwise_weight(node, transpose))
+        if node.op_type == "Reshape" and (nf4 := self.codebook_parts(node)) is not None:
+            return self.once(("weight", node.name, transpose), lambda: self.codebook_weight(*nf4, transpose))
         return None
+
+    def codebook_parts(self, matrix: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(indices, levels, block scales) of an nf4 weight as quantization expands it, else None:
+        ``Reshape(Mul(Reshape(Gather(levels, Cast(indices))), Cast(Unsqueeze(scales))))``, where
+        specialization may have folded the small constant steps (casts, unsqueezes) already."""
+        def producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+            node = value.producer() if value is not None else None
+            return node if node is not None and node.op_type == op_type else None
+
+        scaled = producer(matrix.inputs[0], "Mul")
+        blocks = scaled and producer(scaled.inputs[0], "Reshape")
+        gather = blocks and producer(blocks.inputs[0], "Gather")
+        if gather is None:
+            return None
+        index = producer(gather.inputs[1], "Cast")
+        indices = self.constant(index.inputs[0] if index is not None else gather.inputs[1])
+        levels, blocked_shape = self.constant(gather.inputs[0]), self.constant(blocks.inputs[1])
+        scales = self.folded(scaled.inputs[1])
+        if any(array is None for array in (indices, levels, blocked_shape, scales)):
+            return None
+        if indices.ndim != 2 or levels.size > 16 or scales.ndim != 3:
+            return None
+        block_axis = next(axis for axis in range(3) if scales.shape[axis] == 1 and blocked_shape[axis] != 1)
+        return indices, levels, scales.squeeze(block_axis)
+
+    def folded(self, value: ir.Value) -> np.ndarray | None:
+        """A constant reached through Cast and Unsqueeze nodes (dtype left as stored), or None."""
+        array = self.constant(value)
+        node = value.producer()
+        if array is not None or node is None:
+            return array
+        inner = self.folded(node.inputs[0]) if node.op_type in ("Cast", "Unsqueeze") else None
+        if inner is None or node.op_type == "Cast":
+            return inner
+        axes = self.constant(node.inputs[1])
+        return None if axes is None else np.expand_dims(inner, tuple(int(axis) for axis in axes))
+
+    def codebook_weight(self, indices: np.ndarray, levels: np.ndarray, scales: np.ndarray, transpose: bool) -> Var:
+        """An nf4 weight -> ``constexpr_lut_to_dense`` over the same 4-bit indices with the 16 levels as one
+        shared table, then ``constexpr_blockwise_shift_scale`` by the same block scales (coremltools' own
+        chain for palettization with scales). One table per block would cost 16 fp16 entries per block."""
+        def laid_out(array: np.ndarray) -> np.ndarray:
+            return array.T if transpose else array
+
+        table = np.zeros(16, np.float16)
+        table[: levels.size] = levels
+        levels_per_weight = mb.constexpr_lut_to_dense(
+            indices=laid_out(indices.astype(np.uint8)).astype(types.np_uint4_dtype),
+            lut=table.reshape(1, 1, 16, 1),
+        )
+        return mb.constexpr_blockwise_shift_scale(data=levels_per_weight, scale=laid_out(scales).astype(np.float16))
 
     def blockwise_weight(self, node: ir.Node, transpose: bool) -> Var:
         """``DequantizeLinear(q, scale, zero_point, block_size=B)`` of a matrix -> ``constexpr_blockwise_shift_scale``
@@ -275,8 +330,8 @@ def _div(lw: _Lowering, node: ir.Node) -> list[Var]:
 def _cast(lw: _Lowering, node: ir.Node) -> list[Var]:
     if node.inputs[0].dtype in (ir.DataType.INT4, ir.DataType.UINT4):
         raise NanoexportError(
-            f"Cast node {node.name} unpacks 4-bit integers outside a DequantizeLinear (nf4 codebook weights): the "
-            "coreml target has no lookup-table lowering yet; quantize with --quant int4 or uint4"
+            f"Cast node {node.name} unpacks 4-bit integers outside a quantized weight form the coreml target "
+            "knows (block-wise DequantizeLinear, nf4 codebook); quantize with --quant int4, or report the model"
         )
     x = lw.var(node.inputs[0])
     to = ir.DataType(node.attributes.get_int("to"))
@@ -359,6 +414,14 @@ def _gemm(lw: _Lowering, node: ir.Node) -> list[Var]:
 def _gelu(lw: _Lowering, node: ir.Node) -> list[Var]:
     mode = "TANH_APPROXIMATION" if node.attributes.get_string("approximate", "none") == "tanh" else "EXACT"
     return [mb.gelu(x=lw.var(node.inputs[0]), mode=mode)]
+
+
+def _swish(lw: _Lowering, node: ir.Node) -> list[Var]:
+    x = lw.var(node.inputs[0])
+    alpha = node.attributes.get_float("alpha", 1.0)
+    if alpha == 1.0:
+        return [mb.silu(x=x)]
+    return [mb.mul(x=x, y=mb.sigmoid(x=mb.mul(x=x, y=lw.scalar(alpha, x))))]
 
 
 def _normalized_axes(node: ir.Node, rank: int) -> list[int]:
@@ -493,6 +556,7 @@ LOWERINGS: dict[str, Callable[[_Lowering, ir.Node], list[Var]]] = {
     "Sigmoid": _unary(mb.sigmoid),
     "Tanh": _unary(mb.tanh),
     "Gelu": _gelu,
+    "Swish": _swish,
     "Cast": _cast,
     "Unsqueeze": _unsqueeze,
     "Reshape": _reshape,
