@@ -34,6 +34,7 @@ examples:
   nanoexport --quant int4 --size-budget 900MB  int4/int8 per layer, chosen by sensitivity, to fit 900 MB
   nanoexport --target qnn --soc-model 57 --htp-arch 75   HTP context binaries for one Snapdragon SoC
   nanoexport --target qnn --max-part-bytes 300MB   layers split into graphs of at most 300 MB of weights
+  nanoexport --quant int4 --keep-float ''      quantize the output head too (smaller, faster, less exact)
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -106,6 +107,12 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")
         quant.add_argument("--pad-blocks", action="store_true", default=None,
                            help="allow a last partial block where the block size does not divide a dimension")
+        quant.add_argument("--keep-float", type=_names, metavar="PATTERNS",
+                           help="layers left in float, comma-separated name patterns; '' quantizes every layer "
+                                "(default: lm_head)")
+        quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
+                           help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
+                                "(ONNX Runtime's accuracy_level 4; default: on)")
         quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
         quant.add_argument("--activations", choices=["none", "a16", "a8"],
                            help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
@@ -154,7 +161,8 @@ def _export(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk,
         "quant": {"weights": args.quant, "block_size": args.block_size, "algo": args.algo, "calib": args.calib,
                   "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
-                  "activations": args.activations},
+                  "activations": args.activations, "keep_float": args.keep_float,
+                  "dynamic_int8": args.dynamic_int8},
         "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes},
     })
     artifact = export(config=config, overwrite=args.overwrite)

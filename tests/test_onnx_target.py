@@ -41,14 +41,32 @@ def test_growing_cache_is_appended_inside_group_query_attention(demo_artifact):
     assert nanoexport.validate(demo_artifact).passed
 
 
-@pytest.mark.parametrize("weights, asymmetric", [("int4", False), ("uint4", True)])
-def test_four_bit_weights_lower_to_matmul_nbits(weights, asymmetric, tmp_path):
-    """The canonical DequantizeLinear -> MatMul becomes one MatMulNBits over the same integers and scales."""
+@pytest.mark.parametrize("weights, asymmetric, keep_float, dynamic_int8",
+                         [("int4", False, ["lm_head"], False), ("uint4", True, [], True)])
+def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, dynamic_int8, tmp_path):
+    """Each canonical DequantizeLinear -> MatMul becomes one MatMulNBits over the same integers and scales.
+
+    A quantized tied head reads the embedding's integers: the head as MatMulNBits (the [vocab, hidden]
+    layout is the kernel's own, no Transpose), the lookup as GatherBlockQuantized; no DequantizeLinear is
+    left to expand a whole table per call. ``dynamic_int8`` sets the kernels' accuracy_level.
+    """
     config = nanoexport.ExportConfig()
     config.quant.weights, config.quant.asymmetric = weights, asymmetric
+    config.quant.keep_float, config.quant.dynamic_int8 = keep_float, dynamic_int8
     artifact = nanoexport.export(out=tmp_path / weights, config=config, progress=False)
-    ops = Counter((node.domain or "ai.onnx", node.op_type) for node in load_graph(artifact).node)
-    assert ops[("com.microsoft", "MatMulNBits")] == 16 and ops[("ai.onnx", "DequantizeLinear")] == 0
+    graph = load_graph(artifact)
+    ops = Counter((node.domain or "ai.onnx", node.op_type) for node in graph.node)
+    head_quantized = not keep_float
+    assert ops[("com.microsoft", "MatMulNBits")] == 16 + head_quantized
+    assert ops[("com.microsoft", "GatherBlockQuantized")] == head_quantized
+    assert ops[("ai.onnx", "DequantizeLinear")] == 0
+    assert ops[("ai.onnx", "Transpose")] == (0 if head_quantized else 1)  # a float head transposes the table
+    levels = {attribute.i for node in graph.node if node.op_type == "MatMulNBits"
+              for attribute in node.attribute if attribute.name == "accuracy_level"}
+    assert levels == {4 if dynamic_int8 else 0}
     data = artifact.file("model.onnx.data").stat().st_size
-    assert data < 0.45 * 14_689_280  # the fp32 demo's weights file; int4 leaves the float embedding only
+    fp32_demo_weights = 14_689_280
+    # A float embedding alone is 4.2 of the 14.7 MB. A quantized head keeps the table's 4-bit integers
+    # twice (as each kernel lays them out), their scales and the float norms.
+    assert data < (0.25 if head_quantized else 0.45) * fp32_demo_weights
     assert nanoexport.validate(artifact, write=False).passed

@@ -80,71 +80,128 @@ class SkipRMSNorm(pattern.RewriteRuleClassBase):
         return output, total
 
 
+def _four_bit_weight(context, values, scales, weight, axis: int) -> pattern.MatchResult:
+    """Whether ``weight`` is a blocked 4-bit DequantizeLinear of initializers, blocks along ``axis``, that
+    ONNX Runtime's 4-bit kernels can read as stored."""
+    result = pattern.MatchResult()
+    node = weight.producer()
+    if values.const_value is None or scales.const_value is None:
+        return result.fail("the integers and scales must be initializers")
+    if values.dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
+        return result.fail("4-bit weights only", values)
+    if node.attributes.get_int("axis", 1) != axis or values.shape is None or values.shape.rank() != 2:
+        return result.fail(f"blocks must run along axis {axis} of a 2-D weight")
+    block = node.attributes.get_int("block_size", 0)
+    if block < 16 or block & (block - 1) or values.shape[axis] % block:
+        return result.fail(f"block size {block} is not a power of two >= 16 dividing the blocked axis")
+    return result
+
+
+def _dequantized(op, cast: bool, zero_point: bool, values, scales, zero_points):
+    inputs = [values, scales, zero_points] if zero_point else [values, scales]
+    weight = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["weight"])
+    return op.Cast(weight, to=ir.DataType.FLOAT) if cast else weight
+
+
+def _nibbles(values: ir.Value) -> np.ndarray:
+    """The integers as MatMulNBits stores them: unsigned, around a zero point of 8 when signed."""
+    integers = values.const_value.numpy().astype(np.int16)
+    return (integers + 8 if values.dtype == ir.DataType.INT4 else integers).astype(np.uint8)
+
+
 class BlockwiseMatMul(pattern.RewriteRuleClassBase):
     """MatMul by a blocked 4-bit DequantizeLinear weight -> ONNX Runtime's MatMulNBits.
 
     MatMulNBits reads the packed integers directly, one kernel instead of expanding the weight to float on
     every call. The integers and scales are ours, re-laid out ([N, blocks, block/2] bytes, fp32 scales).
+    ``transposed`` matches a tied output head, ``MatMul(x, Transpose(weight [N, K]))``: that layout is
+    already MatMulNBits' own. The dequantized weight may have other readers (the tied embedding's Gather),
+    so matched nodes stay until the unused-node sweep.
     """
 
-    def __init__(self, name: str, cast: bool, zero_point: bool):
-        super().__init__(name)
-        self.cast, self.zero_point = cast, zero_point
+    def __init__(self, name: str, cast: bool, zero_point: bool, transposed: bool, accuracy_level: int):
+        super().__init__(name, remove_nodes=False)
+        self.cast, self.zero_point, self.transposed = cast, zero_point, transposed
+        self.accuracy_level = accuracy_level
 
     def pattern(self, op, x, values, scales, zero_points):
-        inputs = [values, scales, zero_points] if self.zero_point else [values, scales]
-        weight = op.DequantizeLinear(*inputs, _allow_other_attributes=True, _outputs=["weight"])
-        if self.cast:
-            weight = op.Cast(weight, to=ir.DataType.FLOAT)
-        return op.MatMul(x, weight)
+        weight = _dequantized(op, self.cast, self.zero_point, values, scales, zero_points)
+        return op.MatMul(x, op.Transpose(weight, perm=[1, 0]) if self.transposed else weight)
 
     def check(self, context, x, values, scales, weight, zero_points=None, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        node = weight.producer()
-        if values.const_value is None or scales.const_value is None:
-            return result.fail("the integers and scales must be initializers")
-        if values.dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
-            return result.fail("MatMulNBits lowering takes 4-bit weights", values)
-        if node.attributes.get_int("axis", 1) != 0 or values.shape is None or values.shape.rank() != 2:
-            return result.fail("blocks must run along the input dimension of a [K, N] weight")
-        block = node.attributes.get_int("block_size", 0)
-        if block < 16 or block & (block - 1) or values.shape[0] % block:
-            return result.fail(f"block size {block} is not a power of two >= 16 dividing K")
-        if x.dtype != ir.DataType.FLOAT:
+        # Blocks run along K: axis 0 of a [K, N] weight, axis 1 of a transposed [N, K] one.
+        result = _four_bit_weight(context, values, scales, weight, axis=1 if self.transposed else 0)
+        if result and x.dtype != ir.DataType.FLOAT:
             return result.fail("float32 activations only", x)
         return result
 
     def rewrite(self, op, x, values, scales, weight, zero_points=None, **_):
         block = weight.producer().attributes.get_int("block_size")
-        rows, columns = values.shape
-        integers = values.const_value.numpy().astype(np.int16)
-        if values.dtype == ir.DataType.INT4:
-            integers = integers + 8  # MatMulNBits stores unsigned nibbles around a zero point of 8
-        stored = integers.astype(np.uint8).T.reshape(columns, rows // block, block)
+        def by_output(array: np.ndarray) -> np.ndarray:  # [N, ...] whatever the stored layout
+            return array if self.transposed else array.T
+
+        stored = by_output(_nibbles(values))
+        columns, rows = stored.shape
+        stored = stored.reshape(columns, rows // block, block)
         packed = (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
-        scale = scales.const_value.numpy().astype(np.float32).T.reshape(-1)
+        scale = by_output(scales.const_value.numpy().astype(np.float32)).reshape(-1)
         inputs = [x, op.initializer(ir.tensor(np.ascontiguousarray(packed)), name=f"{values.name}.nbits"),
                   op.initializer(ir.tensor(np.ascontiguousarray(scale)), name=f"{scales.name}.nbits")]
         if zero_points is not None:
-            points = zero_points.const_value.numpy().astype(np.int16)
-            if values.dtype == ir.DataType.INT4:
-                points = points + 8
-            points = points.astype(np.uint8).T  # [N, blocks]
+            points = by_output(_nibbles(zero_points))  # [N, blocks]
             blocks = points.shape[1]
             padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
             padded[:, :blocks] = points
             packed_points = padded[:, 0::2] | (padded[:, 1::2] << 4)
             inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(packed_points.reshape(-1))),
                                          name=f"{zero_points.name}.nbits"))
-        return op.MatMulNBits(*inputs, K=rows, N=columns, bits=4, block_size=block, _domain="com.microsoft")
+        return op.MatMulNBits(*inputs, K=rows, N=columns, bits=4, block_size=block,
+                              accuracy_level=self.accuracy_level, _domain="com.microsoft")
 
 
-ORT_KERNEL_RULES = pattern.RewriteRuleSet([
-    SkipRMSNorm.rule(),
-    *(BlockwiseMatMul.rule(f"4-bit matmul{' after cast' if cast else ''}{' with zero points' if zero else ''}",
-                           cast=cast, zero_point=zero)
-      for cast in (True, False) for zero in (True, False)),
-])
+class BlockwiseGather(pattern.RewriteRuleClassBase):
+    """Embedding lookup in a blocked 4-bit ``[vocab, hidden]`` weight -> ONNX Runtime's GatherBlockQuantized.
+
+    Only the looked-up rows are dequantized, not the whole table on every call. The kernel reads our
+    integers, scales and zero points unchanged, and returns the scales' dtype, as DequantizeLinear does.
+    """
+
+    def __init__(self, name: str, cast: bool, zero_point: bool):
+        super().__init__(name, remove_nodes=False)  # a tied output head reads the same dequantized weight
+        self.cast, self.zero_point = cast, zero_point
+
+    def pattern(self, op, values, scales, zero_points, indices):
+        weight = _dequantized(op, self.cast, self.zero_point, values, scales, zero_points)
+        return op.Gather(weight, indices, _allow_other_attributes=True, _outputs=["rows"])
+
+    def check(self, context, values, scales, weight, rows, zero_points=None, **_) -> pattern.MatchResult:
+        result = _four_bit_weight(context, values, scales, weight, axis=1)
+        if result and rows.producer().attributes.get_int("axis", 0) != 0:
+            return result.fail("rows must be gathered along axis 0")
+        return result
+
+    def rewrite(self, op, values, scales, weight, indices, zero_points=None, **_):
+        inputs = [values, indices, scales] + ([zero_points] if zero_points is not None else [])
+        rows = op.GatherBlockQuantized(*inputs, gather_axis=0, quantize_axis=1, bits=4,
+                                       block_size=weight.producer().attributes.get_int("block_size"),
+                                       _domain="com.microsoft")
+        return op.Cast(rows, to=ir.DataType.FLOAT) if self.cast else rows
+
+
+def ort_kernel_rules(accuracy_level: int) -> pattern.RewriteRuleSet:
+    """Canonical ops -> ONNX Runtime's fused kernels; ``accuracy_level`` is MatMulNBits' compute type
+    (0: as the activations, 4: int8 activations)."""
+    variants = [(cast, zero) for cast in (True, False) for zero in (True, False)]
+    return pattern.RewriteRuleSet([
+        SkipRMSNorm.rule(),
+        *(BlockwiseMatMul.rule(f"4-bit {'tied head ' if transposed else ''}matmul{' after cast' if cast else ''}"
+                               f"{' with zero points' if zero else ''}", cast=cast, zero_point=zero,
+                               transposed=transposed, accuracy_level=accuracy_level)
+          for transposed in (True, False) for cast, zero in variants),
+        *(BlockwiseGather.rule(f"4-bit gather{' after cast' if cast else ''}{' with zero points' if zero else ''}",
+                               cast=cast, zero_point=zero)
+          for cast, zero in variants),
+    ])
 
 
 @dataclass
@@ -360,7 +417,7 @@ class PackedQKV(pattern.RewriteRuleClassBase):
 def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
     """Write ``model`` into ``folder`` for ONNX Runtime; returns the model files written."""
     if not config.split_prefill_decode:
-        _use_ort_kernels(model)
+        _use_ort_kernels(model, config)
         genai_files = []
         if config.kv_cache == "dynamic":
             shares_buffer = _use_group_query_attention(model, checkpoint.config)
@@ -373,14 +430,14 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
     for file_name, sequence_length in ((PREFILL_FILE, config.prefill_chunk), (DECODE_FILE, 1)):
         graph = ir.load(folder / MODEL_FILE)
         specialize(graph, sequence_length)  # before the vendor ops, which ONNX shape inference does not know
-        _use_ort_kernels(graph)
+        _use_ort_kernels(graph, config)
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
 
 
-def _use_ort_kernels(model: ir.Model) -> None:
-    if ORT_KERNEL_RULES.apply_to_model(model):
+def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
+    if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
         common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
 
