@@ -59,6 +59,8 @@ def export(
     target_module = get_target(config.target)
     _apply_target_defaults(config, target_module)
     check_config(config.quant)
+    if hasattr(target_module, "check_config"):
+        target_module.check_config(config)
     config.kv_cache = _kv_cache_form(config, target_module)
     passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
@@ -156,7 +158,10 @@ def _apply_target_defaults(config: ExportConfig, target_module) -> None:
         if getattr(config.quant, name) == "none":
             setattr(config.quant, name, value)
     fp32_defaults = ValidationConfig()
-    for name, value in getattr(target_module, "VALIDATION_DEFAULTS", {}).items():
+    thresholds = getattr(target_module, "VALIDATION_DEFAULTS", {})
+    if callable(thresholds):  # they depend on the precision chosen
+        thresholds = thresholds(config)
+    for name, value in thresholds.items():
         if getattr(config.validate, name) == getattr(fp32_defaults, name):
             setattr(config.validate, name, value)
 

@@ -117,11 +117,23 @@ def test_compiled_for_htp_and_every_node_runs_on_qnn(exported):
 
 
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
-@pytest.mark.xfail(reason="int4 weights compute wrong on the onnxruntime-qnn 2.7.0 HTP emulator (int8 is right)",
-                   strict=False)
 def test_htp_matches_cpu(exported):
     note = qnn.validation_notes(nanoexport.Artifact.load(exported))[0]
     assert float(note.split("top-1 agreement ")[1].split()[0]) >= 0.9
+
+
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
+def test_w8a8_runs_on_htp_with_per_channel_int8_and_validates(tmp_path_factory):
+    """int8 weights go per output channel (HTP refuses block-wise int8 beside uint8 activations); the CPU
+    runner keeps the QDQ graph's float ops (ONNX Runtime's uint8 integer fusion fails on it)."""
+    folder = _export_once(tmp_path_factory, "qnn-w8a8", CONFIG, "--quant", "int8", "--activations", "a8")
+    model = ir.load(folder / qnn.GRAPHS["decode"])
+    weights = [node for node in model.graph if node.op_type == "DequantizeLinear" and node.inputs[0].dtype ==
+               ir.DataType.INT8]
+    assert weights and all(node.inputs[1].shape.rank() == 1 for node in weights)  # one scale per channel
+    report = nanoexport.validate(folder, write=False)  # on HTP, no CPU fallback, and HTP vs CPU in the notes
+    assert report.passed, [check for check in report.checks if not check.passed]
+    assert "every node on QNN" in report.notes[0]
 
 
 def test_an_op_outside_the_allowlist_is_refused_by_name():
@@ -132,18 +144,26 @@ def test_an_op_outside_the_allowlist_is_refused_by_name():
         qnn.check_ops(ir.Model(graph, ir_version=10), "decode")
 
 
-def test_lpbq_keeps_the_integers_up_to_negated_blocks():
+def test_lpbq_weights_take_htp_levels_and_stay_close_to_our_int4():
+    """Block scales become levels 1..16 of a per-channel scale (what HTP computes right), and the integers,
+    rounded again to them, reproduce the weights nearly as well as our free fp16 block scales do."""
     import ml_dtypes
 
-    quant = np.array([[-8, -8], [7, -2], [1, 5], [0, -8]], ml_dtypes.int4)
-    scale = np.array([[0.02, -0.01], [-0.04, 0.03]], np.float32)  # blocks of 2 rows
-    integers, levels, channel = qnn.lpbq_scales(quant, scale, block_size=2)
-    negated = np.repeat(np.sign(scale), 2, axis=0).astype(np.int64)
-    expected = quant.astype(np.int64) * negated
-    expected[0, 1] = 7  # -8 in a negative-scale block: +8 does not fit int4
-    np.testing.assert_array_equal(integers.astype(np.int64), expected)
-    # Block scales become uint8 levels of a per-channel scale: within half a level of the column's largest.
-    np.testing.assert_allclose(levels * channel, np.abs(scale), rtol=0, atol=0.5 / 255 * 0.04)
+    from nanoexport.calibration.blocks import WeightFormat, rtn
+
+    weight = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    weight *= np.random.default_rng(1).uniform(0.1, 1.0, (256 // 32, 1, 64)).repeat(32, 0).reshape(256, 64)
+    ours = rtn(weight, WeightFormat("int4", block_size=32))
+    integers, levels, channel = qnn.lpbq_weights(ours.values.astype(ml_dtypes.int4), ours.scales.astype(np.float32),
+                                                 block_size=32)
+    assert levels.min() >= 1 and levels.max() == qnn.LPBQ_LEVELS and integers.dtype == ml_dtypes.int4
+    np.testing.assert_allclose(channel * qnn.LPBQ_LEVELS, np.abs(ours.scales.astype(np.float32)).max(axis=0))
+    lpbq = integers.astype(np.float32) * np.repeat(levels * channel, 32, axis=0)
+
+    def error(approximation):
+        return np.linalg.norm(approximation - weight) / np.linalg.norm(weight)
+
+    assert error(lpbq) < 1.25 * error(ours.dequantize())
 
 
 # --- parts -------------------------------------------------------------------------------------------------
@@ -263,6 +283,16 @@ def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--htp-arch '77'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_refused_before_any_work(monkeypatch, tmp_path):
+    from nanoexport import pipeline
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda *_: pytest.fail("the checkpoint was loaded"))
+    config = nanoexport.ExportConfig()
+    config.qnn.htp_arch = "77"
+    with pytest.raises(NanoexportError, match="--htp-arch '77'"):
+        nanoexport.export(target="qnn", out=tmp_path / "out", config=config, progress=False)
 
 
 def test_qnn_settings_from_toml_and_flags(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from nanoexport.capture.onnx_export import call_feeds
+
 NEW_TOKENS = 5
 CACHED = 3
 
@@ -31,30 +33,21 @@ class GraphRunner:
         }
 
     def feeds(self, model: ir.Model) -> dict[str, np.ndarray]:
-        total = CACHED + NEW_TOKENS
-        feeds = {}
-        for value in model.graph.inputs:
-            name = value.name
-            if name == "input_ids":
-                feeds[name] = self.input_ids
-            elif name == "position_ids":
-                feeds[name] = np.arange(CACHED, total, dtype=np.int64)[None]
-            elif name == "cache_position":
-                feeds[name] = np.array([CACHED], np.int64)
-            elif name == "attention_mask":
-                slots = value.shape[1] if isinstance(value.shape[1], int) else total
-                feeds[name] = (np.arange(slots) < total).astype(np.int64)[None]
-            elif name in self.past:
-                capacity = value.shape[2]
-                if isinstance(capacity, int):
-                    buffer = np.zeros((1, value.shape[1], capacity, value.shape[3]), np.float32)
-                    buffer[:, :, :CACHED] = self.past[name]
-                    feeds[name] = buffer
-                else:
-                    feeds[name] = self.past[name]
+        inputs = {value.name: value for value in model.graph.inputs}
+        slots = inputs["attention_mask"].shape[1]
+        capacity = slots if isinstance(slots, int) else None
+        feeds = call_feeds(self.input_ids[0], CACHED, NEW_TOKENS, capacity)
+        for name, past in self.past.items():
+            if capacity is None:
+                feeds[name] = past
             else:
-                raise ValueError(f"no verification input for graph input {name!r}")
-        return feeds
+                value = inputs[name]
+                feeds[name] = np.zeros((1, value.shape[1], capacity, value.shape[3]), np.float32)
+                feeds[name][:, :, :CACHED] = past
+        unknown = set(inputs) - set(feeds)
+        if unknown:
+            raise ValueError(f"no verification input for graph inputs {sorted(unknown)}")
+        return {name: feeds[name] for name in inputs}
 
     def logits(self, model: ir.Model) -> np.ndarray:
         # Runtime graph optimizations off: we compare our graphs, not what ORT makes of them.
@@ -62,14 +55,17 @@ class GraphRunner:
         return session.run([model.graph.outputs[0].name], self.feeds(model))[0]
 
 
-def cpu_session(model: ir.Model, optimize: bool = True):
-    """An ONNX Runtime CPU session on the in-memory ``model`` (written to a scratch folder, then dropped)."""
+def cpu_session(model: ir.Model, optimize: bool = True, session_config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session on the in-memory ``model`` (written to a scratch folder, then dropped);
+    ``session_config``: session configuration entries."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")

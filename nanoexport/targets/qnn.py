@@ -13,11 +13,13 @@ takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the part
 files and I/O (one part, the files above, when the model fits).
 
 What the lowering changes in the canonical graph, and why:
-- weights: HTP takes block quantization only as LPBQ, block scales that are uint8 multiples of one float
-  scale per output channel. Our int4 integers are kept bit for bit; each column's fp16 block scales are
-  re-expressed as ``uint8 * per-channel scale`` (the only rounding: scales move by at most 1/510 of the
-  column's largest). The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP
-  quantizes the weight itself.
+- weights: HTP takes int4 block quantization as LPBQ: block scales that are levels 1..16 of one float scale per
+  output channel (on the onnxruntime-qnn 2.7 emulator, higher levels compute wrong values). Each block takes
+  the level that best reproduces our dequantized block, and our integers are rounded again to it (on the
+  demo model: weight error 1.17x the canonical int4's). int8 weights become per output channel (the
+  provider refuses block-wise int8 beside uint8 activations), also rounded again from our dequantized
+  weights. The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP quantizes
+  the weight itself.
 - KV cache: HTP has no scatter into a graph input. Each layer attends over ``Concat(past, new rows)`` and
   ``present.{i}.key/value`` are only the new rows ``[1, kv_heads, tokens, head_dim]``; the host (our Runner,
   an app on the device) writes them into its buffer at ``cache_position``.
@@ -52,6 +54,7 @@ from nanoexport.calibration import calibration_path, parse_size
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.qdq import ACTIVATION_TYPES
 from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.capture.onnx_export import call_feeds
 from nanoexport.config import ExportConfig, QnnConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.kv_cache import specialize
@@ -64,9 +67,14 @@ RUNTIME = "onnxruntime"  # the CPU path; the HTP path needs onnxruntime-qnn (ext
 KV_CACHE_FORMS = ("static",)
 SPLIT_PREFILL_DECODE = True
 QUANT_DEFAULTS = {"weights": "int4", "activations": "a16"}  # W4A16 unless the user chose
-# Integer activations move logits more than fp16 does; measured on the demo model (W4A16): cosine >= 0.99,
-# top-1 >= 0.9, KV consistency <= 0.03 (prefill and decode round activations per call).
-VALIDATION_DEFAULTS = {"quantized_kv_max_abs": 0.1}
+
+
+def VALIDATION_DEFAULTS(config: ExportConfig) -> dict[str, float]:  # noqa: N802 (a target declaration)
+    """Integer activations move logits more than fp16 does. Measured on the demo model: W4A16 cosine >= 0.99,
+    top-1 >= 0.9, KV consistency <= 0.03; W8A8 KV consistency 0.55, as prefill and decode round activations
+    per call, to uint8 levels 256 times coarser."""
+    return {"quantized_kv_max_abs": 1.0 if config.quant.activations == "a8" else 0.1}
+
 # What the provider's htp_arch option accepts (it ignores other values with a warning, measured on 2.7.0).
 HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
@@ -79,18 +87,19 @@ CACHE_NAME = re.compile(r"^past_key_values\.(\d+)\.")
 HTP_OPS = frozenset({
     "Add", "And", "Cast", "Concat", "Cos", "DequantizeLinear", "Div", "Equal", "Expand", "Gather", "Less",
     "MatMul", "Mul", "Neg", "QuantizeLinear", "Reshape", "RMSNormalization", "Sigmoid",
-    "Sin", "Slice", "Softmax", "Split", "Sub", "Transpose", "Unsqueeze", "Where",
+    "Sin", "Slice", "Softmax", "Split", "Sub", "Swish", "Transpose", "Unsqueeze", "Where",
 })
+# ONNX Runtime CPU runs the QDQ graphs as written (float ops between Q/DQ pairs) instead of fusing uint8
+# pairs into integer kernels, whose MatMulIntegerToFloat fails on the batched attention MatMuls of W8A8.
+QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}
+LPBQ_LEVELS = 16  # block scale levels HTP computes right: it reads them as 4-bit
 MASKED = -10000.0  # additive mask: exp underflows to 0 in fp16 too, unlike the float32 minimum (overflow)
 
 
 def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
     """Write the prefill and decode graphs (and, with onnxruntime-qnn, their HTP builds); returns the files."""
-    if config.quant.weights == "none" or config.quant.activations == "none":
-        raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
-                              "--activations a16 (or leave both unset for W4A16)")
-    limit = check_settings(config.qnn)
-    weights_to_lpbq(model)
+    limit = parse_size(config.qnn.max_part_bytes)  # checked by check_config
+    weights_for_htp(model)
     # The shared weights file holds the HTP form; each reloaded graph keeps pointing into it.
     scratch = folder / "canonical.onnx"
     ir.save(model, scratch, external_data=WEIGHTS_FILE)
@@ -112,6 +121,14 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         return files
     graph_files = [file for part in parts for file in part["graphs"].values()]
     return [*files, *compile_contexts(folder, graph_files, config.qnn)]
+
+
+def check_config(config: ExportConfig) -> None:
+    """Refuse, before any work, settings this target cannot build (the pipeline calls it first)."""
+    if config.quant.weights == "none" or config.quant.activations == "none":
+        raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
+                              "--activations a16 (or leave both unset for W4A16)")
+    check_settings(config.qnn)
 
 
 def check_settings(settings: QnnConfig) -> int:
@@ -196,8 +213,9 @@ def _node(graph: ir.Graph, before: ir.Node, op_type: str, inputs, name: str, **a
 # --- weights ---------------------------------------------------------------------------------------------
 
 
-def weights_to_lpbq(model: ir.Model) -> None:
-    """Blocked ``DequantizeLinear -> Cast`` weights -> HTP's LPBQ form, keeping the integers."""
+def weights_for_htp(model: ir.Model) -> None:
+    """Blocked ``DequantizeLinear -> Cast`` weights -> the forms HTP computes right: int4 as LPBQ (block
+    scales re-expressed, integers rounded again to them), int8 per output channel."""
     graph = model.graph
     for dequantize in [node for node in graph if _is_blocked_weight(node)]:
         cast = dequantize.outputs[0].uses()[0][0]
@@ -211,18 +229,26 @@ def weights_to_lpbq(model: ir.Model) -> None:
             raise NanoexportError(f"HTP takes int4 or int8 blocked weights, not {quant.dtype.name.lower()} "
                                   f"({quant.name}); use --quant int4 or int8")
         block_size = dequantize.attributes.get_int("block_size")
-        integers, block_levels, channel_scale = lpbq_scales(quant.const_value.numpy(),
-                                                            scale.const_value.numpy().astype(np.float32), block_size)
         base = quant.name.removesuffix(".quant")
-        quant = _constant(graph, f"{base}.lpbq_quant", integers)
-        levels = _constant(graph, f"{base}.block_levels", block_levels)
-        per_channel = _constant(graph, f"{base}.channel_scale", channel_scale)
-        zero = _constant(graph, f"{base}.zero_point", np.zeros(block_levels.shape, quant.const_value.numpy().dtype))
-        block_scale = _node(graph, dequantize, "DequantizeLinear", [levels, per_channel], f"{base}.block_scale",
-                            axis=1)
-        lpbq = _node(graph, dequantize, "DequantizeLinear", [quant, block_scale, zero], f"{base}.lpbq", axis=0,
-                     block_size=block_size)
-        weight.replace_all_uses_with(lpbq)
+        block_scales = scale.const_value.numpy().astype(np.float32)
+        if quant.dtype == ir.DataType.INT8:
+            integers, channel_scale = per_channel_weights(quant.const_value.numpy(), block_scales, block_size)
+            htp_weight = _node(graph, dequantize, "DequantizeLinear",
+                               [_constant(graph, f"{base}.channel_quant", integers),
+                                _constant(graph, f"{base}.channel_scale", channel_scale)],
+                               f"{base}.per_channel", axis=1)
+        else:
+            integers, block_levels, channel_scale = lpbq_weights(quant.const_value.numpy(), block_scales, block_size)
+            levels = _constant(graph, f"{base}.block_levels", block_levels)
+            per_channel = _constant(graph, f"{base}.channel_scale", channel_scale)
+            # The provider tells int4 from the zero point's type: without one it reads the integers as int8.
+            zero = _constant(graph, f"{base}.zero_point", np.zeros(block_levels.shape, integers.dtype))
+            block_scale = _node(graph, dequantize, "DequantizeLinear", [levels, per_channel], f"{base}.block_scale",
+                                axis=1)
+            htp_weight = _node(graph, dequantize, "DequantizeLinear",
+                               [_constant(graph, f"{base}.lpbq_quant", integers), block_scale, zero],
+                               f"{base}.lpbq", axis=0, block_size=block_size)
+        weight.replace_all_uses_with(htp_weight)
         graph.remove([cast, dequantize], safe=True)
     common.RemoveUnusedNodesPass()(model)  # and the canonical integers, scales and weight Q/DQ constants
 
@@ -245,22 +271,39 @@ def _drop_activation_qdq(weight: ir.Value) -> None:
         quantize.graph.remove(quantize, safe=True)
 
 
-def lpbq_scales(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integers ``[K, N]`` and block scales ``[K / block, N]`` -> (integers, uint8 levels, float32 per-channel
-    scale) with ``levels * per-channel ~ |scale|``.
-
-    LPBQ scales are positive; our quantizer gives a block a negative scale to reach -8 with its largest
-    magnitude. Such blocks negate their integers, and the one value -8 cannot become (+8) becomes 7: the only
-    integers that change. Each channel's largest block scale is 255 levels; levels are at least 1.
-    """
-    negative = np.repeat(scale < 0, block_size, axis=0)
-    integers = quant.astype(np.int64)
-    top = ml_dtypes.iinfo(quant.dtype).max
-    integers = np.where(negative, np.minimum(-integers, top), integers).astype(quant.dtype)
-    channel = np.abs(scale).max(axis=0) / 255
+def per_channel_weights(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 integers ``[K, N]`` and block scales -> (int8 integers, float32 scale per output channel): our
+    dequantized weights rounded again to one scale per column, the int8 form HTP takes with uint8 and
+    uint16 activations alike (block-wise int8 it refuses beside uint8 activations)."""
+    weights = quant.astype(np.float32) * np.repeat(scale, block_size, axis=0)
+    channel = np.abs(weights).max(axis=0) / 127
     channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
-    levels = np.clip(np.round(np.abs(scale) / channel), 1, 255).astype(np.uint8)
-    return integers, levels, channel
+    return np.clip(np.round(weights / channel), -127, 127).astype(np.int8), channel
+
+
+def lpbq_weights(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int4 integers ``[K, N]`` and block scales ``[K / block, N]`` -> LPBQ (integers, uint8 levels, float32
+    per-channel scale): each block's scale is ``level * channel scale`` with level 1 to 16.
+
+    HTP reads block scale levels as 4 bits: levels above 16 compute wrong values. Sixteen levels cannot hold
+    every block scale, so each block takes the level that best reproduces its dequantized weights, which are
+    then rounded again to that level's grid. A column's largest block keeps its scale (level 16).
+    """
+    rows, columns = quant.shape
+    weights = (quant.astype(np.float32) * np.repeat(scale, block_size, axis=0)).reshape(-1, block_size, columns)
+    channel = np.abs(scale).max(axis=0) / LPBQ_LEVELS
+    channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
+    low, high = ml_dtypes.iinfo(quant.dtype).min, ml_dtypes.iinfo(quant.dtype).max
+    best_error = np.full(scale.shape, np.inf, np.float32)
+    best_level = np.ones(scale.shape, np.uint8)
+    for level in range(1, LPBQ_LEVELS + 1):
+        step = level * channel
+        error = np.square(weights - np.clip(np.round(weights / step), low, high) * step).sum(axis=1)
+        better = error < best_error
+        best_error, best_level = np.where(better, error, best_error), np.where(better, level, best_level)
+    step = (best_level * channel)[:, None, :]
+    integers = np.clip(np.round(weights / step), low, high).reshape(rows, columns).astype(quant.dtype)
+    return integers, best_level.astype(np.uint8), channel
 
 
 def _calibration_windows(config: ExportConfig, checkpoint: Checkpoint) -> np.ndarray:
@@ -274,15 +317,15 @@ def _calibration_windows(config: ExportConfig, checkpoint: Checkpoint) -> np.nda
 def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tuple[float, float]]:
     """Min/max of each weight MatMul output that calibration left float, over prefill calls on ``windows``.
 
-    HTP runs a block-quantized MatMul only with a quantized output too; calibration quantizes the inputs of
+    HTP runs a MatMul by a quantized weight only with a quantized output too; calibration quantizes the inputs of
     the next arithmetic op, which a Split or Reshape in between (the fused q/k/v projection) hides.
     """
 
     values = [node.outputs[0] for node in model.graph
-              if _reads_lpbq_weight(node) and not _is_quantized(node.outputs[0])]
+              if _reads_quantized_weight(node) and not _is_quantized(node.outputs[0])]
     model.graph.outputs.extend(values)
     try:
-        session = cpu_session(model)
+        session = cpu_session(model, session_config=QDQ_AS_FLOAT)
     finally:
         del model.graph.outputs[-len(values):]
     names = [value.name for value in values]
@@ -298,18 +341,13 @@ def _first_chunk_feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
     inputs = {value.name: value for value in session.get_inputs()}
     feeds = {name: np.zeros(value.shape, np.float32) for name, value in inputs.items()
              if name.startswith("past_key_values.")}
-    capacity = inputs["attention_mask"].shape[1]
-    feeds["input_ids"] = tokens[None].astype(np.int64)
-    feeds["position_ids"] = np.arange(len(tokens), dtype=np.int64)[None]
-    feeds["attention_mask"] = (np.arange(capacity) < len(tokens)).astype(np.int64)[None]
-    feeds["cache_position"] = np.zeros(1, np.int64)
-    return feeds
+    return feeds | call_feeds(tokens, 0, len(tokens), capacity=inputs["attention_mask"].shape[1])
 
 
-def _reads_lpbq_weight(node: ir.Node) -> bool:
+def _reads_quantized_weight(node: ir.Node) -> bool:
     producer = node.inputs[1].producer() if node.op_type == "MatMul" else None
     return producer is not None and producer.op_type == "DequantizeLinear" and \
-        producer.attributes.get_int("block_size", 0) > 0
+        producer.inputs[0].const_value is not None
 
 
 def _is_quantized(value: ir.Value) -> bool:
@@ -764,6 +802,8 @@ class Runner:
                 else:
                     options = ort.SessionOptions()
                     options.log_severity_level = 3
+                    for key, value in QDQ_AS_FLOAT.items():
+                        options.add_session_config_entry(key, value)
                     sessions[name] = ort.InferenceSession(str(artifact.file(file_name)), options,
                                                           providers=["CPUExecutionProvider"])
             self.parts.append(sessions)
