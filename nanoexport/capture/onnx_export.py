@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -71,6 +72,23 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
     return inputs, outputs
+
+
+def call_feeds(tokens, past: int, real: int, capacity: int | None) -> dict[str, np.ndarray]:
+    """The non-cache inputs of one call on ``tokens`` (the first ``real`` of them real, the rest padding)
+    after ``past`` cached positions: batch 1, positions counting on. ``capacity``: the slots of a fixed-size
+    cache, whose mask marks the valid slots and whose writes start at ``cache_position``; None: a growing
+    cache, whose mask covers every position so far."""
+    total = past + real
+    slots = total if capacity is None else capacity
+    feeds = {
+        "input_ids": np.asarray(tokens, np.int64).reshape(1, -1),
+        "position_ids": np.arange(past, past + len(tokens), dtype=np.int64)[None],
+        "attention_mask": (np.arange(slots) < min(total, slots)).astype(np.int64)[None],
+    }
+    if capacity is not None:
+        feeds["cache_position"] = np.array([past], np.int64)
+    return feeds
 
 
 def export_onnx(checkpoint: Checkpoint) -> ir.Model:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from nanoexport.capture.onnx_export import call_feeds
 from nanoexport.errors import NanoexportError
 
 PROMPTS = (
@@ -82,20 +83,12 @@ class ArtifactDecoder:
     def _call(self, tokens: list[int], cache: KVCache, real: int) -> tuple[np.ndarray, KVCache]:
         """One runtime call on ``tokens``, of which the first ``real`` count; the rest is padding."""
         past, total = cache.length, cache.length + real
-        feeds = {
-            "input_ids": np.array([tokens], np.int64),
-            "position_ids": np.arange(past, past + len(tokens), dtype=np.int64)[None],
-        }
-        if self.capacity is None:
-            feeds["attention_mask"] = np.ones((1, total), np.int64)
-        else:
-            if past + len(tokens) > self.capacity and not self.circular:
-                raise NanoexportError(
-                    f"{past + len(tokens)} tokens do not fit the artifact's KV cache of {self.capacity}; export "
-                    "with a larger --max-context or with --kv-cache sliding"
-                )
-            feeds["attention_mask"] = (np.arange(self.capacity) < min(total, self.capacity)).astype(np.int64)[None]
-            feeds["cache_position"] = np.array([past], np.int64)
+        if self.capacity is not None and past + len(tokens) > self.capacity and not self.circular:
+            raise NanoexportError(
+                f"{past + len(tokens)} tokens do not fit the artifact's KV cache of {self.capacity}; export "
+                "with a larger --max-context or with --kv-cache sliding"
+            )
+        feeds = call_feeds(tokens, past, real, self.capacity)
         for layer in range(self.num_layers):
             feeds[f"past_key_values.{layer}.key"] = cache.tensors[2 * layer]
             feeds[f"past_key_values.{layer}.value"] = cache.tensors[2 * layer + 1]
