@@ -58,9 +58,12 @@ OPTIMUM_WEIGHTS = {
 
 
 def export_ours(model: Path, out: Path, precision: str, target: str = "onnx") -> None:
-    # int4: round to nearest, blocks of 32, lm_head float -- the builder's int4 defaults quantize the same
-    # decoder MatMuls the same way.
+    # int4: round to nearest, blocks of 32, as both other tools. The model builder's int4 also quantizes the
+    # (tied) output head and embedding, so ours does for onnx; optimum-intel's is told to keep them float
+    # (--backup-precision none), as ours does by default.
     quant = ["--quant", "int4", "--block-size", "32"] if precision == "int4" else []
+    if precision == "int4" and target == "onnx":
+        quant += ["--keep-float", ""]
     subprocess.run(
         [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--target", target, "--out", str(out),
          "--no-validate", *quant],
@@ -108,16 +111,18 @@ def prompt_tokens(vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
 
 
-def measure_onnxruntime(folder: Path, vocab: int, new_tokens: int, runs: int) -> list[tuple[float, float]]:
-    """(time to first token in s, decode tokens/s) of each run after a warm-up run."""
+def measure_onnxruntime(folders: dict[str, Path], vocab: int, new_tokens: int,
+                        runs: int) -> dict[str, list[tuple[float, float]]]:
+    """(time to first token in s, decode tokens/s) of each tool's artifact, the tools taking turns run by run.
+
+    Each run loads the artifact into a new genai model, warms it up and frees it, so that no other model's
+    idle threads (ONNX Runtime's spin after each call) share the cores with the one measured.
+    """
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
-    prompt = prompt_tokens(vocab, 0)
-    samples = []
-    for _ in range(runs + 1):
+    def generate(model, prompt: np.ndarray, max_length: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        params.set_search_options(max_length=max_length, do_sample=False)
         generator = og.Generator(model, params)
         started = time.perf_counter()
         generator.append_tokens(prompt)
@@ -128,8 +133,17 @@ def measure_onnxruntime(folder: Path, vocab: int, new_tokens: int, runs: int) ->
             generator.generate_next_token()
             generated += 1
         finished = time.perf_counter()
-        samples.append((first - started, (generated - 1) / (finished - first)))
-    return samples[1:]
+        return first - started, (generated - 1) / max(finished - first, 1e-9)
+
+    prompt = prompt_tokens(vocab, 0)
+    samples = {tool: [] for tool in folders}
+    for run in range(runs):
+        for tool in (folders if run % 2 else reversed(folders)):
+            model = og.Model(str(folders[tool]))
+            generate(model, prompt, len(prompt) + 4)
+            samples[tool].append(generate(model, prompt, len(prompt) + new_tokens))
+            del model
+    return samples
 
 
 def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
@@ -165,12 +179,10 @@ def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
 
 def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,
                         args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
-    samples = {}
-    for tool, export in (("nanoexport", export_ours), ("builder", export_builder)):
-        out = scratch / f"{name}-{precision}-onnxruntime-{tool}"
-        export(model, out, precision)
-        samples[tool] = measure_onnxruntime(out, vocab, args.new_tokens, args.runs)
-    return samples
+    folders = {tool: scratch / f"{name}-{precision}-onnxruntime-{tool}" for tool in ("nanoexport", "builder")}
+    export_ours(model, folders["nanoexport"], precision)
+    export_builder(model, folders["builder"], precision)
+    return measure_onnxruntime(folders, vocab, args.new_tokens, args.runs)
 
 
 def figures_openvino(name: str, model: Path, precision: str, vocab: int, scratch: Path,

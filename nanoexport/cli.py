@@ -121,6 +121,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         qnn.add_argument("--htp-arch", help="HTP architecture version: 68, 69, 73, 75, 79 or 81 (default: 75)")
         qnn.add_argument("--max-part-bytes", help="weights per graph (e.g. 300MB); more layers are split into "
                                                   "consecutive parts (default: 1GB)")
+        qnn.add_argument("--share-weights", action="store_true", default=None,
+                         help="one context binary per part, prefill and decode sharing its weights (validated "
+                              "from the QDQ graphs: the x86 emulator cannot load it)")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
@@ -163,7 +166,8 @@ def _export(args: argparse.Namespace) -> int:
                   "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
                   "activations": args.activations, "keep_float": args.keep_float,
                   "dynamic_int8": args.dynamic_int8},
-        "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes},
+        "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes,
+                "share_weights": args.share_weights},
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))

@@ -98,6 +98,9 @@ class QnnConfig:
     soc_model: str = "60"  # QNN SoC id the HTP context binaries are built and emulated for
     htp_arch: str = "75"  # HTP architecture version: 68, 69, 73, 75, 79 or 81
     max_part_bytes: str = "1GB"  # weights per graph; above it the layers are split into consecutive parts
+    # Prefill and decode of a part in one context binary holding their weights once. The x86 HTP emulator
+    # cannot load such a binary, so validation compiles the QDQ graphs again instead.
+    share_weights: bool = False
 
 
 @dataclass

@@ -285,6 +285,27 @@ def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
+def test_shared_weights_put_prefill_and_decode_in_one_smaller_binary(exported, tmp_path):
+    """--share-weights: both EPContext models of a part point into one binary holding the weights once."""
+    import shutil
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for file_name in (*qnn.GRAPHS.values(), qnn.WEIGHTS_FILE):
+        shutil.copy(exported / file_name, folder / file_name)
+    settings = QnnConfig(share_weights=True)
+    written = qnn.compile_contexts(folder, [list(qnn.GRAPHS.values())], settings)
+    binaries = [name for name in written if name.endswith(".bin")]
+    assert len(binaries) == 1
+    for file_name in qnn.GRAPHS.values():
+        context = ir.load(folder / qnn.context_file(file_name))
+        (node,) = [node for node in context.graph if node.op_type == "EPContext"]
+        assert node.attributes["ep_cache_context"].as_string() == binaries[0]
+    separate = sum((exported / name).stat().st_size for name in os.listdir(exported) if name.endswith(".bin"))
+    assert (folder / binaries[0]).stat().st_size < 0.6 * separate
+
+
 def test_bad_settings_are_refused_before_any_work(monkeypatch, tmp_path):
     from nanoexport import pipeline
 

@@ -119,7 +119,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         log.warning("qnn: wrote QDQ graphs only; pip install 'nanoexport[qnn]' (onnxruntime-qnn) to compile them "
                     "to HTP context binaries")
         return files
-    graph_files = [file for part in parts for file in part["graphs"].values()]
+    graph_files = [list(part["graphs"].values()) for part in parts]
     return [*files, *compile_contexts(folder, graph_files, config.qnn)]
 
 
@@ -717,8 +717,10 @@ def settings_of(artifact: Artifact) -> QnnConfig:
 # --- compile ---------------------------------------------------------------------------------------------
 
 
-def qnn_session_options(settings: QnnConfig, extra: dict[str, str] | None = None):
-    """Session options that put every node on the QNN provider's HTP backend (for ``settings``' SoC) or fail."""
+def qnn_session_options(settings: QnnConfig, extra: dict[str, str] | None = None,
+                        provider: dict[str, str] | None = None):
+    """Session options that put every node on the QNN provider's HTP backend (for ``settings``' SoC) or fail;
+    ``extra``: session configuration entries, ``provider``: more provider options."""
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -730,7 +732,8 @@ def qnn_session_options(settings: QnnConfig, extra: dict[str, str] | None = None
         options.add_session_config_entry(key, value)
     devices = [device for device in ort.get_ep_devices() if device.ep_name == "QNNExecutionProvider"]
     options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
-                                               "soc_model": settings.soc_model, "htp_arch": settings.htp_arch})
+                                               "soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
+                                               **(provider or {})})
     return options
 
 
@@ -739,8 +742,10 @@ def _register_qnn(ort, onnxruntime_qnn) -> None:
         ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
 
 
-def compile_contexts(folder: Path, graph_files: list[str], settings: QnnConfig) -> list[str]:
-    """EPContext model and HTP context binary per graph file; returns the files written."""
+def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnConfig) -> list[str]:
+    """EPContext model and HTP context binary per graph file (``graph_files``: per part, its graphs), or per
+    part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
+    written."""
     import onnxruntime as ort
 
     def files() -> set[str]:
@@ -748,21 +753,25 @@ def compile_contexts(folder: Path, graph_files: list[str], settings: QnnConfig) 
 
     before = files()
     seconds = {}
-    for file_name in graph_files:
-        started = time.perf_counter()
-        options = qnn_session_options(settings, {
-            "ep.context_enable": "1", "ep.context_embed_mode": "0",
-            "ep.context_file_path": str(folder / context_file(file_name)),
-        })
-        try:
-            ort.InferenceSession(str(folder / file_name), options)
-        except Exception as error:  # the provider's message names the node it could not place or build
-            raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
-                from None
-        seconds[file_name] = round(time.perf_counter() - started, 2)
+    sharing = {"enable_htp_weight_sharing": "1"} if settings.share_weights else {}
+    for part_files in graph_files:
+        for index, file_name in enumerate(part_files):
+            started = time.perf_counter()
+            entries = {"ep.context_enable": "1", "ep.context_embed_mode": "0",
+                       "ep.context_file_path": str(folder / context_file(file_name))}
+            if settings.share_weights:  # the part's last graph closes its shared binary
+                entries |= {"ep.share_ep_contexts": "1",
+                            "ep.stop_share_ep_contexts": "1" if index == len(part_files) - 1 else "0"}
+            try:
+                ort.InferenceSession(str(folder / file_name), qnn_session_options(settings, entries, sharing))
+            except Exception as error:  # the provider's message names the node it could not place or build
+                raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
+                    from None
+            seconds[file_name] = round(time.perf_counter() - started, 2)
     written = sorted(files() - before)
     write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
-                                         "seconds": seconds, "files": written})
+                                         "share_weights": settings.share_weights, "seconds": seconds,
+                                         "files": written})
     log.info("qnn: compiled for HTP (soc %s, v%s) in %s s", settings.soc_model, settings.htp_arch, seconds)
     return [*written, COMPILE_REPORT]
 
@@ -797,7 +806,9 @@ class Runner:
             for name, file_name in part["graphs"].items():
                 if backend == "htp":
                     compiled = context_file(file_name)
-                    path = artifact.file(compiled if compiled in files else file_name)
+                    # The emulator cannot load a weight-shared binary: compile the same QDQ graph in the session.
+                    loadable = compiled in files and not settings.share_weights
+                    path = artifact.file(compiled if loadable else file_name)
                     sessions[name] = ort.InferenceSession(str(path), qnn_session_options(settings))
                 else:
                     options = ort.SessionOptions()
@@ -842,8 +853,12 @@ def validation_notes(artifact: Artifact) -> list[str]:
         worst = max(worst, float(np.abs(ours - theirs).max()))
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         positions += len(prompt)
-    soc = settings_of(artifact).soc_model
-    return [
-        f"HTP (QNN provider, soc {soc}, every node on QNN) vs ONNX Runtime CPU on the same QDQ graphs: "
-        f"logits max-abs {worst:.4f}, top-1 agreement {agree / positions:.3f} over {positions} positions",
+    settings = settings_of(artifact)
+    notes = [
+        f"HTP (QNN provider, soc {settings.soc_model}, every node on QNN) vs ONNX Runtime CPU on the same QDQ "
+        f"graphs: logits max-abs {worst:.4f}, top-1 agreement {agree / positions:.3f} over {positions} positions",
     ]
+    if settings.share_weights:
+        notes.append("HTP ran the QDQ graphs compiled again: the x86 emulator cannot load the weight-shared "
+                     "context binaries, which were not run")
+    return notes
