@@ -2,16 +2,18 @@
 
 ONNX Runtime CPU: ``nanoexport`` (onnx target) and onnxruntime-genai's model builder
 (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``) export the same checkpoint, and both
-artifacts run through the same onnxruntime-genai generator.
+artifacts run through the same onnxruntime-genai generator, the two taking turns run by run, each run on a
+freshly loaded model.
 
 OpenVINO CPU: ``nanoexport --target openvino`` and optimum-intel's exporter (``optimum-cli export openvino
 --task text-generation-with-past --weight-format fp32``, or ``--weight-format int4 --sym --group-size 32
 --ratio 1.0 --backup-precision none`` beside our ``--quant int4 --block-size 32``: the same decoder MatMuls
 in int4, embedding and lm_head float) export the same checkpoint, and both artifacts run through
-``openvino_genai.LLMPipeline(folder, "CPU")`` with the same greedy generation config, taking turns run by run. optimum-intel pins transformers below ours, so it cannot be installed
-beside nanoexport: on first use the benchmark creates a virtual environment for it in
-~/.cache/nanoexport/optimum-venv (``--system-site-packages``, reusing the installed CPU torch, OpenVINO,
-NNCF and openvino-tokenizers) and runs ``optimum-cli`` from there.
+``openvino_genai.LLMPipeline(folder, "CPU")`` with the same greedy generation config, taking turns run by
+run. optimum-intel pins transformers below ours, so it cannot be installed beside nanoexport: on first use
+the benchmark creates a virtual environment for it in ~/.cache/nanoexport/optimum-venv
+(``--system-site-packages``, reusing the installed CPU torch, OpenVINO, NNCF and openvino-tokenizers) and
+runs ``optimum-cli`` from there.
 
 Each measurement: a 128-token prompt (time to first token), then greedy decoding of --new-tokens tokens
 (tokens/s). The median of several runs is reported, with ours/theirs speed ratios (above 1: ours faster),

@@ -80,7 +80,7 @@ class SkipRMSNorm(pattern.RewriteRuleClassBase):
         return output, total
 
 
-def _four_bit_weight(context, values, scales, weight, axis: int) -> pattern.MatchResult:
+def _four_bit_weight(values, scales, weight, axis: int) -> pattern.MatchResult:
     """Whether ``weight`` is a blocked 4-bit DequantizeLinear of initializers, blocks along ``axis``, that
     ONNX Runtime's 4-bit kernels can read as stored."""
     result = pattern.MatchResult()
@@ -130,13 +130,14 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, values, scales, weight, zero_points=None, **_) -> pattern.MatchResult:
         # Blocks run along K: axis 0 of a [K, N] weight, axis 1 of a transposed [N, K] one.
-        result = _four_bit_weight(context, values, scales, weight, axis=1 if self.transposed else 0)
+        result = _four_bit_weight(values, scales, weight, axis=1 if self.transposed else 0)
         if result and x.dtype != ir.DataType.FLOAT:
             return result.fail("float32 activations only", x)
         return result
 
     def rewrite(self, op, x, values, scales, weight, zero_points=None, **_):
         block = weight.producer().attributes.get_int("block_size")
+
         def by_output(array: np.ndarray) -> np.ndarray:  # [N, ...] whatever the stored layout
             return array if self.transposed else array.T
 
@@ -175,7 +176,7 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
         return op.Gather(weight, indices, _allow_other_attributes=True, _outputs=["rows"])
 
     def check(self, context, values, scales, weight, rows, zero_points=None, **_) -> pattern.MatchResult:
-        result = _four_bit_weight(context, values, scales, weight, axis=1)
+        result = _four_bit_weight(values, scales, weight, axis=1)
         if result and rows.producer().attributes.get_int("axis", 0) != 0:
             return result.fail("rows must be gathered along axis 0")
         return result

@@ -9,8 +9,9 @@ ONNX frontend and then made stateful the way openvino-genai expects: the ``past_
 ``present.*`` outputs become ReadValue/Assign state pairs, and a ``beam_idx`` input reorders the cache rows
 (a Gather before each Concat). Its inputs are ``input_ids``, ``attention_mask``, ``position_ids`` and
 ``beam_idx``; its output ``logits``. On CPU, openvino-genai by default converts the IR to PagedAttention
-(continuous batching), which removes the states and ``beam_idx``: nothing else may read them. For NPU, openvino-genai (the NPU plugin's NPUW) turns this same IR into
-static prefill and decode graphs when it loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
+(continuous batching), which removes the states and ``beam_idx``: nothing else may read them. For NPU,
+openvino-genai (the NPU plugin's NPUW) turns this same IR into static prefill and decode graphs when it
+loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
 
 Quantized weights stay as our integers and scales: blocked ``DequantizeLinear`` arrives as an i4/u4/i8
 Constant -> Convert -> [Subtract zero point] -> Multiply scale, which the CPU plugin runs as a compressed

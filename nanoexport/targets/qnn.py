@@ -68,13 +68,6 @@ KV_CACHE_FORMS = ("static",)
 SPLIT_PREFILL_DECODE = True
 QUANT_DEFAULTS = {"weights": "int4", "activations": "a16"}  # W4A16 unless the user chose
 
-
-def VALIDATION_DEFAULTS(config: ExportConfig) -> dict[str, float]:  # noqa: N802 (a target declaration)
-    """Integer activations move logits more than fp16 does. Measured on the demo model: W4A16 cosine >= 0.99,
-    top-1 >= 0.9, KV consistency <= 0.03; W8A8 KV consistency 0.55, as prefill and decode round activations
-    per call, to uint8 levels 256 times coarser."""
-    return {"quantized_kv_max_abs": 1.0 if config.quant.activations == "a8" else 0.1}
-
 # What the provider's htp_arch option accepts (it ignores other values with a warning, measured on 2.7.0).
 HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
@@ -94,6 +87,13 @@ HTP_OPS = frozenset({
 QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}
 LPBQ_LEVELS = 16  # block scale levels HTP computes right: it reads them as 4-bit
 MASKED = -10000.0  # additive mask: exp underflows to 0 in fp16 too, unlike the float32 minimum (overflow)
+
+
+def VALIDATION_DEFAULTS(config: ExportConfig) -> dict[str, float]:  # noqa: N802 (a target declaration)
+    """Integer activations move logits more than fp16 does. Measured on the demo model: W4A16 cosine >= 0.99,
+    top-1 >= 0.9, KV consistency <= 0.03; W8A8 KV consistency 0.55, as prefill and decode round activations
+    per call, to uint8 levels 256 times coarser."""
+    return {"quantized_kv_max_abs": 1.0 if config.quant.activations == "a8" else 0.1}
 
 
 def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:

@@ -240,8 +240,8 @@ class _Lowering:
             return None
         if indices.ndim != 2 or levels.size > 16 or scales.ndim != 3:
             return None
-        block_axis = next(axis for axis in range(3) if scales.shape[axis] == 1 and blocked_shape[axis] != 1)
-        return indices, levels, scales.squeeze(block_axis)
+        block_axis = next((axis for axis in range(3) if scales.shape[axis] == 1 and blocked_shape[axis] != 1), None)
+        return None if block_axis is None else (indices, levels, scales.squeeze(block_axis))
 
     def folded(self, value: ir.Value) -> np.ndarray | None:
         """A constant reached through Cast and Unsqueeze nodes (dtype left as stored), or None."""
