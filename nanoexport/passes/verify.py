@@ -55,9 +55,9 @@ class GraphRunner:
         return session.run([model.graph.outputs[0].name], self.feeds(model))[0]
 
 
-def cpu_session(model: ir.Model, optimize: bool = True, session_config: dict[str, str] | None = None):
-    """An ONNX Runtime CPU session on the in-memory ``model`` (written to a scratch folder, then dropped);
-    ``session_config``: session configuration entries."""
+def cpu_session(model: ir.Model | Path, optimize: bool = True, session_config: dict[str, str] | None = None):
+    """A quiet ONNX Runtime CPU session on a saved model file, or on an in-memory ``model`` (written to a
+    scratch folder, then dropped); ``session_config``: session configuration entries."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -66,6 +66,8 @@ def cpu_session(model: ir.Model, optimize: bool = True, session_config: dict[str
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for key, value in (session_config or {}).items():
         options.add_session_config_entry(key, value)
+    if isinstance(model, Path):
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")

@@ -28,6 +28,7 @@ from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.onnx_export import attention_windows, kv_shape
 from nanoexport.config import ExportConfig
 from nanoexport.passes.kv_cache import specialize
+from nanoexport.passes.verify import cpu_session
 
 NAME = "onnx"
 RUNTIME = "onnxruntime"
@@ -560,14 +561,10 @@ class Runner:
     """Runs an onnx-target artifact on ONNX Runtime CPU, one call per forward step."""
 
     def __init__(self, artifact: Artifact):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         files = artifact.manifest["model_files"]
 
         def session(file_name: str):
-            return ort.InferenceSession(str(artifact.file(file_name)), options, providers=["CPUExecutionProvider"])
+            return cpu_session(artifact.file(file_name))
 
         if PREFILL_FILE in files:
             self.sessions = {"prefill": session(PREFILL_FILE), "decode": session(DECODE_FILE)}

@@ -51,6 +51,7 @@ import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact, write_json
 from nanoexport.calibration import calibration_path, parse_size
+from nanoexport.calibration.blocks import expand_blocks
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.qdq import ACTIVATION_TYPES
 from nanoexport.capture.checkpoint import Checkpoint
@@ -271,11 +272,16 @@ def _drop_activation_qdq(weight: ir.Value) -> None:
         quantize.graph.remove(quantize, safe=True)
 
 
+def _dequantize(quant: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
+    """Our weights ``[K, N]`` as the canonical DequantizeLinear gives them, in float32."""
+    return quant.astype(np.float32) * expand_blocks(scale, block_size, quant.shape[0])
+
+
 def per_channel_weights(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """int8 integers ``[K, N]`` and block scales -> (int8 integers, float32 scale per output channel): our
     dequantized weights rounded again to one scale per column, the int8 form HTP takes with uint8 and
     uint16 activations alike (block-wise int8 it refuses beside uint8 activations)."""
-    weights = quant.astype(np.float32) * np.repeat(scale, block_size, axis=0)
+    weights = _dequantize(quant, scale, block_size)
     channel = np.abs(weights).max(axis=0) / 127
     channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
     return np.clip(np.round(weights / channel), -127, 127).astype(np.int8), channel
@@ -290,7 +296,7 @@ def lpbq_weights(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple
     then rounded again to that level's grid. A column's largest block keeps its scale (level 16).
     """
     rows, columns = quant.shape
-    weights = (quant.astype(np.float32) * np.repeat(scale, block_size, axis=0)).reshape(-1, block_size, columns)
+    weights = _dequantize(quant, scale, block_size).reshape(-1, block_size, columns)
     channel = np.abs(scale).max(axis=0) / LPBQ_LEVELS
     channel = np.where(channel > 0, channel, 1.0).astype(np.float32)
     low, high = ml_dtypes.iinfo(quant.dtype).min, ml_dtypes.iinfo(quant.dtype).max
@@ -811,12 +817,7 @@ class Runner:
                     path = artifact.file(compiled if loadable else file_name)
                     sessions[name] = ort.InferenceSession(str(path), qnn_session_options(settings))
                 else:
-                    options = ort.SessionOptions()
-                    options.log_severity_level = 3
-                    for key, value in QDQ_AS_FLOAT.items():
-                        options.add_session_config_entry(key, value)
-                    sessions[name] = ort.InferenceSession(str(artifact.file(file_name)), options,
-                                                          providers=["CPUExecutionProvider"])
+                    sessions[name] = cpu_session(artifact.file(file_name), session_config=QDQ_AS_FLOAT)
             self.parts.append(sessions)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
