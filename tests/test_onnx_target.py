@@ -36,19 +36,25 @@ def test_growing_cache_is_appended_inside_group_query_attention(demo_artifact):
     assert all(producers[name].op_type == "GroupQueryAttention" for name in presents)
     assert not [node for node in graph.node
                 if node.op_type == "Concat" and any(name.startswith("past_key_values.") for name in node.input)]
+    # ONNX Runtime inlines Swish as four nodes and runs a Split as copies: QuickGelu, and a MatMul per part.
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["QuickGelu"] == 4 and not ops["Swish"] and not ops["Split"]
     genai_config = json.loads((demo_artifact.path / "genai_config.json").read_text())
     assert genai_config["search"]["past_present_share_buffer"]
     assert nanoexport.validate(demo_artifact).passed
 
 
 @pytest.mark.parametrize("weights, asymmetric, keep_float, dynamic_int8",
-                         [("int4", False, ["lm_head"], False), ("uint4", True, [], True)])
+                         [("int4", False, ["lm_head"], False), ("int4", False, [], True), ("uint4", True, [], True)])
 def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, dynamic_int8, tmp_path):
     """Each canonical DequantizeLinear -> MatMul becomes one MatMulNBits over the same integers and scales.
 
     A quantized tied head reads the embedding's integers: the head as MatMulNBits (the [vocab, hidden]
-    layout is the kernel's own, no Transpose), the lookup as GatherBlockQuantized; no DequantizeLinear is
-    left to expand a whole table per call. ``dynamic_int8`` sets the kernels' accuracy_level.
+    layout is the kernel's own, no Transpose), the lookup as GatherBlockQuantized, which for symmetric
+    weights reads the head's very bytes and scales; no DequantizeLinear is left to expand a whole table per
+    call. Merged projections are split back into a kernel per part (ONNX Runtime's Split copies), except
+    query/key/value, which GroupQueryAttention reads packed. ``dynamic_int8`` sets the kernels'
+    accuracy_level.
     """
     config = nanoexport.ExportConfig()
     config.quant.weights, config.quant.asymmetric = weights, asymmetric
@@ -57,7 +63,9 @@ def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, 
     graph = load_graph(artifact)
     ops = Counter((node.domain or "ai.onnx", node.op_type) for node in graph.node)
     head_quantized = not keep_float
-    assert ops[("com.microsoft", "MatMulNBits")] == 16 + head_quantized
+    layers, kernels_per_layer = 4, 5  # packed q/k/v, o, gate, up, down
+    assert ops[("com.microsoft", "MatMulNBits")] == layers * kernels_per_layer + head_quantized
+    assert ops[("ai.onnx", "Split")] == 0
     assert ops[("com.microsoft", "GatherBlockQuantized")] == head_quantized
     assert ops[("ai.onnx", "DequantizeLinear")] == 0
     assert ops[("ai.onnx", "Transpose")] == (0 if head_quantized else 1)  # a float head transposes the table
@@ -66,7 +74,15 @@ def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, 
     assert levels == {4 if dynamic_int8 else 0}
     data = artifact.file("model.onnx.data").stat().st_size
     fp32_demo_weights = 14_689_280
-    # A float embedding alone is 4.2 of the 14.7 MB. A quantized head keeps the table's 4-bit integers
-    # twice (as each kernel lays them out), their scales and the float norms.
+    # A float embedding alone is 4.2 of the 14.7 MB; as 4-bit blocks of 32 with float32 scales, 0.66 MB.
     assert data < (0.25 if head_quantized else 0.45) * fp32_demo_weights
+    if head_quantized and not asymmetric:
+        producers = {output: node for node in graph.node for output in node.output}
+        lookup = next(node for node in graph.node if node.op_type == "GatherBlockQuantized")
+        head = producers["logits"]
+        assert head.op_type == "MatMulNBits"
+        assert producers[lookup.input[0]].op_type == "Reshape"
+        assert producers[lookup.input[0]].input[0] == head.input[1] and lookup.input[2] == head.input[2]
+        # 4.5 bits per weight plus the rotary caches; a second copy of the table would make it 0.21.
+        assert data < 0.18 * fp32_demo_weights
     assert nanoexport.validate(artifact, write=False).passed

@@ -110,6 +110,33 @@ def _nibbles(values: ir.Value) -> np.ndarray:
     return (integers + 8 if values.dtype == ir.DataType.INT4 else integers).astype(np.uint8)
 
 
+def _kernel_initializer(op, source: ir.Value, suffix: str, make) -> ir.Value:
+    """The initializer ``{source.name}.{suffix}`` holding ``make()``, made once: a tied output head and the
+    embedding lookup read the same packed integers and scales rather than a copy each."""
+    name = f"{source.name}.{suffix}"
+    existing = source.graph.initializers.get(name) if source.graph is not None else None
+    if existing is not None:
+        return existing
+    return op.initializer(ir.tensor(np.ascontiguousarray(make())), name=name)
+
+
+def _packed_nibbles(op, values: ir.Value, block: int, by_output) -> ir.Value:
+    """MatMulNBits' B: ``[N, blocks, block / 2]`` bytes, two integers each, low nibble first."""
+    def pack() -> np.ndarray:
+        stored = by_output(_nibbles(values))
+        columns, rows = stored.shape
+        stored = stored.reshape(columns, rows // block, block)
+        return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
+
+    return _kernel_initializer(op, values, "nbits", pack)
+
+
+def _float_scales(op, scales: ir.Value, by_output) -> ir.Value:
+    """The block scales as MatMulNBits takes them for float32 activations: ``[N, blocks]`` float32."""
+    return _kernel_initializer(op, scales, "nbits",
+                               lambda: by_output(scales.const_value.numpy().astype(np.float32)))
+
+
 class BlockwiseMatMul(pattern.RewriteRuleClassBase):
     """MatMul by a blocked 4-bit DequantizeLinear weight -> ONNX Runtime's MatMulNBits.
 
@@ -142,16 +169,12 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
         def by_output(array: np.ndarray) -> np.ndarray:  # [N, ...] whatever the stored layout
             return array if self.transposed else array.T
 
-        stored = by_output(_nibbles(values))
-        columns, rows = stored.shape
-        stored = stored.reshape(columns, rows // block, block)
-        packed = (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
-        scale = by_output(scales.const_value.numpy().astype(np.float32)).reshape(-1)
-        inputs = [x, op.initializer(ir.tensor(np.ascontiguousarray(packed)), name=f"{values.name}.nbits"),
-                  op.initializer(ir.tensor(np.ascontiguousarray(scale)), name=f"{scales.name}.nbits")]
+        packed = _packed_nibbles(op, values, block, by_output)
+        columns, blocks = packed.const_value.shape[:2]
+        rows = values.const_value.shape[1 if self.transposed else 0]
+        inputs = [x, packed, _float_scales(op, scales, by_output)]
         if zero_points is not None:
             points = by_output(_nibbles(zero_points))  # [N, blocks]
-            blocks = points.shape[1]
             padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
             padded[:, :blocks] = points
             packed_points = padded[:, 0::2] | (padded[:, 1::2] << 4)
@@ -164,8 +187,10 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
 class BlockwiseGather(pattern.RewriteRuleClassBase):
     """Embedding lookup in a blocked 4-bit ``[vocab, hidden]`` weight -> ONNX Runtime's GatherBlockQuantized.
 
-    Only the looked-up rows are dequantized, not the whole table on every call. The kernel reads our
-    integers, scales and zero points unchanged, and returns the scales' dtype, as DequantizeLinear does.
+    Only the looked-up rows are dequantized, not the whole table on every call. Symmetric weights are read
+    from the bytes and float32 scales MatMulNBits takes (the kernel's default zero point for bytes is 8, as
+    MatMulNBits'), so a tied output head and the embedding share one copy. Asymmetric weights are read as
+    our integers, scales and zero points unchanged; the kernel returns the scales' dtype.
     """
 
     def __init__(self, name: str, cast: bool, zero_point: bool):
@@ -183,11 +208,107 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, values, scales, weight, indices, zero_points=None, **_):
+        block = weight.producer().attributes.get_int("block_size")
+        attributes = dict(gather_axis=0, quantize_axis=1, bits=4, block_size=block, _domain="com.microsoft")
+        if zero_points is None and (self.cast or scales.dtype == ir.DataType.FLOAT):
+            packed = _packed_nibbles(op, values, block, by_output=lambda array: array)
+            vocab, hidden = values.const_value.shape
+            # The kernel wants the bytes 2-D; ONNX Runtime folds this Reshape of an initializer at load.
+            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden // 2]))
+            return op.GatherBlockQuantized(table, indices, _float_scales(op, scales, lambda array: array),
+                                           **attributes)
         inputs = [values, indices, scales] + ([zero_points] if zero_points is not None else [])
-        rows = op.GatherBlockQuantized(*inputs, gather_axis=0, quantize_axis=1, bits=4,
-                                       block_size=weight.producer().attributes.get_int("block_size"),
-                                       _domain="com.microsoft")
+        rows = op.GatherBlockQuantized(*inputs, **attributes)
         return op.Cast(rows, to=ir.DataType.FLOAT) if self.cast else rows
+
+
+class SwishAsQuickGelu(pattern.RewriteRuleClassBase):
+    """``Swish`` -> ONNX Runtime's ``QuickGelu`` (``x * Sigmoid(alpha * x)``), the same function as one kernel.
+
+    ONNX Runtime has no Swish kernel: it inlines the function as Cast, Mul, Sigmoid, Mul, four nodes per layer.
+    """
+
+    def pattern(self, op, x):
+        return op.Swish(x, _allow_other_attributes=True, _outputs=["activated"])
+
+    def check(self, context, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype != ir.DataType.FLOAT:
+            return result.fail("float32 only", x)
+        return result
+
+    def rewrite(self, op, x, activated, **_):
+        alpha = activated.producer().attributes.get_float("alpha", 1.0)
+        return op.QuickGelu(x, alpha=alpha, _domain="com.microsoft")
+
+
+class UnmergedProjections(pattern.RewriteRuleClassBase):
+    """A Split of one MatMul (or MatMulNBits) by a constant weight -> one kernel per part.
+
+    ONNX Runtime runs the Split as copies of every part: a node and a pass over the activations per layer,
+    while the parts' kernels together do the merged kernel's work. Merged query/key/value projections that
+    GroupQueryAttention reads packed are no longer split, so this leaves them merged.
+    """
+
+    def __init__(self, name: str, parts: int, nbits: bool):
+        super().__init__(name)
+        self.parts, self.nbits = parts, nbits
+
+    def pattern(self, op, x, weight, sizes):
+        if self.nbits:
+            merged = op.MatMulNBits(x, weight, _allow_other_inputs=True, _allow_other_attributes=True,
+                                    _domain="com.microsoft", _outputs=["merged"])
+        else:
+            merged = op.MatMul(x, weight, _outputs=["merged"])
+        return op.Split(merged, sizes, _allow_other_attributes=True, _outputs=self.parts)
+
+    def check(self, context, x, weight, sizes, merged, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        split, kernel = merged.uses()[0].node, merged.producer()
+        last_axis = -1 if merged.shape is None else merged.shape.rank() - 1
+        if split.attributes.get_int("axis", 0) not in (-1, last_axis):
+            return result.fail("the split must cut the output features", split)
+        if sizes.const_value is None or any(value is None or value.const_value is None
+                                            for value in kernel.inputs[1:]):
+            return result.fail("the weights and split sizes must be initializers", split)
+        if self.nbits and len(kernel.inputs) > 4:
+            return result.fail("MatMulNBits with g_idx or bias is not split", kernel)
+        if not self.nbits and (weight.shape is None or weight.shape.rank() != 2):
+            return result.fail("a 2-D weight only", weight)
+        return result
+
+    def rewrite(self, op, x, weight, sizes, merged, **_):
+        kernel = merged.producer()
+        attributes = {name: attr.value for name, attr in kernel.attributes.items()}
+        bounds = np.cumsum([0, *sizes.const_value.numpy().tolist()]).tolist()
+        outputs = []
+        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            def columns(value: ir.Value) -> ir.Value:
+                array = value.const_value.numpy()
+                if not self.nbits:  # [K, N]
+                    array = array[:, start:stop]
+                elif array.ndim == 1:  # packed zero points, flat in output-feature order
+                    array = array.reshape(attributes["N"], -1)[start:stop].reshape(-1)
+                else:  # integers [N, blocks, bytes per block] and scales [N, blocks]
+                    array = array[start:stop]
+                return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
+
+            if self.nbits:
+                outputs.append(op.MatMulNBits(x, *map(columns, kernel.inputs[1:]), _domain="com.microsoft",
+                                              **{**attributes, "N": stop - start}))
+            else:
+                outputs.append(op.MatMul(x, columns(weight)))
+        for new, old in zip(outputs, merged.uses()[0].node.outputs):
+            new.shape, new.type = old.shape, old.type
+        return outputs
+
+
+def unmerge_rules() -> pattern.RewriteRuleSet:
+    """Splits of merged projections -> a kernel per part (see ``UnmergedProjections``)."""
+    return pattern.RewriteRuleSet([
+        UnmergedProjections.rule(f"{parts}-way {'4-bit ' if nbits else ''}projection", parts=parts, nbits=nbits)
+        for parts in (2, 3) for nbits in (True, False)
+    ])
 
 
 def ort_kernel_rules(accuracy_level: int) -> pattern.RewriteRuleSet:
@@ -196,6 +317,7 @@ def ort_kernel_rules(accuracy_level: int) -> pattern.RewriteRuleSet:
     variants = [(cast, zero) for cast in (True, False) for zero in (True, False)]
     return pattern.RewriteRuleSet([
         SkipRMSNorm.rule(),
+        SwishAsQuickGelu.rule(),
         *(BlockwiseMatMul.rule(f"4-bit {'tied head ' if transposed else ''}matmul{' after cast' if cast else ''}"
                                f"{' with zero points' if zero else ''}", cast=cast, zero_point=zero,
                                transposed=transposed, accuracy_level=accuracy_level)
@@ -424,6 +546,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         if config.kv_cache == "dynamic":
             shares_buffer = _use_group_query_attention(model, checkpoint.config)
             genai_files = _write_genai_config(folder, checkpoint, shares_buffer)
+        _unmerge_projections(model)
         ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
         return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
@@ -433,6 +556,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         graph = ir.load(folder / MODEL_FILE)
         specialize(graph, sequence_length)  # before the vendor ops, which ONNX shape inference does not know
         _use_ort_kernels(graph, config)
+        _unmerge_projections(graph)
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
@@ -442,6 +566,13 @@ def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
     if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
         common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
+
+
+def _unmerge_projections(model: ir.Model) -> None:
+    """After the attention lowering, which may read merged query/key/value projections packed."""
+    count = unmerge_rules().apply_to_model(model)
+    common.RemoveUnusedNodesPass()(model)
+    log.info("unmerged projections: %d", count)
 
 
 def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
