@@ -58,11 +58,22 @@ def test_left_padded_batch_matches_pytorch(family, tiny_checkpoint, tmp_path):
     for layer in range(kv["num_layers"]):
         for part in ("key", "value"):
             feeds[f"past_key_values.{layer}.{part}"] = np.zeros((2, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
-    ours = Runner(artifact).forward(feeds)["logits"]
+    runner = Runner(artifact)
+    prefill = runner.forward(feeds)
+    # Then one token per row on the cache the prompt left, padding included.
+    step = generator.integers(3, kv["vocab_size"], (2, 1))
+    feeds = {"input_ids": step, "attention_mask": np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1),
+             "position_ids": positions[:, -1:] + 1,
+             **{name.replace("present.", "past_key_values."): value for name, value in prefill.items()
+                if name.startswith("present.")}}
+    decoded = runner.forward(feeds)["logits"]
 
     model = tiny_model(family)
     with torch.no_grad():
-        theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       position_ids=torch.tensor(positions)).logits.numpy()
+        theirs = model(input_ids=torch.tensor(np.concatenate([ids, step], axis=1)),
+                       attention_mask=torch.tensor(feeds["attention_mask"]),
+                       position_ids=torch.tensor(np.concatenate([positions, feeds["position_ids"]], axis=1))
+                       ).logits.numpy()
     real = mask.astype(bool)
-    assert np.abs(ours[real] - theirs[real]).max() <= 1e-4
+    assert np.abs(prefill["logits"][real] - theirs[:, :-1][real]).max() <= 1e-4
+    assert np.abs(decoded[:, -1] - theirs[:, -1]).max() <= 1e-4
