@@ -32,7 +32,8 @@ eval_windows = 4
 """
 GREEDY_TOKENS = 24
 NEAR_TIE = 0.02  # logit margin under which fp16 rounding may pick the other token (measured partings: 0.001, 0.004)
-QUANTIZED_LINEARS = 16  # 4 layers x (merged q/k/v, o, merged gate/up, down); the tied lm_head stays float
+MERGED_LINEARS = 16  # 4 layers x (merged q/k/v, o, merged gate/up, down) in the canonical graph
+QUANTIZED_LINEARS = 28  # 4 layers x (q, k, v, o, gate, up, down) in the IR; the tied lm_head stays float
 
 
 def nanoexport_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -156,6 +157,22 @@ def test_paged_attention_conversion_leaves_no_cache_inputs(exported):
     assert kinds["PagedAttentionExtension"] == 4 and not kinds["ScaledDotProductAttention"] and not kinds["ReadValue"]
 
 
+def test_paged_attention_graph_runs_a_kernel_per_projection(exported):
+    """genai's default CPU graph as optimum-intel's IR compiles: a FullyConnected per projection with the gate's
+    Swish fused in, and no Split copying merged outputs per token."""
+    from openvino._offline_transformations import paged_attention_transformation
+
+    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    paged_attention_transformation(model)
+    compiled = ov.Core().compile_model(model, "CPU", target.VALIDATION_PROPERTIES)
+    layers = compiled.get_runtime_model().get_ordered_ops()
+    kinds = Counter(layer_type(node) for node in layers)
+    assert kinds["FullyConnected"] == QUANTIZED_LINEARS + 1 and not kinds["Split"]  # + the output head
+    fused = [node for node in layers if layer_type(node) == "FullyConnected"
+             and "Swish" in node.get_rt_info()["originalLayersNames"].astype(str)]
+    assert len(fused) == 4
+
+
 def test_float_model_asks_for_an_f16_kv_cache_and_int4_for_the_default(exported, int4):
     float_model = ov.Core().read_model(exported / target.MODEL_FILE)
     assert float_model.get_rt_info(["runtime_options", "KV_CACHE_PRECISION"]).astype(str) == "f16"
@@ -204,10 +221,13 @@ def _hf_tokenizer(artifact: Path):
 
 
 def test_int4_weights_are_our_integers_and_scales(int4):
-    """The IR holds the canonical graph's DequantizeLinear integers and fp16 scales byte for byte."""
+    """The IR holds the canonical graph's DequantizeLinear integers and fp16 scales byte for byte, the merged
+    projections' cut into each part's columns."""
     artifact, canonical = int4
-    graph = ir.load(canonical).graph
-    dequantize = [node for node in graph if node.op_type == "DequantizeLinear"]
+    lowered = ir.load(canonical)
+    assert sum(node.op_type == "DequantizeLinear" for node in lowered.graph) == MERGED_LINEARS
+    assert target.unmerge_projections(lowered) == 8
+    dequantize = [node for node in lowered.graph if node.op_type == "DequantizeLinear"]
     assert len(dequantize) == QUANTIZED_LINEARS
     ours = {kind: Counter(node.inputs[index].const_value.tobytes() for node in dequantize)
             for kind, index in (("values", 0), ("scales", 1))}
