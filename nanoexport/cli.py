@@ -112,7 +112,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
                                 "(default: lm_head)")
         quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
                            help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
-                                "(ONNX Runtime's accuracy_level 4; default: on)")
+                                "(ONNX Runtime's accuracy_level 4, OpenVINO CPU's dynamic quantization; "
+                                "default: on)")
         quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
         quant.add_argument("--activations", choices=["none", "a16", "a8"],
                            help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")

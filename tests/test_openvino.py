@@ -179,6 +179,17 @@ def test_float_model_asks_for_an_f16_kv_cache_and_int4_for_the_default(exported,
     assert not ov.Core().read_model(int4[0] / target.MODEL_FILE).has_rt_info(["runtime_options", "KV_CACHE_PRECISION"])
 
 
+@pytest.mark.parametrize("dynamic_int8, group_size", [(True, 32), (False, 0)])
+def test_dynamic_int8_is_the_cpu_activation_quantization_of_quantized_weights(dynamic_int8, group_size):
+    """On (the default): the CPU plugin's own int8 activation groups, as optimum-intel's IRs run; off: float."""
+    parameter = ops.parameter([1, 4], np.float32)
+    model = ov.Model([ops.relu(parameter)], [parameter])
+    target.set_runtime_options(model, QuantConfig(weights="int4", dynamic_int8=dynamic_int8))
+    assert model.has_rt_info(["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"]) != dynamic_int8
+    compiled = ov.Core().compile_model(model, "CPU")
+    assert int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == group_size
+
+
 def test_boolean_attention_mask_becomes_additive_with_the_same_results():
     """Attention-23's boolean mask -> 0 / -inf: the CPU kernel is faster with it, and computes the same."""
     rng = np.random.default_rng(0)

@@ -36,7 +36,7 @@ from openvino._offline_transformations import apply_make_stateful_transformation
 from nanoexport.artifact import Artifact
 from nanoexport.calibration.blocks import NF4_CODEBOOK
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.config import ExportConfig
+from nanoexport.config import ExportConfig, QuantConfig
 from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         broadcast_kv_heads(ov_model)
         additive_attention_mask(ov_model)
         compress_nf4(ov_model)
-        set_runtime_options(ov_model, config.quant.weights)
+        set_runtime_options(ov_model, config.quant)
         _name_deterministically(ov_model)
         # Our float weights stay fp32 and our quantized ones as they are: no conversion on the way out.
         ov.save_model(ov_model, folder / MODEL_FILE, compress_to_fp16=False)
@@ -360,15 +360,21 @@ def _is_nf4_lookup(gather: ov.Node) -> bool:
             and np.array_equal(table.get_data().reshape(-1), NF4_CODEBOOK))
 
 
-def set_runtime_options(model: ov.Model, weights: str) -> None:
+def set_runtime_options(model: ov.Model, quant: QuantConfig) -> None:
     """The compile options an IR carries (``rt_info`` ``runtime_options``), which OpenVINO applies when it compiles.
 
     A float model gets an f16 KV cache, as optimum-intel gives its float exports: the CPU plugin's default,
     u8, costs a float model accuracy (0.037 on the demo's KV consistency) and, on the demo in openvino-genai,
     7-11% of its decode speed. Quantized models keep the default, as optimum-intel leaves them.
+
+    ``quant.dynamic_int8`` is the CPU plugin's default for quantized weights (activations quantized to int8
+    in groups of 32, as optimum-intel's IRs run); turned off, a quantized model asks for float activations
+    (``DYNAMIC_QUANTIZATION_GROUP_SIZE`` 0).
     """
-    if weights in FLOAT_WEIGHTS:
+    if quant.weights in FLOAT_WEIGHTS:
         model.set_rt_info("f16", ["runtime_options", "KV_CACHE_PRECISION"])
+    elif not quant.dynamic_int8:
+        model.set_rt_info("0", ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
 
 
 def _name_deterministically(model: ov.Model) -> None:
