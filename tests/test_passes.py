@@ -7,6 +7,7 @@ from nanoexport.capture.checkpoint import SUPPORTED_FAMILIES, load_checkpoint
 from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.errors import NanoexportError
 from nanoexport.passes import PASS_NAMES, PASSES, run_passes, select_passes
+from nanoexport.passes.fusion import unmerge_projections
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,20 @@ def test_cleanup_shrinks_the_captured_graph(tiny_checkpoint):
     stats = run_passes(graph, PASSES)
     assert stats[-1].nodes_after < stats[0].nodes_before
     assert not any(node.op_type == "Identity" for node in graph.graph)
+
+
+def test_unmerge_projections_undoes_the_merge_and_keeps_the_logits(tiny_checkpoint):
+    """The inverse targets run when their kernels read no merged projection: a MatMul per projection again."""
+    graph = export_onnx(load_checkpoint(tiny_checkpoint("llama")))
+    run_passes(graph, PASSES)
+    splits = sum(node.op_type == "Split" for node in graph.graph)
+    matmuls = sum(node.op_type == "MatMul" for node in graph.graph)
+    assert splits == 4  # two layers, each with merged q/k/v and merged gate/up
+
+    stats = run_passes(graph, [unmerge_projections], verify=True)
+    assert stats[0].logits_change <= 1e-5
+    assert not any(node.op_type == "Split" for node in graph.graph)
+    assert sum(node.op_type == "MatMul" for node in graph.graph) == matmuls + 2 * 2 + 2 * 1
 
 
 def scale_first_weight(model: ir.Model) -> None:

@@ -186,6 +186,80 @@ def merge_projections(model: ir.Model) -> None:
     log.info("merge_projections: %d groups", merged_count)
 
 
+class UnmergedProjection(pattern.RewriteRuleClassBase):
+    """A Split of one MatMul by merged constant weights -> a MatMul per part, by its columns of the weights.
+
+    ``merge_projections`` undone, for runtimes whose kernels gain nothing from it: ONNX Runtime and the
+    OpenVINO CPU plugin run the Split as copies of every part, and OpenVINO fuses the SwiGLU gate's Swish
+    into a FullyConnected only when the gate has a MatMul of its own. Blocked weights (``DequantizeLinear``
+    along the input rows, then an optional Cast) are cut into whole columns, so every integer and scale
+    stays what it was.
+    """
+
+    def __init__(self, name: str, parts: int, dequantized: bool, cast: bool):
+        super().__init__(name)
+        self.parts, self.dequantized, self.cast = parts, dequantized, cast
+
+    def pattern(self, op, x, weight, sizes):
+        if self.dequantized:
+            weight = op.DequantizeLinear(weight, _allow_other_inputs=True, _outputs=["dequantized"])
+            if self.cast:
+                weight = op.Cast(weight, _outputs=["cast"])
+        merged = op.MatMul(x, weight, _outputs=["merged"])
+        return op.Split(merged, sizes, _allow_other_attributes=True, _outputs=self.parts)
+
+    def check(self, context, x, weight, sizes, merged, dequantized=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        split = merged.uses()[0].node
+        if split.attributes.get_int("axis", 0) not in (-1, merged.shape.rank() - 1 if merged.shape else -1):
+            return result.fail("the split must cut the output features", split)
+        constants = [weight, sizes, *(dequantized.producer().inputs[1:] if dequantized is not None else [])]
+        if any(value is None or value.const_value is None for value in constants):
+            return result.fail("the weights and split sizes must be initializers", split)
+        if weight.shape is None or weight.shape.rank() != 2:
+            return result.fail("a 2-D weight only", weight)
+        if dequantized is not None and dequantized.producer().attributes.get_int("axis", 1) not in (0, -2):
+            return result.fail("blocks must run along the input rows, so that columns are whole", dequantized)
+        return result
+
+    def rewrite(self, op, x, weight, sizes, merged, dequantized=None, cast=None, **_):
+        bounds = np.cumsum([0, *sizes.const_value.numpy().tolist()]).tolist()
+        outputs = []
+        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            def columns(value: ir.Value) -> ir.Value:  # weights [K, N], scales and zero points [K / block, N]
+                array = value.const_value.numpy()[:, start:stop]
+                return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
+
+            if dequantized is None:
+                part_weight = columns(weight)
+            else:
+                node = dequantized.producer()
+                attributes = {name: attr.value for name, attr in node.attributes.items()}
+                part_weight = op.DequantizeLinear(*map(columns, node.inputs), **attributes)
+                if cast is not None:
+                    part_weight = op.Cast(part_weight, to=cast.producer().attributes.get_int("to"))
+            outputs.append(op.MatMul(x, part_weight))
+        for new, old in zip(outputs, merged.uses()[0].node.outputs):
+            new.shape, new.type = old.shape, old.type
+        return outputs
+
+
+def unmerge_projections(model: ir.Model) -> int:
+    """Merged projections still split -> a MatMul per part (see ``UnmergedProjection``); returns how many.
+
+    A target calls it after lowering whatever reads a merged projection packed (ONNX Runtime's
+    GroupQueryAttention reads query, key and value from one).
+    """
+    rules = pattern.RewriteRuleSet([
+        UnmergedProjection.rule(f"{parts}-way {form} projection", parts=parts, dequantized=form != "float",
+                                cast=form == "cast")
+        for parts in (2, 3) for form in ("float", "dequantized", "cast")
+    ])
+    count = rules.apply_to_model(model)
+    log.info("unmerge_projections: %d", count)
+    return count
+
+
 def fuse(model: ir.Model) -> None:
     """Rewrite the subgraphs ``FUSION_RULES`` match into canonical ops, keeping the logits."""
     total = 0

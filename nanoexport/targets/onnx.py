@@ -27,6 +27,7 @@ from nanoexport.artifact import Artifact, write_json
 from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.onnx_export import attention_windows, kv_shape
 from nanoexport.config import ExportConfig
+from nanoexport.passes.fusion import unmerge_projections
 from nanoexport.passes.kv_cache import specialize
 from nanoexport.passes.verify import cpu_session
 
@@ -240,75 +241,6 @@ class SwishAsQuickGelu(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, activated, **_):
         alpha = activated.producer().attributes.get_float("alpha", 1.0)
         return op.QuickGelu(x, alpha=alpha, _domain="com.microsoft")
-
-
-class UnmergedProjections(pattern.RewriteRuleClassBase):
-    """A Split of one MatMul (or MatMulNBits) by a constant weight -> one kernel per part.
-
-    ONNX Runtime runs the Split as copies of every part: a node and a pass over the activations per layer,
-    while the parts' kernels together do the merged kernel's work. Merged query/key/value projections that
-    GroupQueryAttention reads packed are no longer split, so this leaves them merged.
-    """
-
-    def __init__(self, name: str, parts: int, nbits: bool):
-        super().__init__(name)
-        self.parts, self.nbits = parts, nbits
-
-    def pattern(self, op, x, weight, sizes):
-        if self.nbits:
-            merged = op.MatMulNBits(x, weight, _allow_other_inputs=True, _allow_other_attributes=True,
-                                    _domain="com.microsoft", _outputs=["merged"])
-        else:
-            merged = op.MatMul(x, weight, _outputs=["merged"])
-        return op.Split(merged, sizes, _allow_other_attributes=True, _outputs=self.parts)
-
-    def check(self, context, x, weight, sizes, merged, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        split, kernel = merged.uses()[0].node, merged.producer()
-        last_axis = -1 if merged.shape is None else merged.shape.rank() - 1
-        if split.attributes.get_int("axis", 0) not in (-1, last_axis):
-            return result.fail("the split must cut the output features", split)
-        if sizes.const_value is None or any(value is None or value.const_value is None
-                                            for value in kernel.inputs[1:]):
-            return result.fail("the weights and split sizes must be initializers", split)
-        if self.nbits and len(kernel.inputs) > 4:
-            return result.fail("MatMulNBits with g_idx or bias is not split", kernel)
-        if not self.nbits and (weight.shape is None or weight.shape.rank() != 2):
-            return result.fail("a 2-D weight only", weight)
-        return result
-
-    def rewrite(self, op, x, weight, sizes, merged, **_):
-        kernel = merged.producer()
-        attributes = {name: attr.value for name, attr in kernel.attributes.items()}
-        bounds = np.cumsum([0, *sizes.const_value.numpy().tolist()]).tolist()
-        outputs = []
-        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            def columns(value: ir.Value) -> ir.Value:
-                array = value.const_value.numpy()
-                if not self.nbits:  # [K, N]
-                    array = array[:, start:stop]
-                elif array.ndim == 1:  # packed zero points, flat in output-feature order
-                    array = array.reshape(attributes["N"], -1)[start:stop].reshape(-1)
-                else:  # integers [N, blocks, bytes per block] and scales [N, blocks]
-                    array = array[start:stop]
-                return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
-
-            if self.nbits:
-                outputs.append(op.MatMulNBits(x, *map(columns, kernel.inputs[1:]), _domain="com.microsoft",
-                                              **{**attributes, "N": stop - start}))
-            else:
-                outputs.append(op.MatMul(x, columns(weight)))
-        for new, old in zip(outputs, merged.uses()[0].node.outputs):
-            new.shape, new.type = old.shape, old.type
-        return outputs
-
-
-def unmerge_rules() -> pattern.RewriteRuleSet:
-    """Splits of merged projections -> a kernel per part (see ``UnmergedProjections``)."""
-    return pattern.RewriteRuleSet([
-        UnmergedProjections.rule(f"{parts}-way {'4-bit ' if nbits else ''}projection", parts=parts, nbits=nbits)
-        for parts in (2, 3) for nbits in (True, False)
-    ])
 
 
 def ort_kernel_rules(accuracy_level: int) -> pattern.RewriteRuleSet:
@@ -541,38 +473,32 @@ class PackedQKV(pattern.RewriteRuleClassBase):
 def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
     """Write ``model`` into ``folder`` for ONNX Runtime; returns the model files written."""
     if not config.split_prefill_decode:
-        _use_ort_kernels(model, config)
         genai_files = []
         if config.kv_cache == "dynamic":
             shares_buffer = _use_group_query_attention(model, checkpoint.config)
             genai_files = _write_genai_config(folder, checkpoint, shares_buffer)
-        _unmerge_projections(model)
+        _use_ort_kernels(model, config)
         ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
         return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
     # weights file, which each specialized graph then references rather than copies.
+    unmerge_projections(model)  # so that the unmerged parts are in that file too
     ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
     for file_name, sequence_length in ((PREFILL_FILE, config.prefill_chunk), (DECODE_FILE, 1)):
         graph = ir.load(folder / MODEL_FILE)
         specialize(graph, sequence_length)  # before the vendor ops, which ONNX shape inference does not know
         _use_ort_kernels(graph, config)
-        _unmerge_projections(graph)
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
 
 
 def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
+    """Split projections unmerged (ONNX Runtime's Split copies), then canonical ops -> ONNX Runtime kernels."""
+    unmerge_projections(model)
     if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
         common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
-
-
-def _unmerge_projections(model: ir.Model) -> None:
-    """After the attention lowering, which may read merged query/key/value projections packed."""
-    count = unmerge_rules().apply_to_model(model)
-    common.RemoveUnusedNodesPass()(model)
-    log.info("unmerged projections: %d", count)
 
 
 def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
