@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def _nibbles(values: ir.Value) -> np.ndarray:
     return (integers + 8 if values.dtype == ir.DataType.INT4 else integers).astype(np.uint8)
 
 
-def _kernel_initializer(op, source: ir.Value, suffix: str, make) -> ir.Value:
+def _kernel_initializer(op, source: ir.Value, suffix: str, make: Callable[[], np.ndarray]) -> ir.Value:
     """The initializer ``{source.name}.{suffix}`` holding ``make()``, made once: a tied output head and the
     embedding lookup read the same packed integers and scales rather than a copy each."""
     name = f"{source.name}.{suffix}"
@@ -121,7 +122,7 @@ def _kernel_initializer(op, source: ir.Value, suffix: str, make) -> ir.Value:
     return op.initializer(ir.tensor(np.ascontiguousarray(make())), name=name)
 
 
-def _packed_nibbles(op, values: ir.Value, block: int, by_output) -> ir.Value:
+def _packed_nibbles(op, values: ir.Value, block: int, by_output: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
     """MatMulNBits' B: ``[N, blocks, block / 2]`` bytes, two integers each, low nibble first."""
     def pack() -> np.ndarray:
         stored = by_output(_nibbles(values))
@@ -132,7 +133,7 @@ def _packed_nibbles(op, values: ir.Value, block: int, by_output) -> ir.Value:
     return _kernel_initializer(op, values, "nbits", pack)
 
 
-def _float_scales(op, scales: ir.Value, by_output) -> ir.Value:
+def _float_scales(op, scales: ir.Value, by_output: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
     """The block scales as MatMulNBits takes them for float32 activations: ``[N, blocks]`` float32."""
     return _kernel_initializer(op, scales, "nbits",
                                lambda: by_output(scales.const_value.numpy().astype(np.float32)))
