@@ -50,6 +50,8 @@ def test_unmerge_projections_undoes_the_merge_and_keeps_the_logits(tiny_checkpoi
     assert stats[0].logits_change <= 1e-5
     assert not any(node.op_type == "Split" for node in graph.graph)
     assert sum(node.op_type == "MatMul" for node in graph.graph) == matmuls + 2 * 2 + 2 * 1
+    read = {value.name for node in graph.graph for value in node.inputs if value is not None}
+    assert set(graph.graph.initializers) <= read  # the merged weights went with the merge
 
 
 def scale_first_weight(model: ir.Model) -> None:

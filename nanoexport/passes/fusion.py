@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,8 @@ def unmerge_projections(model: ir.Model) -> int:
     """Merged projections still split -> a MatMul per part (see ``UnmergedProjection``); returns how many.
 
     A target calls it after lowering whatever reads a merged projection packed (ONNX Runtime's
-    GroupQueryAttention reads query, key and value from one).
+    GroupQueryAttention reads query, key and value from one). The merged weights go with the merge, so that
+    a weights file written next holds each projection once.
     """
     rules = pattern.RewriteRuleSet([
         UnmergedProjection.rule(f"{parts}-way {form} projection", parts=parts, dequantized=form != "float",
@@ -256,6 +258,8 @@ def unmerge_projections(model: ir.Model) -> int:
         for parts in (2, 3) for form in ("float", "dequantized", "cast")
     ])
     count = rules.apply_to_model(model)
+    if count:
+        common.RemoveUnusedNodesPass()(model)
     log.info("unmerge_projections: %d", count)
     return count
 

@@ -478,12 +478,13 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         if config.kv_cache == "dynamic":
             shares_buffer = _use_group_query_attention(model, checkpoint.config)
             genai_files = _write_genai_config(folder, checkpoint, shares_buffer)
+        unmerge_projections(model)  # after GroupQueryAttention, which reads query, key and value packed
         _use_ort_kernels(model, config)
         ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
         return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
     # weights file, which each specialized graph then references rather than copies.
-    unmerge_projections(model)  # so that the unmerged parts are in that file too
+    unmerge_projections(model)  # ONNX Runtime runs a Split as copies; here, before the parts go in that file
     ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
     for file_name, sequence_length in ((PREFILL_FILE, config.prefill_chunk), (DECODE_FILE, 1)):
         graph = ir.load(folder / MODEL_FILE)
@@ -495,8 +496,6 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
 
 
 def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
-    """Split projections unmerged (ONNX Runtime's Split copies), then canonical ops -> ONNX Runtime kernels."""
-    unmerge_projections(model)
     if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
         common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
