@@ -499,6 +499,20 @@ def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
     if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
         model.opset_imports.setdefault("com.microsoft", 1)
         common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
+        _omit_unread_outputs(model.graph, "SkipSimplifiedLayerNormalization")
+
+
+def _omit_unread_outputs(graph: ir.Graph, op_type: str) -> None:
+    """Leave unnamed the optional outputs of ``op_type`` that nothing reads.
+
+    ONNX Runtime computes and allocates every output a node names: the mean and inverse deviation of a
+    SkipSimplifiedLayerNormalization, never read, cost 5% of the demo's int4 decode step.
+    """
+    for node in graph:
+        if node.op_type == op_type and node.domain == "com.microsoft":
+            for value in node.outputs[1:]:
+                if not value.uses() and not value.is_graph_output():
+                    value.name = ""
 
 
 def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
