@@ -3,7 +3,9 @@
 ONNX Runtime CPU: ``nanoexport`` (onnx target) and onnxruntime-genai's model builder
 (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``) export the same checkpoint, and both
 artifacts run through the same onnxruntime-genai generator, the two taking turns run by run, each run on a
-freshly loaded model.
+freshly loaded model. Ours is exported with ``--no-padded-batches``, the builder's contract (every
+attention_mask entry 1, which is what genai feeds); ``--padded-batches`` measures our default instead, whose
+attention also hides left padding.
 
 OpenVINO CPU: ``nanoexport --target openvino`` and optimum-intel's exporter (``optimum-cli export openvino
 --task text-generation-with-past --weight-format fp32``, or ``--weight-format int4 --sym --group-size 32
@@ -22,6 +24,7 @@ each the median of the run-by-run ratios.
 Examples:
     python benchmarks/decode_bench.py
     python benchmarks/decode_bench.py --models demo --runs 5 --new-tokens 128
+    python benchmarks/decode_bench.py --runtimes onnxruntime --padded-batches
     python benchmarks/decode_bench.py --runtimes openvino --runs 10 --json benchmarks/results/decode_bench_openvino.json
 """
 
@@ -59,7 +62,7 @@ OPTIMUM_WEIGHTS = {
 }
 
 
-def export_ours(model: Path, out: Path, precision: str, target: str = "onnx") -> None:
+def export_ours(model: Path, out: Path, precision: str, target: str = "onnx", flags: tuple[str, ...] = ()) -> None:
     # int4: round to nearest, blocks of 32, as both other tools. The model builder's int4 also quantizes the
     # (tied) output head and embedding, so ours does for onnx; optimum-intel's is told to keep them float
     # (--backup-precision none), as ours does by default.
@@ -68,7 +71,7 @@ def export_ours(model: Path, out: Path, precision: str, target: str = "onnx") ->
         quant += ["--keep-float", ""]
     subprocess.run(
         [sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--target", target, "--out", str(out),
-         "--no-validate", *quant],
+         "--no-validate", *quant, *flags],
         check=True, stdout=subprocess.DEVNULL,
     )
 
@@ -182,7 +185,8 @@ def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
 def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,
                         args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
     folders = {tool: scratch / f"{name}-{precision}-onnxruntime-{tool}" for tool in ("nanoexport", "builder")}
-    export_ours(model, folders["nanoexport"], precision)
+    export_ours(model, folders["nanoexport"], precision,
+                flags=("--padded-batches",) if args.padded_batches else ("--no-padded-batches",))
     export_builder(model, folders["builder"], precision)
     return measure_onnxruntime(folders, vocab, args.new_tokens, args.runs)
 
@@ -236,6 +240,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--padded-batches", action="store_true",
+                        help="export ours for ONNX Runtime with its default exact left padding (a bias per call)")
     parser.add_argument("--json", type=Path, default=RESULTS / "decode_bench.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -248,6 +254,7 @@ def main() -> None:
                 for precision in args.precisions:
                     rows.append(compare(name, runtime, model, precision, Path(scratch), args))
     settings = {"runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
+                "padded_batches": args.padded_batches,
                 "runtimes": args.runtimes, "precisions": args.precisions}
     write_results(args.json, settings, rows)
 

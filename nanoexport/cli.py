@@ -35,6 +35,7 @@ examples:
   nanoexport --target qnn --soc-model 57 --htp-arch 75   HTP context binaries for one Snapdragon SoC
   nanoexport --target qnn --max-part-bytes 300MB   layers split into graphs of at most 300 MB of weights
   nanoexport --quant int4 --keep-float ''      quantize the output head too (smaller, faster, less exact)
+  nanoexport --quant int4 --no-padded-batches  for onnxruntime-genai, which feeds unpadded masks: no padding bias
 
 other verbs:
   nanoexport validate DIR     validate an artifact against its reference model
@@ -117,6 +118,12 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
         quant.add_argument("--activations", choices=["none", "a16", "a8"],
                            help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
+        onnx = parser.add_argument_group("onnx target")
+        onnx.add_argument("--padded-batches", action=argparse.BooleanOptionalAction, default=None,
+                          help="left-padded batches give each row's own results: attention hides the "
+                               "attention_mask's zeros (default: on). --no-padded-batches: every mask entry "
+                               "must be 1, as in onnxruntime-genai's own artifacts; a few %% faster decode on "
+                               "small models")
         qnn = parser.add_argument_group("qnn target")
         qnn.add_argument("--soc-model", help="QNN SoC id to compile and emulate the HTP graphs for (default: 60)")
         qnn.add_argument("--htp-arch", help="HTP architecture version: 68, 69, 73, 75, 79 or 81 (default: 75)")
@@ -167,6 +174,7 @@ def _export(args: argparse.Namespace) -> int:
                   "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
                   "activations": args.activations, "keep_float": args.keep_float,
                   "dynamic_int8": args.dynamic_int8},
+        "onnx": {"padded_batches": args.padded_batches},
         "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes,
                 "share_weights": args.share_weights},
     })

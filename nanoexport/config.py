@@ -15,6 +15,9 @@ Example ``nanoexport.toml``::
     logits_max_abs = 1e-4
     greedy_tokens = 32
 
+    [onnx]
+    padded_batches = false
+
     [qnn]
     soc_model = 57
     max_part_bytes = "300MB"
@@ -104,6 +107,16 @@ class QnnConfig:
 
 
 @dataclass
+class OnnxConfig:
+    """Settings of the ``onnx`` target (ONNX Runtime, onnxruntime-genai)."""
+
+    # Growing-cache artifacts hide the attention_mask's zero slots in attention, so left-padded batches give
+    # each row's own results. Off, every attention_mask entry must be 1, the contract of onnxruntime-genai's
+    # own artifacts (genai feeds such masks): the padding bias costs 4-5% of the demo model's decode speed.
+    padded_batches: bool = True
+
+
+@dataclass
 class ExportConfig:
     """Everything that decides what an export produces. ``out`` only decides where it goes."""
 
@@ -120,6 +133,7 @@ class ExportConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
     qnn: QnnConfig = field(default_factory=QnnConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
 
     def manifest_view(self) -> dict[str, Any]:
         """The settings that shape the artifact's bytes, without where it was written."""

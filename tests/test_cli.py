@@ -47,14 +47,19 @@ def test_nanoexport_toml_supplies_defaults_and_flags_override(tmp_path, tiny_che
     monkeypatch.chdir(tmp_path)
     (tmp_path / "nanoexport.toml").write_text(
         f'model = "{tiny_checkpoint("qwen2")}"\nout = "from-toml"\n[validate]\ngreedy_tokens = 8\n'
+        '[onnx]\npadded_batches = false\n'
     )
     assert main(["--no-validate"]) == 0
     manifest = json.loads((tmp_path / "from-toml" / "manifest.json").read_text())
     assert manifest["source"]["family"] == "qwen2"
     assert manifest["config"]["validate"]["greedy_tokens"] == 8
+    assert manifest["config"]["onnx"]["padded_batches"] is False
 
-    assert main(["--no-validate", "--model", str(tiny_checkpoint("gpt2")), "--out", "from-flag"]) == 0
-    assert json.loads((tmp_path / "from-flag" / "manifest.json").read_text())["source"]["family"] == "gpt2"
+    assert main(["--no-validate", "--model", str(tiny_checkpoint("gpt2")), "--out", "from-flag",
+                 "--padded-batches"]) == 0
+    manifest = json.loads((tmp_path / "from-flag" / "manifest.json").read_text())
+    assert manifest["source"]["family"] == "gpt2"
+    assert manifest["config"]["onnx"]["padded_batches"] is True
 
 
 def test_targets_lists_onnx_with_its_runtime(capsys):

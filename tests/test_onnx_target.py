@@ -92,3 +92,44 @@ def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, 
         # 4.5 bits per weight plus the rotary caches; a second copy of the table would make it 0.21.
         assert data < 0.18 * fp32_demo_weights
     assert nanoexport.validate(artifact, write=False).passed
+
+
+def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
+    """``padded_batches`` off: every attention_mask entry is 1 by contract, genai's, so no per-call bias.
+
+    On input that keeps the contract (an unpadded batch of two, prompt then one decode step) the logits are
+    the default artifact's.
+    """
+    import numpy as np
+
+    from nanoexport.targets.onnx import Runner
+
+    config = nanoexport.ExportConfig()
+    config.onnx.padded_batches = False
+    artifact = nanoexport.export(out=tmp_path / "unpadded", config=config, progress=False)
+    assert artifact.manifest["config"]["onnx"]["padded_batches"] is False
+
+    def biases(graph: onnx.GraphProto) -> list[str]:
+        return [node.input[10] if len(node.input) > 10 else "" for node in graph.node
+                if node.op_type == "GroupQueryAttention"]
+
+    assert all(biases(load_graph(demo_artifact))) and not any(biases(load_graph(artifact)))
+    assert "Where" not in {node.op_type for node in load_graph(artifact).node}
+
+    kv = artifact.manifest["io"]["kv_cache"]
+    ids = np.random.default_rng(2).integers(3, kv["vocab_size"], (2, 8))
+    empty = np.zeros((2, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
+    feeds = {"input_ids": ids[:, :7], "attention_mask": np.ones((2, 7), np.int64),
+             "position_ids": np.tile(np.arange(7), (2, 1)),
+             **{f"past_key_values.{layer}.{part}": empty for layer in range(kv["num_layers"])
+                for part in ("key", "value")}}
+    logits = []
+    for runner in (Runner(demo_artifact), Runner(artifact)):
+        prefill = runner.forward(feeds)
+        step = runner.forward({"input_ids": ids[:, 7:], "attention_mask": np.ones((2, 8), np.int64),
+                               "position_ids": np.full((2, 1), 7),
+                               **{name.replace("present.", "past_key_values."): value
+                                  for name, value in prefill.items() if name.startswith("present.")}})
+        logits.append(np.concatenate([prefill["logits"], step["logits"]], axis=1))
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-5
+    assert nanoexport.validate(artifact, write=False).passed

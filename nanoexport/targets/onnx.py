@@ -269,7 +269,9 @@ class CacheFeeds:
     seqlens_k: ir.Value  # [batch] int32: cache slots after this call, minus one
     total_sequence_length: ir.Value  # int32 scalar: attention_mask's width
     query_lengths: ir.Value  # [batch] int32: new tokens per row (batched multi-token calls after a past need it)
-    padding_bias: ir.Value  # [batch, 1, tokens, slots] float: 0, or the lowest float where attention_mask is 0
+    # [batch, 1, tokens, slots] float: 0, or the lowest float where attention_mask is 0; None when every mask
+    # entry is 1 by contract (``padded_batches`` off).
+    padding_bias: ir.Value | None
 
 
 class _RotaryAngles(pattern.PatternBase):
@@ -307,7 +309,8 @@ class GroupQueryAttentionOnCache(pattern.RewriteRuleClassBase):
     GroupQueryAttention masks causally over cache slots, within ``local_window_size`` slots where the layer has
     a window: the mask the exporter builds for these causal decoders, which the static KV-cache rewrite rebuilds
     the same way. Every row's cache holds all ``attention_mask`` slots, padding included, as with the Concat;
-    a bias from ``attention_mask`` hides the padding, so left-padded batches stay exact.
+    a bias from ``attention_mask`` hides the padding, so left-padded batches stay exact, unless the feeds
+    have no bias (every mask entry 1 by contract).
     """
 
     def __init__(self, name: str, rotary: bool, feeds: CacheFeeds, windows: list[int | None], max_positions: int):
@@ -476,7 +479,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
     if not config.split_prefill_decode:
         genai_files = []
         if config.kv_cache == "dynamic":
-            shares_buffer = _use_group_query_attention(model, checkpoint.config)
+            shares_buffer = _use_group_query_attention(model, checkpoint.config, config.onnx.padded_batches)
             genai_files = _write_genai_config(folder, checkpoint, shares_buffer)
         unmerge_projections(model)  # after GroupQueryAttention, which reads query, key and value packed
         _use_ort_kernels(model, config)
@@ -515,13 +518,14 @@ def _omit_unread_outputs(graph: ir.Graph, op_type: str) -> None:
                     value.name = ""
 
 
-def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
+def _use_group_query_attention(model: ir.Model, hf_config, padded_batches: bool) -> bool:
     """Lower each layer's attention over the growing cache to GroupQueryAttention.
 
+    ``padded_batches``: hide the attention_mask's zero slots (a bias per call), or take every entry as 1.
     Returns whether every layer now appends to its cache inside the kernel, so that genai may pass one
     buffer as both past and present.
     """
-    feeds = _cache_feeds(model.graph)
+    feeds = _cache_feeds(model.graph, padded_batches)
     windows, max_positions = attention_windows(hf_config), _context_length(hf_config)
     rules = pattern.RewriteRuleSet([
         GroupQueryAttentionOnCache.rule(name, rotary, feeds, windows, max_positions)
@@ -537,7 +541,7 @@ def _use_group_query_attention(model: ir.Model, hf_config) -> bool:
     return bool(presents) and all(value.producer().op_type == "GroupQueryAttention" for value in presents)
 
 
-def _cache_feeds(graph: ir.Graph) -> CacheFeeds:
+def _cache_feeds(graph: ir.Graph, padded_batches: bool) -> CacheFeeds:
     """Insert the nodes computing ``CacheFeeds`` at the top of ``graph``; unused ones go with the unused nodes."""
     inputs = {value.name: value for value in graph.inputs}
     nodes: list[ir.Node] = []
@@ -561,7 +565,8 @@ def _cache_feeds(graph: ir.Graph) -> CacheFeeds:
         total_sequence_length=total_sequence_length,
         query_lengths=add("Cast", [add("Expand", [tokens, batch])], to=ir.DataType.INT32),
         padding_bias=add("Expand", [add("Unsqueeze", [slot_bias, constant([1, 2])]),
-                                    add("Concat", [constant([1, 1]), tokens, constant([1])], axis=0)]),
+                                    add("Concat", [constant([1, 1]), tokens, constant([1])], axis=0)])
+        if padded_batches else None,
     )
     graph.insert_before(graph.node(0), nodes)
     return feeds
