@@ -54,6 +54,47 @@ def test_unmerge_projections_undoes_the_merge_and_keeps_the_logits(tiny_checkpoi
     assert set(graph.graph.initializers) <= read  # the merged weights went with the merge
 
 
+def test_biased_projections_merge_with_their_biases_and_unmerge(tiny_checkpoint):
+    """Qwen2's query/key/value biases: one Add of the concatenated biases between the merged MatMul and its Split.
+
+    Unmerged, each projection gets its MatMul and its part of the bias back.
+    """
+    graph = export_onnx(load_checkpoint(tiny_checkpoint("qwen2")))
+    run_passes(graph, PASSES, verify=True)
+    splits = [node for node in graph.graph if node.op_type == "Split"]
+    biased = [split for split in splits if split.inputs[0].producer().op_type == "Add"]
+    assert len(splits) == 4 and len(biased) == 2  # per layer: q/k/v with biases, gate/up without
+    for split in biased:
+        add = split.inputs[0].producer()
+        assert add.inputs[0].producer().op_type == "MatMul" and add.inputs[1].const_value is not None
+    adds = sum(node.op_type == "Add" for node in graph.graph)
+
+    stats = run_passes(graph, [unmerge_projections], verify=True)
+    assert stats[0].logits_change <= 1e-5
+    assert not any(node.op_type == "Split" for node in graph.graph)
+    assert sum(node.op_type == "Add" for node in graph.graph) == adds + 2 * 2
+
+
+def test_adds_of_zeros_go(tiny_checkpoint):
+    """A projection's all-zero bias (an untrained initialization) costs no Add, so the projections merge bare."""
+    import torch
+
+    from tiny_models import tiny_model
+
+    model = tiny_model("qwen2")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.zero_()
+    graph = export_onnx(load_checkpoint(model))
+    biases = sum(node.op_type == "Add" and any(v.const_value is not None and v.shape.rank() == 1 for v in node.inputs)
+                 for node in graph.graph)
+    assert biases == 2 * 3
+    run_passes(graph, PASSES, verify=True)
+    splits = [node for node in graph.graph if node.op_type == "Split"]
+    assert len(splits) == 4 and all(split.inputs[0].producer().op_type == "MatMul" for split in splits)
+
+
 def scale_first_weight(model: ir.Model) -> None:
     """A broken pass: doubles one weight matrix."""
     initializer = next(v for v in model.graph.initializers.values() if len(v.shape) == 2)

@@ -29,7 +29,12 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(family, **TINY_CONFIGS[family])
-    return AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers initializes biases to zero; a trained checkpoint's are not
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.02)
+    return model
 
 
 def save_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:

@@ -85,7 +85,35 @@ def infer_shapes(model: ir.Model) -> None:
     common.ShapeInferencePass()(model)
 
 
+class AddOfZeros(pattern.RewriteRuleClassBase):
+    """``x + zeros`` -> ``x``, where broadcasting the zeros leaves ``x``'s shape and type as they are.
+
+    A checkpoint's all-zero biases (projections initialized and never trained, as in random-weight models)
+    would otherwise cost an Add per projection and keep the query, key and value projections from merging.
+    """
+
+    def pattern(self, op, x, zeros):
+        return op.Add(x, zeros)
+
+    def check(self, context, x, zeros, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if zeros.const_value is None or x.dtype != zeros.dtype or x.shape is None or zeros.shape is None:
+            return result.fail("only a constant of x's type and a known shape", zeros)
+        if zeros.shape.rank() > x.shape.rank() or any(
+            size != 1 and size != x.shape[x.shape.rank() - zeros.shape.rank() + axis]
+            for axis, size in enumerate(zeros.shape)
+        ):
+            return result.fail("broadcasting the constant would change x's shape", zeros)
+        if np.any(zeros.const_value.numpy()):
+            return result.fail("the constant is not all zeros", zeros)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
 NO_OP_RULES = pattern.RewriteRuleSet([
+    *AddOfZeros.rule().commute(),
     basic_rules.no_op_cast_rule,
     basic_rules.no_op_expand_rule,
     basic_rules.no_op_transpose_rule,
@@ -96,7 +124,7 @@ NO_OP_RULES = pattern.RewriteRuleSet([
 
 
 def eliminate_no_ops(model: ir.Model) -> None:
-    """Casts to the type a value already has, and Expand/Transpose/Reshape chains that change nothing."""
+    """Casts to the type a value already has, Adds of zeros, and Expand/Transpose/Reshape chains that change nothing."""
     log.info("eliminate_no_ops: %d rewrites", NO_OP_RULES.apply_to_model(model))
 
 

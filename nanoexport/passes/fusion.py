@@ -152,8 +152,10 @@ def merge_projections(model: ir.Model) -> None:
     """MatMuls of one input by several weight matrices -> one MatMul by the concatenated weights, then Split.
 
     Merges the query/key/value projections and the gate/up projections: one larger kernel call per token
-    instead of several small ones. Sibling MatMuls that share an input have no single root, which
-    onnxscript's pattern matcher cannot anchor, so this groups them by their input directly.
+    instead of several small ones. A constant bias Add after a part (Qwen2's query, key and value) joins
+    the merge as one Add of the concatenated biases before the Split, zeros for a part without one. Sibling
+    MatMuls that share an input have no single root, which onnxscript's pattern matcher cannot anchor, so
+    this groups them by their input directly.
     """
     graph = model.graph
     siblings: dict[ir.Value, list[ir.Node]] = {}
@@ -166,25 +168,53 @@ def merge_projections(model: ir.Model) -> None:
             continue
         weights = [node.inputs[1] for node in nodes]
         name = _merged_name([weight.name for weight in weights])
-        merged = ir.Value(name=name, const_value=ir.tensor(
-            np.concatenate([weight.const_value.numpy() for weight in weights], axis=1), name=name))
-        sizes = ir.Value(name=f"{name}/sizes", const_value=ir.tensor(
-            np.array([weight.shape[1] for weight in weights], np.int64), name=f"{name}/sizes"))
-        for initializer in (merged, sizes):
-            initializer.shape = initializer.const_value.shape
-            initializer.type = ir.TensorType(initializer.const_value.dtype)
-            graph.register_initializer(initializer)
+        merged = _new_initializer(graph, name, np.concatenate([w.const_value.numpy() for w in weights], axis=1))
+        sizes = _new_initializer(graph, f"{name}/sizes", np.array([w.shape[1] for w in weights], np.int64))
         matmul = ir.node("MatMul", [x, merged])
-        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes))
-        graph.insert_before(nodes[0], [matmul, split])
-        for node, part in zip(nodes, split.outputs):
-            old = node.outputs[0]
+        new_nodes, projection = [matmul], matmul.outputs[0]
+        biased = [_bias_add(node) for node in nodes]
+        bias_adds = [found[0] if found else None for found in biased]
+        if any(biased):
+            dtype = weights[0].const_value.numpy().dtype
+            bias = _new_initializer(graph, f"{name}/bias", np.concatenate([
+                found[1].const_value.numpy() if found else np.zeros(weight.shape[1], dtype)
+                for found, weight in zip(biased, weights)
+            ]))
+            new_nodes.append(ir.node("Add", [projection, bias]))
+            projection = new_nodes[-1].outputs[0]
+        split = ir.node("Split", [projection, sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+        graph.insert_before(nodes[0], [*new_nodes, split])
+        for node, add, part in zip(nodes, bias_adds, split.outputs):
+            last = add or node
+            old = last.outputs[0]
             part.shape, part.type = old.shape, old.type
             old.replace_all_uses_with(part, replace_graph_outputs=True)
             part.name, old.name = old.name, f"{old.name}.unmerged"
-            graph.remove(node, safe=True)
+            for removed in (add, node) if add else (node,):
+                graph.remove(removed, safe=True)
         merged_count += 1
     log.info("merge_projections: %d groups", merged_count)
+
+
+def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """The Add of a constant 1-D bias, one per output feature, that alone reads ``matmul``'s output, and the bias."""
+    product = matmul.outputs[0]
+    uses = product.uses()
+    if len(uses) != 1 or product.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    bias = add.inputs[1] if add.inputs[0] is product else add.inputs[0]
+    if (bias.const_value is None or bias.dtype != product.dtype or bias.shape is None or bias.shape.rank() != 1
+            or bias.shape[0] != matmul.inputs[1].shape[1]):
+        return None
+    return add, bias
 
 
 class UnmergedProjection(pattern.RewriteRuleClassBase):
@@ -194,27 +224,33 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
     OpenVINO CPU plugin run the Split as copies of every part, and OpenVINO fuses the SwiGLU gate's Swish
     into a FullyConnected only when the gate has a MatMul of its own. Blocked weights (``DequantizeLinear``
     along the input rows, then an optional Cast) are cut into whole columns, so every integer and scale
-    stays what it was.
+    stays what it was; a merged bias Add, into an Add of its part per projection.
     """
 
-    def __init__(self, name: str, parts: int, dequantized: bool, cast: bool):
+    def __init__(self, name: str, parts: int, dequantized: bool, cast: bool, biased: bool):
         super().__init__(name)
-        self.parts, self.dequantized, self.cast = parts, dequantized, cast
+        self.parts, self.dequantized, self.cast, self.biased = parts, dequantized, cast, biased
 
-    def pattern(self, op, x, weight, sizes):
+    def pattern(self, op, x, weight, sizes, bias):
         if self.dequantized:
             weight = op.DequantizeLinear(weight, _allow_other_inputs=True, _outputs=["dequantized"])
             if self.cast:
                 weight = op.Cast(weight, _outputs=["cast"])
         merged = op.MatMul(x, weight, _outputs=["merged"])
+        if self.biased:
+            merged = op.Add(merged, bias, _outputs=["merged_bias"])
         return op.Split(merged, sizes, _allow_other_attributes=True, _outputs=self.parts)
 
-    def check(self, context, x, weight, sizes, merged, dequantized=None, **_) -> pattern.MatchResult:
+    def check(self, context, x, weight, sizes, merged, bias=None, merged_bias=None, dequantized=None,
+              **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        split = merged.uses()[0].node
+        split = (merged_bias or merged).uses()[0].node
         if split.attributes.get_int("axis", 0) not in (-1, merged.shape.rank() - 1 if merged.shape else -1):
             return result.fail("the split must cut the output features", split)
-        constants = [weight, sizes, *(dequantized.producer().inputs[1:] if dequantized is not None else [])]
+        if bias is not None and (bias.shape is None or bias.shape.rank() != 1):
+            return result.fail("a 1-D bias only", bias)
+        constants = [weight, sizes, *(dequantized.producer().inputs[1:] if dequantized is not None else []),
+                     *([bias] if bias is not None else [])]
         if any(value is None or value.const_value is None for value in constants):
             return result.fail("the weights and split sizes must be initializers", split)
         if weight.shape is None or weight.shape.rank() != 2:
@@ -223,12 +259,13 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
             return result.fail("blocks must run along the input rows, so that columns are whole", dequantized)
         return result
 
-    def rewrite(self, op, x, weight, sizes, merged, dequantized=None, cast=None, **_):
+    def rewrite(self, op, x, weight, sizes, merged, bias=None, merged_bias=None, dequantized=None, cast=None,
+                **_):
         bounds = np.cumsum([0, *sizes.const_value.numpy().tolist()]).tolist()
         outputs = []
         for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             def columns(value: ir.Value) -> ir.Value:  # weights [K, N], scales and zero points [K / block, N]
-                array = value.const_value.numpy()[:, start:stop]
+                array = value.const_value.numpy()[..., start:stop]  # biases [N]
                 return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
 
             if dequantized is None:
@@ -240,7 +277,9 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
                 if cast is not None:
                     part_weight = op.Cast(part_weight, to=cast.producer().attributes.get_int("to"))
             outputs.append(op.MatMul(x, part_weight))
-        for new, old in zip(outputs, merged.uses()[0].node.outputs):
+            if bias is not None:
+                outputs[-1] = op.Add(outputs[-1], columns(bias))
+        for new, old in zip(outputs, (merged_bias or merged).uses()[0].node.outputs):
             new.shape, new.type = old.shape, old.type
         return outputs
 
@@ -253,9 +292,9 @@ def unmerge_projections(model: ir.Model) -> int:
     a weights file written next holds each projection once.
     """
     rules = pattern.RewriteRuleSet([
-        UnmergedProjection.rule(f"{parts}-way {form} projection", parts=parts, dequantized=form != "float",
-                                cast=form == "cast")
-        for parts in (2, 3) for form in ("float", "dequantized", "cast")
+        UnmergedProjection.rule(f"{parts}-way {form} projection{' with bias' if biased else ''}", parts=parts,
+                                dequantized=form != "float", cast=form == "cast", biased=biased)
+        for parts in (2, 3) for form in ("float", "dequantized", "cast") for biased in (True, False)
     ])
     count = rules.apply_to_model(model)
     if count:
