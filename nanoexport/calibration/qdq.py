@@ -127,7 +127,6 @@ def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activati
 
 
 def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
+    value = ir.val(name, const_value=ir.Tensor(array, name=name))  # shape and type from the tensor
     model.graph.register_initializer(value)
     return value

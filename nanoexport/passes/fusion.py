@@ -173,7 +173,6 @@ def merge_projections(model: ir.Model) -> None:
         matmul = ir.node("MatMul", [x, merged])
         new_nodes, projection = [matmul], matmul.outputs[0]
         biased = [_bias_add(node) for node in nodes]
-        bias_adds = [found[0] if found else None for found in biased]
         if any(biased):
             dtype = weights[0].const_value.numpy().dtype
             bias = _new_initializer(graph, f"{name}/bias", np.concatenate([
@@ -184,21 +183,21 @@ def merge_projections(model: ir.Model) -> None:
             projection = new_nodes[-1].outputs[0]
         split = ir.node("Split", [projection, sizes], attributes={"axis": -1}, num_outputs=len(nodes))
         graph.insert_before(nodes[0], [*new_nodes, split])
-        for node, add, part in zip(nodes, bias_adds, split.outputs):
-            last = add or node
-            old = last.outputs[0]
+        for node, found, part in zip(nodes, biased, split.outputs):
+            add = found[0] if found else None
+            old = (add or node).outputs[0]
             part.shape, part.type = old.shape, old.type
             old.replace_all_uses_with(part, replace_graph_outputs=True)
             part.name, old.name = old.name, f"{old.name}.unmerged"
-            for removed in (add, node) if add else (node,):
-                graph.remove(removed, safe=True)
+            if add is not None:
+                graph.remove(add, safe=True)
+            graph.remove(node, safe=True)
         merged_count += 1
     log.info("merge_projections: %d groups", merged_count)
 
 
 def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
+    value = ir.val(name, const_value=ir.tensor(array, name=name))  # shape and type from the tensor
     graph.register_initializer(value)
     return value
 

@@ -198,8 +198,7 @@ def check_ops(graph: ir.Model, name: str) -> None:
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
+    value = ir.val(name, const_value=ir.tensor(array, name=name))  # shape and type from the tensor
     graph.register_initializer(value)
     return value
 
