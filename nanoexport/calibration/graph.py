@@ -86,12 +86,7 @@ def replace_weight(model: ir.Model, linear: Linear, quantized: QuantizedWeight) 
         return array.T if linear.transposed else array
 
     def add(suffix: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=f"{base}.{suffix}", const_value=ir.Tensor(np.ascontiguousarray(array),
-                                                                        name=f"{base}.{suffix}"))
-        value.shape = ir.Shape(array.shape)
-        value.type = ir.TensorType(value.const_value.dtype)
-        graph.register_initializer(value)
-        return value
+        return _initializer(graph, f"{base}.{suffix}", array)
 
     scale_type = np.float16 if fmt.scale_dtype == "fp16" else np.float32
     values = add("quant", stored(quantized.values).astype(STORAGE_TYPES[fmt.dtype]))
@@ -133,6 +128,13 @@ def _nf4_expansion(add, indices: ir.Value, scales: ir.Value, block_size: int, ax
     return [index, levels, blocks, block_scales, float_scales, scaled, matrix]
 
 
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer named ``name``; its shape and type come from the array."""
+    value = ir.val(name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
     users = {id(node) for node, _ in value.uses()}
     return next(node for node in graph if id(node) in users)
@@ -142,10 +144,7 @@ def to_float16(model: ir.Model, linear: Linear) -> None:
     """Store ``linear``'s weight as FLOAT16, cast back to FLOAT where it is used."""
     graph = model.graph
     base = linear.initializer.name
-    half = ir.Value(name=f"{base}.fp16", const_value=ir.Tensor(
-        linear.initializer.const_value.numpy().astype(np.float16), name=f"{base}.fp16"))
-    half.shape, half.type = linear.initializer.shape, ir.TensorType(ir.DataType.FLOAT16)
-    graph.register_initializer(half)
+    half = _initializer(graph, f"{base}.fp16", linear.initializer.const_value.numpy().astype(np.float16))
     cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT})
     cast.outputs[0].shape, cast.outputs[0].type = linear.initializer.shape, linear.initializer.type
     graph.insert_before(_first_user(graph, linear.initializer), [cast])
@@ -168,14 +167,9 @@ def scale_input(model: ir.Model, linear: Linear, divisor: np.ndarray) -> None:
     if (producer is not None and producer.op_type == "RMSNormalization" and len(x.uses()) == 1
             and producer.inputs[1].const_value is not None):
         gamma = producer.inputs[1].const_value.numpy().astype(np.float32)
-        folded = ir.Value(name=name, const_value=ir.Tensor(gamma * inverse, name=name))
-        folded.shape, folded.type = producer.inputs[1].shape, producer.inputs[1].type
-        graph.register_initializer(folded)
-        producer.replace_input_with(1, folded)
+        producer.replace_input_with(1, _initializer(graph, name, gamma * inverse))
         return
-    factor = ir.Value(name=name, const_value=ir.Tensor(inverse, name=name))
-    factor.shape, factor.type = ir.Shape(inverse.shape), ir.TensorType(ir.DataType.FLOAT)
-    graph.register_initializer(factor)
+    factor = _initializer(graph, name, inverse)
     multiply = ir.node("Mul", [x, factor])
     multiply.outputs[0].shape, multiply.outputs[0].type = x.shape, x.type
     graph.insert_before(linear.matmul, [multiply])

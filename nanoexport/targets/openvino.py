@@ -275,7 +275,7 @@ def drop_nan_guards(model: ov.Model) -> int:
                                                                       ["ConvertLike", "IsNaN", "Select"]):
             continue
         select = next(guard for guard in guards if guard.get_type_name() == "Select")
-        if select.input_value(2).get_node() is not node or select.input_value(0).get_node() not in guards:
+        if select.input_value(2) != node.output(0) or select.input_value(0).get_node() not in guards:
             continue
         mask = node.input_value(3)
         if mask.get_element_type() == ov.Type.boolean:  # a masked key is -inf inside the kernel
