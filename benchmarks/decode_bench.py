@@ -214,23 +214,34 @@ def compare(name: str, runtime: str, model: Path, precision: str, scratch: Path,
     figures = {tool: {"time_to_first_token_s": round(statistics.median(ttft for ttft, _ in runs), 5),
                       "decode_tokens_per_s": round(statistics.median(rate for _, rate in runs), 2)}
                for tool, runs in samples.items()}
+    decode_ratios = [round(a[1] / b[1], 3) for a, b in zip(ours, theirs)]
+    first_token_ratios = [round(b[0] / a[0], 3) for a, b in zip(ours, theirs)]
     row = {
         "model": name,
         "runtime": runtime,
         "precision": precision,
         **{f"{tool}_{key}": value for tool, values in figures.items() for key, value in values.items()},
-        "decode_ratio": round(statistics.median(a[1] / b[1] for a, b in zip(ours, theirs)), 3),
-        "first_token_ratio": round(statistics.median(b[0] / a[0] for a, b in zip(ours, theirs)), 3),
+        "decode_ratio": round(statistics.median(decode_ratios), 3),
+        "first_token_ratio": round(statistics.median(first_token_ratios), 3),
+        # Run by run, so that a reader can see the spread behind each median.
+        "decode_ratios": decode_ratios,
+        "first_token_ratios": first_token_ratios,
     }
     mine, other = figures["nanoexport"], figures[peer]
     print(
         f"{name:13s} {runtime:11s} {precision}  decode tok/s: ours {mine['decode_tokens_per_s']:8.1f}  {peer} "
-        f"{other['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f}   "
+        f"{other['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f} {_spread(decode_ratios)}   "
         f"first token ({PROMPT_TOKENS}-token prompt): ours {mine['time_to_first_token_s'] * 1000:7.1f} ms  {peer} "
-        f"{other['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f}",
+        f"{other['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f} "
+        f"{_spread(first_token_ratios)}",
         flush=True,
     )
     return row
+
+
+def _spread(ratios: list[float]) -> str:
+    """The runs' range of a ratio and in how many runs ours was the faster, e.g. ``[0.97-1.04, 7/12 >= 1]``."""
+    return f"[{min(ratios):.2f}-{max(ratios):.2f}, {sum(ratio >= 1 for ratio in ratios)}/{len(ratios)} >= 1]"
 
 
 def main() -> None:
