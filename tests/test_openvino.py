@@ -271,20 +271,65 @@ def _hf_tokenizer(artifact: Path):
 
 
 def test_int4_weights_are_our_integers_and_scales(int4):
-    """The IR holds the canonical graph's DequantizeLinear integers and fp16 scales byte for byte, the merged
-    projections' cut into each part's columns."""
+    """The IR holds the canonical graph's DequantizeLinear integers and fp16 scales byte for byte, output-major
+    (``[N, K]``, the canonical graph's ``[K, N]`` transposed), the merged projections' cut into each part's
+    columns."""
     artifact, canonical = int4
     lowered = ir.load(canonical)
     assert sum(node.op_type == "DequantizeLinear" for node in lowered.graph) == MERGED_LINEARS
     assert target.unmerge_projections(lowered) == 8
     dequantize = [node for node in lowered.graph if node.op_type == "DequantizeLinear"]
     assert len(dequantize) == QUANTIZED_LINEARS
-    ours = {kind: Counter(node.inputs[index].const_value.tobytes() for node in dequantize)
+
+    def output_major(value: ir.Value) -> bytes:
+        return ir.tensor(np.ascontiguousarray(value.const_value.numpy().T)).tobytes()
+
+    ours = {kind: Counter(output_major(node.inputs[index]) for node in dequantize)
             for kind, index in (("values", 0), ("scales", 1))}
     model = ov.Core().read_model(artifact / target.MODEL_FILE)
     theirs = {kind: Counter(node.get_data().tobytes() for node in constants(model, element_type))
               for kind, element_type in (("values", ov.Type.i4), ("scales", ov.Type.f16))}
     assert theirs == ours
+
+
+def stored_weight(matmul: ir.Node) -> tuple[ir.Value | None, bool]:
+    """The constant a MatMul's weights come from, through Transpose, Cast and DequantizeLinear, and whether a
+    Transpose was on the way."""
+    value, transposed = matmul.inputs[1], False
+    while value.const_value is None and value.producer() is not None:
+        node = value.producer()
+        if node.op_type not in ("Transpose", "Cast", "DequantizeLinear"):
+            return None, False
+        transposed |= node.op_type == "Transpose"
+        value = node.inputs[0]
+    return value, transposed
+
+
+def test_weights_are_stored_output_major_with_the_same_logits(int4, tiny_checkpoint):
+    """Every linear's weights, float or blocked int4, stored ``[N, K]`` and transposed back in the graph
+    (the CPU plugin's own layout, which it would otherwise copy the weights into); the logits unchanged."""
+    from nanoexport.capture.onnx_export import export_onnx
+    from nanoexport.passes import PASSES, run_passes
+
+    float_graph = export_onnx(load_checkpoint(tiny_checkpoint("qwen2")))
+    run_passes(float_graph, PASSES)
+    target.unmerge_projections(float_graph)
+    _, canonical = int4
+    int4_graph = ir.load(canonical)
+    target.unmerge_projections(int4_graph)
+    for graph, quantized in ((float_graph, 0), (int4_graph, QUANTIZED_LINEARS)):
+        weighted = [node for node in graph.graph if node.op_type == "MatMul" and stored_weight(node)[0] is not None]
+        input_major = sum(not stored_weight(node)[1] for node in weighted)
+        assert input_major >= 2 * 7  # q, k, v, o, gate, up, down per layer; a tied head is [N, K] already
+
+        stats = run_passes(graph, [target.output_major_weights], verify=True)
+        assert stats[0].logits_change <= 1e-5
+        after = [node for node in graph.graph if node.op_type == "MatMul" and stored_weight(node)[0] is not None]
+        assert len(after) == len(weighted)
+        for node in after:
+            weight, transposed = stored_weight(node)
+            assert transposed and weight.shape[1] == node.inputs[0].shape[-1], node.name  # [N, K]
+        assert sum(node.op_type == "DequantizeLinear" for node in graph.graph) == quantized
 
 
 def test_int4_weights_take_4_5_bits_in_the_bin(int4):

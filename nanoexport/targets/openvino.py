@@ -15,7 +15,8 @@ loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
 
 Quantized weights stay as our integers and scales: blocked ``DequantizeLinear`` arrives as an i4/u4/i8
 Constant -> Convert -> [Subtract zero point] -> Multiply scale, which the CPU plugin runs as a compressed
-FullyConnected; NF4 codebook indices become an nf4 Constant. The model is read with ``Core.read_model``
+FullyConnected; NF4 codebook indices become an nf4 Constant. Weights are stored output-major (``[N, K]``),
+the plugin's layout, so that it runs them from the mapped .bin instead of a transposed copy. The model is read with ``Core.read_model``
 rather than ``convert_model``, whose transformations fold the fp16 and NF4 weights into fp32 constants.
 """
 
@@ -28,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 import openvino as ov
 import openvino.opset13 as ops
+from onnxscript.rewriter import pattern
 from openvino._offline_transformations import apply_make_stateful_transformation
 
 from nanoexport.artifact import Artifact
@@ -72,6 +75,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
     static_heads(model)
     batch_from_input_ids(model)
     unmerge_projections(model)
+    output_major_weights(model)
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "canonical.onnx"
         ir.save(model, onnx_path, external_data="canonical.onnx.data")
@@ -116,6 +120,88 @@ def static_heads(model: ir.Model) -> int:
         reshape.attributes.pop("allowzero", None)  # 0 now means "copy batch and sequence from the input"
         changed += 1
     return changed
+
+
+class OutputMajorFloatWeight(pattern.RewriteRuleClassBase):
+    """MatMul by a float initializer ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``."""
+
+    def pattern(self, op, x, weight):
+        return op.MatMul(x, weight, _outputs=["product"])
+
+    def check(self, context, weight, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1:
+            return result.fail("an initializer that this MatMul alone reads", weight)
+        if weight.shape is None or weight.shape.rank() != 2:
+            return result.fail("a 2-D weight only", weight)
+        return result
+
+    def rewrite(self, op, x, weight, product, **_):
+        stored = op.initializer(ir.tensor(np.ascontiguousarray(weight.const_value.numpy().T)),
+                                name=f"{weight.name}.output_major")
+        return _shaped_like(product, op.MatMul(x, op.Transpose(stored, perm=[1, 0])))
+
+
+class OutputMajorWeight(pattern.RewriteRuleClassBase):
+    """MatMul by dequantized weights ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
+
+    The canonical graph stores a linear's weights input-major, ``[K, N]``, with blocks along K. The CPU
+    plugin's compressed FullyConnected keeps its weights output-major, blocks contiguous (``[N, K / block,
+    block]``, optimum-intel's layout): given ours it transposes each int4 matrix into a copy when it compiles
+    the model. Stored output-major, with the Transpose for the frontend to fold into the MatMul, every
+    integer and scale is the same, only their order in the .bin changes.
+    """
+
+    def __init__(self, name: str, cast: bool):
+        super().__init__(name)
+        self.cast = cast
+
+    def pattern(self, op, x, values):
+        weight = op.DequantizeLinear(values, _allow_other_inputs=True, _outputs=["dequantized"])
+        if self.cast:  # fp16 scales
+            weight = op.Cast(weight, _outputs=["cast"])
+        return op.MatMul(x, weight, _outputs=["product"])
+
+    def check(self, context, values, dequantized, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        inputs = dequantized.producer().inputs
+        if any(value is None or value.const_value is None for value in inputs):
+            return result.fail("integers, scales and zero points must be initializers", dequantized)
+        if values.shape is None or values.shape.rank() != 2 or any(v.shape.rank() > 2 for v in inputs):
+            return result.fail("a 2-D weight only", values)
+        if len(dequantized.uses()) != 1:
+            return result.fail("the dequantized weight must feed this MatMul alone", dequantized)
+        return result
+
+    def rewrite(self, op, x, values, dequantized, product, cast=None, **_):
+        node = dequantized.producer()
+        attributes = {name: attr.value for name, attr in node.attributes.items()}
+        attributes["axis"] = 1 - attributes.get("axis", 1) % 2
+
+        def output_major(value: ir.Value) -> ir.Value:  # per-channel 1-D scales stay as they are
+            array = value.const_value.numpy()
+            array = array.T if array.ndim == 2 else array
+            return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.output_major")
+
+        weight = op.DequantizeLinear(*map(output_major, node.inputs), **attributes)
+        if cast is not None:
+            weight = op.Cast(weight, to=cast.producer().attributes.get_int("to"))
+        return _shaped_like(product, op.MatMul(x, op.Transpose(weight, perm=[1, 0])))
+
+
+def _shaped_like(old: ir.Value, new: ir.Value) -> ir.Value:
+    new.shape, new.type = old.shape, old.type
+    return new
+
+
+def output_major_weights(model: ir.Model) -> int:
+    """Store each dequantized weight output-major (see ``OutputMajorWeight``); returns how many."""
+    rules = [OutputMajorWeight.rule(f"output-major weight{' cast' if cast else ''}", cast=cast)
+             for cast in (True, False)] + [OutputMajorFloatWeight.rule("output-major float weight")]
+    count = pattern.RewriteRuleSet(rules).apply_to_model(model)
+    if count:
+        common.RemoveUnusedNodesPass()(model)
+    return count
 
 
 def batch_from_input_ids(model: ir.Model) -> int:
