@@ -19,7 +19,8 @@ runs ``optimum-cli`` from there.
 
 Each measurement: a 128-token prompt (time to first token), then greedy decoding of --new-tokens tokens
 (tokens/s). The median of several runs is reported, with ours/theirs speed ratios (above 1: ours faster),
-each the median of the run-by-run ratios.
+each the median of the run-by-run ratios. Peak memory: the peak resident set of a fresh process that loads
+the artifact and generates once (Python and the runtime's libraries included, the same for both tools).
 
 Examples:
     python benchmarks/decode_bench.py
@@ -31,8 +32,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
+import multiprocessing
+import resource
 import statistics
 import subprocess
 import sys
@@ -116,6 +120,25 @@ def prompt_tokens(vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
 
 
+def generate_onnxruntime(model, prompt: np.ndarray, max_length: int) -> tuple[float, float]:
+    """Greedy generation to ``max_length`` tokens; (time to first token in s, decode tokens/s)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)
+    generator.generate_next_token()
+    first = time.perf_counter()
+    generated = 1
+    while not generator.is_done():
+        generator.generate_next_token()
+        generated += 1
+    finished = time.perf_counter()
+    return first - started, (generated - 1) / max(finished - first, 1e-9)
+
+
 def measure_onnxruntime(folders: dict[str, Path], vocab: int, new_tokens: int,
                         runs: int) -> dict[str, list[tuple[float, float]]]:
     """(time to first token in s, decode tokens/s) of each tool's artifact, the tools taking turns run by run.
@@ -125,28 +148,13 @@ def measure_onnxruntime(folders: dict[str, Path], vocab: int, new_tokens: int,
     """
     import onnxruntime_genai as og
 
-    def generate(model, prompt: np.ndarray, max_length: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=max_length, do_sample=False)
-        generator = og.Generator(model, params)
-        started = time.perf_counter()
-        generator.append_tokens(prompt)
-        generator.generate_next_token()
-        first = time.perf_counter()
-        generated = 1
-        while not generator.is_done():
-            generator.generate_next_token()
-            generated += 1
-        finished = time.perf_counter()
-        return first - started, (generated - 1) / max(finished - first, 1e-9)
-
     prompt = prompt_tokens(vocab, 0)
     samples = {tool: [] for tool in folders}
     for run in range(runs):
         for tool in (folders if run % 2 else reversed(folders)):
             model = og.Model(str(folders[tool]))
-            generate(model, prompt, len(prompt) + 4)
-            samples[tool].append(generate(model, prompt, len(prompt) + new_tokens))
+            generate_onnxruntime(model, prompt, len(prompt) + 4)
+            samples[tool].append(generate_onnxruntime(model, prompt, len(prompt) + new_tokens))
             del model
     return samples
 
@@ -160,43 +168,70 @@ def measure_openvino(folders: dict[str, Path], vocab: int, new_tokens: int,
     whichever artifact it held. Every run has a new prompt, since genai's CPU pipeline caches prompt
     prefixes and a repeated prompt would measure the cache instead of the prefill.
     """
-    import openvino as ov
     import openvino_genai as og
 
-    def tokens(seed: int) -> og.TokenizedInputs:
-        ids = prompt_tokens(vocab, seed).astype(np.int64)[None]
-        return og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-
-    config = og.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True,
-                                 do_sample=False)
-    warm_up = og.GenerationConfig(max_new_tokens=4, min_new_tokens=4, ignore_eos=True, do_sample=False)
     samples = {tool: [] for tool in folders}
     for run in range(runs):
         for tool in (folders if run % 2 else reversed(folders)):
             pipeline = og.LLMPipeline(str(folders[tool]), "CPU")
-            pipeline.generate(tokens(runs + run), warm_up)
-            metrics = pipeline.generate(tokens(run), config).perf_metrics
-            # genai's throughput is 1 / time per output token, the first token excluded.
-            samples[tool].append((metrics.get_ttft().mean / 1000, metrics.get_throughput().mean))
+            generate_openvino(pipeline, vocab, runs + run, 4)
+            samples[tool].append(generate_openvino(pipeline, vocab, run, new_tokens))
             del pipeline
     return samples
 
 
+def generate_openvino(pipeline, vocab: int, seed: int, new_tokens: int) -> tuple[float, float]:
+    """Greedy generation of ``new_tokens`` after prompt number ``seed``; (time to first token in s, decode
+    tokens/s)."""
+    import openvino as ov
+    import openvino_genai as og
+
+    ids = prompt_tokens(vocab, seed).astype(np.int64)[None]
+    config = og.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True,
+                                 do_sample=False)
+    metrics = pipeline.generate(og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids))), config).perf_metrics
+    # genai's throughput is 1 / time per output token, the first token excluded.
+    return metrics.get_ttft().mean / 1000, metrics.get_throughput().mean
+
+
+def peak_memory_mib(runtime: str, folder: Path, vocab: int, new_tokens: int) -> float:
+    """Peak resident memory of a fresh process that loads ``folder`` and generates once (MiB, Python included)."""
+    context = multiprocessing.get_context("spawn")  # nothing of this process's runtimes in the child
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_load_and_generate, runtime, str(folder), vocab, new_tokens).result()
+
+
+def _load_and_generate(runtime: str, folder: str, vocab: int, new_tokens: int) -> float:
+    if runtime == "openvino":
+        import openvino_genai as og
+
+        generate_openvino(og.LLMPipeline(folder, "CPU"), vocab, 0, new_tokens)
+    else:
+        import onnxruntime_genai as og
+
+        generate_onnxruntime(og.Model(folder), prompt_tokens(vocab, 0), PROMPT_TOKENS + new_tokens)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,
-                        args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+                        args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
     folders = {tool: scratch / f"{name}-{precision}-onnxruntime-{tool}" for tool in ("nanoexport", "builder")}
     export_ours(model, folders["nanoexport"], precision,
                 flags=("--padded-batches",) if args.padded_batches else ("--no-padded-batches",))
     export_builder(model, folders["builder"], precision)
-    return measure_onnxruntime(folders, vocab, args.new_tokens, args.runs)
+    return measure_onnxruntime(folders, vocab, args.new_tokens, args.runs), memory("onnxruntime", folders, vocab, args)
 
 
 def figures_openvino(name: str, model: Path, precision: str, vocab: int, scratch: Path,
-                     args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+                     args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
     folders = {tool: scratch / f"{name}-{precision}-openvino-{tool}" for tool in ("nanoexport", "optimum")}
     export_ours(model, folders["nanoexport"], precision, target="openvino")
     export_optimum(model, folders["optimum"], precision)
-    return measure_openvino(folders, vocab, args.new_tokens, args.runs)
+    return measure_openvino(folders, vocab, args.new_tokens, args.runs), memory("openvino", folders, vocab, args)
+
+
+def memory(runtime: str, folders: dict[str, Path], vocab: int, args: argparse.Namespace) -> dict[str, float]:
+    return {tool: peak_memory_mib(runtime, folder, vocab, args.new_tokens) for tool, folder in folders.items()}
 
 
 FIGURES = {"onnxruntime": figures_onnxruntime, "openvino": figures_openvino}
@@ -209,10 +244,11 @@ def compare(name: str, runtime: str, model: Path, precision: str, scratch: Path,
     run-by-run ratios, which a burst of load on a shared machine moves less than it moves either figure.
     """
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    samples = FIGURES[runtime](name, model, precision, vocab, scratch, args)
+    samples, peak_memory = FIGURES[runtime](name, model, precision, vocab, scratch, args)
     (_, ours), (peer, theirs) = samples.items()
     figures = {tool: {"time_to_first_token_s": round(statistics.median(ttft for ttft, _ in runs), 5),
-                      "decode_tokens_per_s": round(statistics.median(rate for _, rate in runs), 2)}
+                      "decode_tokens_per_s": round(statistics.median(rate for _, rate in runs), 2),
+                      "peak_memory_mib": peak_memory[tool]}
                for tool, runs in samples.items()}
     decode_ratios = [round(a[1] / b[1], 3) for a, b in zip(ours, theirs)]
     first_token_ratios = [round(b[0] / a[0], 3) for a, b in zip(ours, theirs)]
@@ -233,7 +269,8 @@ def compare(name: str, runtime: str, model: Path, precision: str, scratch: Path,
         f"{other['decode_tokens_per_s']:8.1f}  ratio {row['decode_ratio']:.2f} {_spread(decode_ratios)}   "
         f"first token ({PROMPT_TOKENS}-token prompt): ours {mine['time_to_first_token_s'] * 1000:7.1f} ms  {peer} "
         f"{other['time_to_first_token_s'] * 1000:7.1f} ms  speed ratio {row['first_token_ratio']:.2f} "
-        f"{_spread(first_token_ratios)}",
+        f"{_spread(first_token_ratios)}   peak memory: ours {mine['peak_memory_mib']:,.0f} MiB  {peer} "
+        f"{other['peak_memory_mib']:,.0f} MiB",
         flush=True,
     )
     return row
