@@ -36,7 +36,6 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
-import resource
 import statistics
 import subprocess
 import sys
@@ -210,7 +209,9 @@ def _load_and_generate(runtime: str, folder: str, vocab: int, new_tokens: int) -
         import onnxruntime_genai as og
 
         generate_onnxruntime(og.Model(folder), prompt_tokens(vocab, 0), PROMPT_TOKENS + new_tokens)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+    status = Path("/proc/self/status").read_text()
+    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
 
 
 def figures_onnxruntime(name: str, model: Path, precision: str, vocab: int, scratch: Path,

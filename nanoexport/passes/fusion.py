@@ -280,6 +280,9 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
                 outputs[-1] = op.Add(outputs[-1], columns(bias))
         for new, old in zip(outputs, (merged_bias or merged).uses()[0].node.outputs):
             new.shape, new.type = old.shape, old.type
+            if bias is not None:  # the MatMul before the bias Add has the same shape
+                product = new.producer().inputs[0]
+                product.shape, product.type = old.shape, old.type
         return outputs
 
 

@@ -16,7 +16,7 @@ loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
 Quantized weights stay as our integers and scales: blocked ``DequantizeLinear`` arrives as an i4/u4/i8
 Constant -> Convert -> [Subtract zero point] -> Multiply scale, which the CPU plugin runs as a compressed
 FullyConnected; NF4 codebook indices become an nf4 Constant. Weights are stored output-major (``[N, K]``),
-the plugin's layout, so that it runs them from the mapped .bin instead of a transposed copy. The model is read with ``Core.read_model``
+the plugin's layout, so that it keeps no transposed copy of them. The model is read with ``Core.read_model``
 rather than ``convert_model``, whose transformations fold the fp16 and NF4 weights into fp32 constants.
 """
 
@@ -123,7 +123,13 @@ def static_heads(model: ir.Model) -> int:
 
 
 class OutputMajorFloatWeight(pattern.RewriteRuleClassBase):
-    """MatMul by a float initializer ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``."""
+    """MatMul by a float initializer ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
+
+    The canonical graph stores a linear's weights input-major, ``[K, N]``; the CPU plugin's FullyConnected
+    reads them output-major and, given ours, keeps a transposed copy beside the mapped .bin: a prompt and a
+    step of the Qwen2.5-0.5B config peaked at 3,713 MiB against 3,028 MiB for optimum-intel's output-major
+    IR, and at 3,028 MiB once stored output-major. The frontend folds the Transpose into the MatMul.
+    """
 
     def pattern(self, op, x, weight):
         return op.MatMul(x, weight, _outputs=["product"])
@@ -145,11 +151,10 @@ class OutputMajorFloatWeight(pattern.RewriteRuleClassBase):
 class OutputMajorWeight(pattern.RewriteRuleClassBase):
     """MatMul by dequantized weights ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
 
-    The canonical graph stores a linear's weights input-major, ``[K, N]``, with blocks along K. The CPU
-    plugin's compressed FullyConnected keeps its weights output-major, blocks contiguous (``[N, K / block,
-    block]``, optimum-intel's layout): given ours it transposes each int4 matrix into a copy when it compiles
-    the model. Stored output-major, with the Transpose for the frontend to fold into the MatMul, every
-    integer and scale is the same, only their order in the .bin changes.
+    As ``OutputMajorFloatWeight``, for blocked integers (blocks along K, ``[N, K / block, block]`` in the
+    plugin's compressed FullyConnected, optimum-intel's layout): the int4 Qwen2.5-0.5B config peaked at 1,464
+    MiB input-major, 1,441 MiB output-major, optimum-intel's IR at 1,422 MiB. Every integer and scale stays
+    the same; only their order in the .bin changes.
     """
 
     def __init__(self, name: str, cast: bool):
