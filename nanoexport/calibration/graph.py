@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.blocks import NF4_CODEBOOK, QuantizedWeight
+from nanoexport.passes.initializers import new_initializer
 
 STORAGE_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "nf4": ml_dtypes.uint4}
 
@@ -86,7 +87,7 @@ def replace_weight(model: ir.Model, linear: Linear, quantized: QuantizedWeight) 
         return array.T if linear.transposed else array
 
     def add(suffix: str, array: np.ndarray) -> ir.Value:
-        return _initializer(graph, f"{base}.{suffix}", array)
+        return new_initializer(graph, f"{base}.{suffix}", array)
 
     scale_type = np.float16 if fmt.scale_dtype == "fp16" else np.float32
     values = add("quant", stored(quantized.values).astype(STORAGE_TYPES[fmt.dtype]))
@@ -128,13 +129,6 @@ def _nf4_expansion(add, indices: ir.Value, scales: ir.Value, block_size: int, ax
     return [index, levels, blocks, block_scales, float_scales, scaled, matrix]
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer named ``name``; its shape and type come from the array."""
-    value = ir.val(name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
     users = {id(node) for node, _ in value.uses()}
     return next(node for node in graph if id(node) in users)
@@ -144,7 +138,7 @@ def to_float16(model: ir.Model, linear: Linear) -> None:
     """Store ``linear``'s weight as FLOAT16, cast back to FLOAT where it is used."""
     graph = model.graph
     base = linear.initializer.name
-    half = _initializer(graph, f"{base}.fp16", linear.initializer.const_value.numpy().astype(np.float16))
+    half = new_initializer(graph, f"{base}.fp16", linear.initializer.const_value.numpy().astype(np.float16))
     cast = ir.node("Cast", [half], attributes={"to": ir.DataType.FLOAT})
     cast.outputs[0].shape, cast.outputs[0].type = linear.initializer.shape, linear.initializer.type
     graph.insert_before(_first_user(graph, linear.initializer), [cast])
@@ -167,9 +161,9 @@ def scale_input(model: ir.Model, linear: Linear, divisor: np.ndarray) -> None:
     if (producer is not None and producer.op_type == "RMSNormalization" and len(x.uses()) == 1
             and producer.inputs[1].const_value is not None):
         gamma = producer.inputs[1].const_value.numpy().astype(np.float32)
-        producer.replace_input_with(1, _initializer(graph, name, gamma * inverse))
+        producer.replace_input_with(1, new_initializer(graph, name, gamma * inverse))
         return
-    factor = _initializer(graph, name, inverse)
+    factor = new_initializer(graph, name, inverse)
     multiply = ir.node("Mul", [x, factor])
     multiply.outputs[0].shape, multiply.outputs[0].type = x.shape, x.type
     graph.insert_before(linear.matmul, [multiply])

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.activations import ModelSession
+from nanoexport.passes.initializers import new_initializer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activati
         value = values[name]
         scale = np.float32(max(high - low, 1e-8) / top)
         zero_point = storage(np.clip(np.round(-low / scale), 0, top))
-        scale_value = _constant(model, f"{name}.act_scale", np.array(scale, np.float32))
-        zero_value = _constant(model, f"{name}.act_zero_point", np.array(zero_point, storage))
+        scale_value = new_initializer(model.graph, f"{name}.act_scale", np.array(scale, np.float32))
+        zero_value = new_initializer(model.graph, f"{name}.act_zero_point", np.array(zero_point, storage))
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value])
         dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value])
         quantize.outputs[0].type, quantize.outputs[0].shape = ir.TensorType(data_type), value.shape
@@ -124,9 +125,3 @@ def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activati
         inserted += 1
     log.info("activation quantization: %d Q/DQ pairs (%s)", inserted, activations)
     return inserted
-
-
-def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(name, const_value=ir.Tensor(array, name=name))  # shape and type from the tensor
-    model.graph.register_initializer(value)
-    return value

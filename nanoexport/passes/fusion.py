@@ -14,6 +14,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
+from nanoexport.passes.initializers import new_initializer
+
 log = logging.getLogger(__name__)
 
 
@@ -168,14 +170,14 @@ def merge_projections(model: ir.Model) -> None:
             continue
         weights = [node.inputs[1] for node in nodes]
         name = _merged_name([weight.name for weight in weights])
-        merged = _new_initializer(graph, name, np.concatenate([w.const_value.numpy() for w in weights], axis=1))
-        sizes = _new_initializer(graph, f"{name}/sizes", np.array([w.shape[1] for w in weights], np.int64))
+        merged = new_initializer(graph, name, np.concatenate([w.const_value.numpy() for w in weights], axis=1))
+        sizes = new_initializer(graph, f"{name}/sizes", np.array([w.shape[1] for w in weights], np.int64))
         matmul = ir.node("MatMul", [x, merged])
         new_nodes, projection = [matmul], matmul.outputs[0]
         biased = [_bias_add(node) for node in nodes]
         if any(biased):
             dtype = weights[0].const_value.numpy().dtype
-            bias = _new_initializer(graph, f"{name}/bias", np.concatenate([
+            bias = new_initializer(graph, f"{name}/bias", np.concatenate([
                 found[1].const_value.numpy() if found else np.zeros(weight.shape[1], dtype)
                 for found, weight in zip(biased, weights)
             ]))
@@ -194,12 +196,6 @@ def merge_projections(model: ir.Model) -> None:
             graph.remove(node, safe=True)
         merged_count += 1
     log.info("merge_projections: %d groups", merged_count)
-
-
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(name, const_value=ir.tensor(array, name=name))  # shape and type from the tensor
-    graph.register_initializer(value)
-    return value
 
 
 def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:

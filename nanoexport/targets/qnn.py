@@ -58,6 +58,7 @@ from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.onnx_export import call_feeds
 from nanoexport.config import ExportConfig, QnnConfig
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.initializers import new_initializer
 from nanoexport.passes.kv_cache import specialize
 from nanoexport.passes.verify import cpu_session
 
@@ -197,12 +198,6 @@ def check_ops(graph: ir.Model, name: str) -> None:
                                   "run on HTP; report the model")
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.val(name, const_value=ir.tensor(array, name=name))  # shape and type from the tensor
-    graph.register_initializer(value)
-    return value
-
-
 def _node(graph: ir.Graph, before: ir.Node, op_type: str, inputs, name: str, **attributes) -> ir.Value:
     node = ir.node(op_type, inputs, attributes=attributes, name=name)
     graph.insert_before(before, node)
@@ -234,19 +229,19 @@ def weights_for_htp(model: ir.Model) -> None:
         if quant.dtype == ir.DataType.INT8:
             integers, channel_scale = per_channel_weights(quant.const_value.numpy(), block_scales, block_size)
             htp_weight = _node(graph, dequantize, "DequantizeLinear",
-                               [_constant(graph, f"{base}.channel_quant", integers),
-                                _constant(graph, f"{base}.channel_scale", channel_scale)],
+                               [new_initializer(graph, f"{base}.channel_quant", integers),
+                                new_initializer(graph, f"{base}.channel_scale", channel_scale)],
                                f"{base}.per_channel", axis=1)
         else:
             integers, block_levels, channel_scale = lpbq_weights(quant.const_value.numpy(), block_scales, block_size)
-            levels = _constant(graph, f"{base}.block_levels", block_levels)
-            per_channel = _constant(graph, f"{base}.channel_scale", channel_scale)
+            levels = new_initializer(graph, f"{base}.block_levels", block_levels)
+            per_channel = new_initializer(graph, f"{base}.channel_scale", channel_scale)
             # The provider tells int4 from the zero point's type: without one it reads the integers as int8.
-            zero = _constant(graph, f"{base}.zero_point", np.zeros(block_levels.shape, integers.dtype))
+            zero = new_initializer(graph, f"{base}.zero_point", np.zeros(block_levels.shape, integers.dtype))
             block_scale = _node(graph, dequantize, "DequantizeLinear", [levels, per_channel], f"{base}.block_scale",
                                 axis=1)
             htp_weight = _node(graph, dequantize, "DequantizeLinear",
-                               [_constant(graph, f"{base}.lpbq_quant", integers), block_scale, zero],
+                               [new_initializer(graph, f"{base}.lpbq_quant", integers), block_scale, zero],
                                f"{base}.lpbq", axis=0, block_size=block_size)
         weight.replace_all_uses_with(htp_weight)
         graph.remove([cast, dequantize], safe=True)
@@ -370,8 +365,9 @@ def quantize_outputs(model: ir.Model, ranges: dict[str, tuple[float, float]], ac
         node = producers[name]
         value = node.outputs[0]
         scale = np.float32(max(high - low, 1e-8) / top)
-        scale_value = _constant(graph, f"{name}.out_scale", np.array(scale, np.float32))
-        zero = _constant(graph, f"{name}.out_zero_point", np.array(np.clip(np.round(-low / scale), 0, top), storage))
+        scale_value = new_initializer(graph, f"{name}.out_scale", np.array(scale, np.float32))
+        zero_point = np.array(np.clip(np.round(-low / scale), 0, top), storage)
+        zero = new_initializer(graph, f"{name}.out_zero_point", zero_point)
         uses = list(value.uses())
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero], name=f"{name}.out_q")
         dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero], name=f"{name}.out_dq")
@@ -396,9 +392,9 @@ def rotary_tables(model: ir.Model, capacity: int) -> None:
                                   "table; the qnn target supports the default rotary only")
         angles = np.arange(capacity, dtype=np.float32)[:, None] * inv_freq[None, :]
         function = np.cos if node.op_type == "Cos" else np.sin
-        table = _constant(graph, f"rotary.{node.op_type.lower()}_table", function(angles).astype(np.float32))
+        table = new_initializer(graph, f"rotary.{node.op_type.lower()}_table", function(angles).astype(np.float32))
         rows = _node(graph, node, "Gather", [table, positions], f"rotary.{node.op_type.lower()}", axis=0)
-        shape = _constant(graph, f"rotary.{node.op_type.lower()}_shape", np.array(node.outputs[0].shape.numpy()))
+        shape = new_initializer(graph, f"rotary.{node.op_type.lower()}_shape", np.array(node.outputs[0].shape.numpy()))
         result = _node(graph, node, "Reshape", [rows, shape], f"rotary.{node.op_type.lower()}_rows")
         node.outputs[0].replace_all_uses_with(result)
         graph.remove(node, safe=True)
@@ -425,7 +421,7 @@ def decompose_rotary(model: ir.Model) -> None:
                                   "head_dim] lowers to HTP yet; report the model")
         heads, cos, sin = node.inputs[:3]
         name = node.name or node.outputs[0].name
-        axes = _constant(graph, f"{name}.heads_axis", np.array([1], np.int64))
+        axes = new_initializer(graph, f"{name}.heads_axis", np.array([1], np.int64))
         cos = _node(graph, node, "Unsqueeze", [cos, axes], f"{name}.cos")
         sin = _node(graph, node, "Unsqueeze", [sin, axes], f"{name}.sin")
         split = ir.node("Split", [heads], attributes={"axis": -1, "num_outputs": 2}, num_outputs=2,
@@ -479,17 +475,17 @@ def _attention_bias(graph: ir.Graph, capacity: int, tokens: int) -> ir.Value:
     """
     inputs = {value.name: value for value in graph.inputs}
     first = graph.node(0)
-    slots = _constant(graph, "mask.slots", np.arange(capacity, dtype=np.int64))
+    slots = new_initializer(graph, "mask.slots", np.arange(capacity, dtype=np.int64))
     written = _node(graph, first, "Less", [slots, inputs["cache_position"]], "mask.before_call")
     marked = _node(graph, first, "Cast", [inputs["attention_mask"]], "mask.marked", to=ir.DataType.BOOL)
     visible = _node(graph, first, "And", [written, marked], "mask.past_visible")
-    zero = _constant(graph, "mask.zero", np.array(0.0, np.float32))
-    masked = _constant(graph, "mask.masked", np.array(MASKED, np.float32))
+    zero = new_initializer(graph, "mask.zero", np.array(0.0, np.float32))
+    masked = new_initializer(graph, "mask.masked", np.array(MASKED, np.float32))
     past = _node(graph, first, "Where", [visible, zero, masked], "mask.past_bias")
-    past_shape = _constant(graph, "mask.past_shape", np.array([1, 1, tokens, capacity], np.int64))
+    past_shape = new_initializer(graph, "mask.past_shape", np.array([1, 1, tokens, capacity], np.int64))
     past = _node(graph, first, "Expand", [past, past_shape], "mask.past_rows")
     causal = np.where(np.tril(np.ones((tokens, tokens), bool)), 0.0, MASKED).astype(np.float32)
-    new = _constant(graph, "mask.causal_bias", causal[None, None])
+    new = new_initializer(graph, "mask.causal_bias", causal[None, None])
     return _node(graph, first, "Concat", [past, new], "mask.bias", axis=3)
 
 
@@ -509,7 +505,7 @@ def decompose_attention(model: ir.Model) -> None:
         name = node.name or node.outputs[0].name
 
         def constant(suffix, array):
-            return _constant(graph, f"{name}.{suffix}", np.asarray(array))
+            return new_initializer(graph, f"{name}.{suffix}", np.asarray(array))
 
         grouped = _node(graph, node, "Reshape", [query, constant("grouped_shape", [1, kv_heads, group * tokens,
                                                                                     head_dim])], f"{name}.grouped")
