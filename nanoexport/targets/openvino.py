@@ -122,90 +122,71 @@ def static_heads(model: ir.Model) -> int:
     return changed
 
 
-class OutputMajorFloatWeight(pattern.RewriteRuleClassBase):
-    """MatMul by a float initializer ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
+class OutputMajorWeight(pattern.RewriteRuleClassBase):
+    """MatMul by weights stored ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
 
     The canonical graph stores a linear's weights input-major, ``[K, N]``; the CPU plugin's FullyConnected
     reads them output-major and, given ours, keeps a transposed copy beside the mapped .bin: a prompt and a
     step of the Qwen2.5-0.5B config peaked at 3,713 MiB against 3,028 MiB for optimum-intel's output-major
-    IR (the 686 MiB are about its decoder weights in bf16), and at 3,028 MiB once stored output-major. The
-    frontend folds the Transpose into the MatMul.
+    IR (the 686 MiB are about its decoder weights in bf16), and at 3,028 MiB once stored output-major. For
+    blocked integers (blocks along K: ``[N, K / block, block]`` in the plugin's compressed FullyConnected,
+    optimum-intel's layout) the int4 config peaked at 1,464 MiB input-major, 1,441 MiB output-major,
+    optimum-intel's IR at 1,422 MiB. Every weight, integer and scale stays the same; only their order in the
+    .bin changes. The frontend folds the Transpose into the MatMul.
     """
+
+    def __init__(self, name: str, dequantized: bool, cast: bool):
+        super().__init__(name)
+        self.dequantized, self.cast = dequantized, cast
 
     def pattern(self, op, x, weight):
+        if self.dequantized:
+            weight = op.DequantizeLinear(weight, _allow_other_inputs=True, _outputs=["dequantized"])
+            if self.cast:  # fp16 scales
+                weight = op.Cast(weight, _outputs=["cast"])
         return op.MatMul(x, weight, _outputs=["product"])
 
-    def check(self, context, weight, **_) -> pattern.MatchResult:
+    def check(self, context, weight, dequantized=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1:
-            return result.fail("an initializer that this MatMul alone reads", weight)
-        if weight.shape is None or weight.shape.rank() != 2:
+        read = dequantized if dequantized is not None else weight
+        constants = dequantized.producer().inputs if dequantized is not None else [weight]
+        if any(value is None or value.const_value is None for value in constants) or not (
+                dequantized is not None or weight.is_initializer()):
+            return result.fail("weights, scales and zero points must be initializers", read)
+        if weight.shape is None or weight.shape.rank() != 2 or any(v.shape.rank() > 2 for v in constants):
             return result.fail("a 2-D weight only", weight)
+        if len(read.uses()) != 1:
+            return result.fail("the weight must feed this MatMul alone", read)
         return result
 
-    def rewrite(self, op, x, weight, product, **_):
-        stored = op.initializer(ir.tensor(np.ascontiguousarray(weight.const_value.numpy().T)),
-                                name=f"{weight.name}.output_major")
-        return _shaped_like(product, op.MatMul(x, op.Transpose(stored, perm=[1, 0])))
-
-
-class OutputMajorWeight(pattern.RewriteRuleClassBase):
-    """MatMul by dequantized weights ``[K, N]`` -> MatMul by the Transpose of the same weights stored ``[N, K]``.
-
-    As ``OutputMajorFloatWeight``, for blocked integers (blocks along K, ``[N, K / block, block]`` in the
-    plugin's compressed FullyConnected, optimum-intel's layout): the int4 Qwen2.5-0.5B config peaked at 1,464
-    MiB input-major, 1,441 MiB output-major, optimum-intel's IR at 1,422 MiB. Every integer and scale stays
-    the same; only their order in the .bin changes.
-    """
-
-    def __init__(self, name: str, cast: bool):
-        super().__init__(name)
-        self.cast = cast
-
-    def pattern(self, op, x, values):
-        weight = op.DequantizeLinear(values, _allow_other_inputs=True, _outputs=["dequantized"])
-        if self.cast:  # fp16 scales
-            weight = op.Cast(weight, _outputs=["cast"])
-        return op.MatMul(x, weight, _outputs=["product"])
-
-    def check(self, context, values, dequantized, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        inputs = dequantized.producer().inputs
-        if any(value is None or value.const_value is None for value in inputs):
-            return result.fail("integers, scales and zero points must be initializers", dequantized)
-        if values.shape is None or values.shape.rank() != 2 or any(v.shape.rank() > 2 for v in inputs):
-            return result.fail("a 2-D weight only", values)
-        if len(dequantized.uses()) != 1:
-            return result.fail("the dequantized weight must feed this MatMul alone", dequantized)
-        return result
-
-    def rewrite(self, op, x, values, dequantized, product, cast=None, **_):
-        node = dequantized.producer()
-        attributes = {name: attr.value for name, attr in node.attributes.items()}
-        attributes["axis"] = 1 - attributes.get("axis", 1) % 2
-
+    def rewrite(self, op, x, weight, product, dequantized=None, cast=None, **_):
         def output_major(value: ir.Value) -> ir.Value:  # per-channel 1-D scales stay as they are
             array = value.const_value.numpy()
             array = array.T if array.ndim == 2 else array
             return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.output_major")
 
-        weight = op.DequantizeLinear(*map(output_major, node.inputs), **attributes)
-        if cast is not None:
-            weight = op.Cast(weight, to=cast.producer().attributes.get_int("to"))
-        return _shaped_like(product, op.MatMul(x, op.Transpose(weight, perm=[1, 0])))
-
-
-def _shaped_like(old: ir.Value, new: ir.Value) -> ir.Value:
-    new.shape, new.type = old.shape, old.type
-    return new
+        if dequantized is None:
+            stored = output_major(weight)
+        else:
+            node = dequantized.producer()
+            attributes = {name: attr.value for name, attr in node.attributes.items()}
+            attributes["axis"] = 1 - attributes.get("axis", 1) % 2
+            stored = op.DequantizeLinear(*map(output_major, node.inputs), **attributes)
+            if cast is not None:
+                stored = op.Cast(stored, to=cast.producer().attributes.get_int("to"))
+        product_major = op.MatMul(x, op.Transpose(stored, perm=[1, 0]))
+        product_major.shape, product_major.type = product.shape, product.type
+        return product_major
 
 
 def output_major_weights(model: ir.Model) -> int:
-    """Store each linear's weights, float or blocked integers, output-major (see ``OutputMajorFloatWeight``);
+    """Store each linear's weights, float or blocked integers, output-major (see ``OutputMajorWeight``);
     returns how many. NF4 weights, a codebook lookup rather than a DequantizeLinear, stay input-major."""
-    rules = [OutputMajorWeight.rule(f"output-major weight{' cast' if cast else ''}", cast=cast)
-             for cast in (True, False)] + [OutputMajorFloatWeight.rule("output-major float weight")]
-    count = pattern.RewriteRuleSet(rules).apply_to_model(model)
+    rules = pattern.RewriteRuleSet([
+        OutputMajorWeight.rule(f"output-major {form} weight", dequantized=form != "float", cast=form == "cast")
+        for form in ("cast", "dequantized", "float")
+    ])
+    count = rules.apply_to_model(model)
     if count:
         common.RemoveUnusedNodesPass()(model)
     log.info("output_major_weights: %d", count)
