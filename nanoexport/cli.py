@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 validation failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -17,6 +18,8 @@ from rich.table import Table
 from nanoexport.artifact import BUILD_LOG, Artifact
 from nanoexport.config import ValidationConfig, load_config
 from nanoexport.errors import NanoexportError
+from nanoexport.interface import KV_CACHE_FORMS
+from nanoexport.targets import TARGETS, Target
 
 EXPORT_EXAMPLES = """\
 examples:
@@ -87,7 +90,7 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
         parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
         parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
-        parser.add_argument("--kv-cache", choices=["dynamic", "stateful", "static", "sliding"],
+        parser.add_argument("--kv-cache", choices=KV_CACHE_FORMS,
                             help="KV cache form: growing (dynamic), growing inside the runtime's state "
                                  "(stateful), fixed capacity (static), or fixed capacity written round-robin "
                                  "so generation runs past it (sliding); default per target")
@@ -118,20 +121,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
         quant.add_argument("--activations", choices=["none", "a16", "a8"],
                            help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
-        onnx = parser.add_argument_group("onnx target")
-        onnx.add_argument("--padded-batches", action=argparse.BooleanOptionalAction, default=None,
-                          help="left-padded batches give each row's own results: attention hides the "
-                               "attention_mask's zeros (default: on). --no-padded-batches: every mask entry "
-                               "must be 1, as in onnxruntime-genai's own artifacts; a few %% faster decode on "
-                               "small models")
-        qnn = parser.add_argument_group("qnn target")
-        qnn.add_argument("--soc-model", help="QNN SoC id to compile and emulate the HTP graphs for (default: 60)")
-        qnn.add_argument("--htp-arch", help="HTP architecture version: 68, 69, 73, 75, 79 or 81 (default: 75)")
-        qnn.add_argument("--max-part-bytes", help="weights per graph (e.g. 300MB); more layers are split into "
-                                                  "consecutive parts (default: 1GB)")
-        qnn.add_argument("--share-weights", action="store_true", default=None,
-                         help="one context binary per part, prefill and decode sharing its weights (validated "
-                              "from the QDQ graphs: the x86 emulator cannot load it)")
+        for target in TARGETS.values():
+            _add_option_flags(parser, target)
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
@@ -142,6 +133,33 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     elif verb == "inspect":
         parser.add_argument("artifact", type=Path, help="artifact folder")
     return parser
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, target: Target) -> None:
+    """A flag group "<name> target" with one flag per field of the target's options dataclass (``--soc-model``
+    for ``soc_model``; booleans as ``--x`` / ``--no-x``), its help from the field's metadata."""
+    if target.options is None:
+        return
+    group = parser.add_argument_group(f"{target.name} target")
+    for option in dataclasses.fields(target.options):
+        flag = "--" + option.name.replace("_", "-")
+        dest = f"{target.name}.{option.name}"
+        if option.type in (bool, "bool"):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                               help=option.metadata["help"])
+        else:
+            kind = int if option.type in (int, "int") else str
+            group.add_argument(flag, dest=dest, type=kind, help=option.metadata["help"])
+
+
+def _option_overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The target flags the user set, as ``{target: {option: value}}`` (unset flags are None)."""
+    overrides: dict[str, dict[str, object]] = {}
+    for dest, value in vars(args).items():
+        target, _, option = dest.partition(".")
+        if option and target in TARGETS:
+            overrides.setdefault(target, {})[option] = value
+    return overrides
 
 
 def _names(text: str) -> list[str]:
@@ -174,9 +192,7 @@ def _export(args: argparse.Namespace) -> int:
                   "asymmetric": args.asymmetric, "pad_blocks": args.pad_blocks, "size_budget": args.size_budget,
                   "activations": args.activations, "keep_float": args.keep_float,
                   "dynamic_int8": args.dynamic_int8},
-        "onnx": {"padded_batches": args.padded_batches},
-        "qnn": {"soc_model": args.soc_model, "htp_arch": args.htp_arch, "max_part_bytes": args.max_part_bytes,
-                "share_weights": args.share_weights},
+        **_option_overrides(args),
     })
     artifact = export(config=config, overwrite=args.overwrite)
     console.print(_summary_table(artifact))
@@ -251,13 +267,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _targets(args: argparse.Namespace) -> int:
-    from nanoexport.targets import TARGETS, runtime_installed
-
     table = Table(title="targets")
-    for column in ("target", "runtime", "installed"):
+    for column in ("target", "runtime", "installed", "KV cache forms (first: default)"):
         table.add_column(column)
-    for name, (_, runtime) in sorted(TARGETS.items()):
-        table.add_row(name, runtime, "yes" if runtime_installed(name) else "no")
+    for name, target in sorted(TARGETS.items()):
+        installed = "yes" if target.installed else f"no: {target.install}"
+        table.add_row(name, target.runtime, installed, ", ".join(target.kv_cache_forms))
     console.print(table)
     return 0
 

@@ -26,6 +26,7 @@ Example ``nanoexport.toml``::
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,28 +96,6 @@ class QuantConfig:
 
 
 @dataclass
-class QnnConfig:
-    """Settings of the ``qnn`` target (Qualcomm HTP), checked by that target."""
-
-    soc_model: str = "60"  # QNN SoC id the HTP context binaries are built and emulated for
-    htp_arch: str = "75"  # HTP architecture version: 68, 69, 73, 75, 79 or 81
-    max_part_bytes: str = "1GB"  # weights per graph; above it the layers are split into consecutive parts
-    # Prefill and decode of a part in one context binary holding their weights once. The x86 HTP emulator
-    # cannot load such a binary, so validation compiles the QDQ graphs again instead.
-    share_weights: bool = False
-
-
-@dataclass
-class OnnxConfig:
-    """Settings of the ``onnx`` target (ONNX Runtime, onnxruntime-genai)."""
-
-    # Growing-cache artifacts hide the attention_mask's zero slots in attention, so left-padded batches give
-    # each row's own results. Off, every attention_mask entry must be 1, the contract of onnxruntime-genai's
-    # own artifacts (genai feeds such masks): the padding bias costs about 3% of the demo model's decode speed.
-    padded_batches: bool = True
-
-
-@dataclass
 class ExportConfig:
     """Everything that decides what an export produces. ``out`` only decides where it goes."""
 
@@ -132,14 +111,34 @@ class ExportConfig:
     prefill_chunk: int = 128  # tokens per call of the prefill graph
     quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
-    qnn: QnnConfig = field(default_factory=QnnConfig)
-    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    # Target name -> that target's settings (its ``Target.options`` dataclass): the ``[onnx]``, ``[qnn]``...
+    # tables of the config file, each checked by the target that declares it.
+    options: dict[str, Any] = field(default_factory=lambda: target_options())
 
     def manifest_view(self) -> dict[str, Any]:
-        """The settings that shape the artifact's bytes, without where it was written."""
+        """The settings that shape the artifact's bytes, without where it was written; each target's
+        settings as a table of its own name, as in the config file."""
         view = dataclasses.asdict(self)
         view.pop("out")
+        view.update(view.pop("options"))
         return view
+
+
+def target_options() -> dict[str, Any]:
+    """Every target's settings at their defaults."""
+    from nanoexport.targets import TARGETS
+
+    return {name: target.options() for name, target in TARGETS.items() if target.options is not None}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """``2.2GB``, ``900MB``, ``1.5GiB`` or a byte count -> bytes; ``flag`` names the setting in the error."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise NanoexportError(f"{flag} {text!r} is not a size; write it like 2.2GB or 900MB")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ExportConfig:
@@ -175,9 +174,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _apply(target: Any, values: dict[str, Any], origin: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(target)}
+    tables = target.options if isinstance(target, ExportConfig) else {}
     for key, value in values.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
+        if key in tables:  # a target's settings table
+            if not isinstance(value, dict):
+                raise NanoexportError(f"setting {key!r} in {origin} must be a table")
+            _apply(tables[key], value, f"{origin} [{key}]")
+            continue
+        if key not in fields or key == "options":
+            known = ", ".join(sorted([*(set(fields) - {"options"}), *tables]))
             raise NanoexportError(f"unknown setting {key!r} in {origin}; known settings: {known}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):

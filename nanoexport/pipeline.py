@@ -16,17 +16,15 @@ import torch
 from nanoexport.artifact import BUILD_LOG, Artifact, staging, write_json, write_manifest
 from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
-from nanoexport.capture.onnx_export import attention_windows, export_onnx, kv_shape
+from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.config import ExportConfig, ValidationConfig
-from nanoexport.errors import NanoexportError
 from nanoexport.passes import run_passes, select_passes, static_kv_cache_pass
 from nanoexport.progress import Steps
-from nanoexport.targets import get_target
+from nanoexport.interface import KvCache, kv_shape
+from nanoexport.targets import Build, Target, get_target
 
 log = logging.getLogger(__name__)
 
-# Caches that grow with the sequence: explicit I/O (dynamic) or kept by the runtime between calls (stateful).
-GROWING_FORMS = ("dynamic", "stateful")
 VERSIONED_PACKAGES = ("nanoexport", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime")
 
 
@@ -56,12 +54,13 @@ def export(
         model = config.model or str(DEMO_MODEL)
     if isinstance(model, (str, Path)):
         config.model = str(model)
-    target_module = get_target(config.target)
-    _apply_target_defaults(config, target_module)
+    target = get_target(config.target)
+    _apply_target_defaults(config, target)
     check_config(config.quant)
-    if hasattr(target_module, "check_config"):
-        target_module.check_config(config)
-    config.kv_cache = _kv_cache_form(config, target_module)
+    target.check(config)
+    # The form alone, before capture, so a bad setting costs nothing; the windows come with the checkpoint.
+    config.kv_cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
+                                      config.max_context, config.prefill_chunk, None, config.target).form
     passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
     destination = Path(out or config.out or default_out(name, config.target))
@@ -80,15 +79,20 @@ def export(
                 quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, _folder_of(checkpoint),
                                         detail)
                 quantize_seconds = time.perf_counter() - started
-        if config.kv_cache in ("static", "sliding"):
+        cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
+                                config.max_context, config.prefill_chunk, checkpoint.config, config.target)
+        if cache.fixed:
             # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
-            windows = attention_windows(checkpoint.config)
-            kv_pass = static_kv_cache_pass(config.max_context, windows, config.kv_cache == "sliding")
+            kv_pass = static_kv_cache_pass(cache.capacity, list(cache.windows), cache.circular)
             with steps.step("passes: KV-cache rewrite") as detail:
                 pass_stats += run_passes(graph, [kv_pass], on_pass=detail, verify=config.verify_passes)
+        build = Build(config, checkpoint, cache, folder, config.verify_passes)
+        with steps.step(f"passes: {config.target} lowering") as detail:
+            build.on_pass = detail
+            build.run_passes(graph, target.passes(build))
         with steps.step(f"write: {config.target}"):
             _write_tokenizer(checkpoint, folder)
-            model_files = target_module.lower(graph, config, folder, checkpoint)
+            model_files = target.lower(graph, build)
             write_manifest(
                 folder,
                 {
@@ -104,7 +108,7 @@ def export(
                         "config": checkpoint.config.to_diff_dict(),
                     },
                     "config": config.manifest_view(),
-                    "io": io_signature(graph, checkpoint, config),
+                    "io": io_signature(graph, checkpoint, cache),
                     "passes": [
                         {"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
                         for s in pass_stats
@@ -115,9 +119,10 @@ def export(
             )
             write_json(folder / BUILD_LOG, {
                 "passes": [dataclasses.asdict(stat) for stat in pass_stats],
+                "target_passes": [dataclasses.asdict(stat) for stat in build.stats],
                 "quantize_seconds": quantize_seconds,
             })
-    for stat in pass_stats:
+    for stat in [*pass_stats, *build.stats]:
         change = "" if stat.logits_change is None else f", logits moved {stat.logits_change:.2e}"
         log.info("pass %s: %.2fs, %d -> %d nodes%s", stat.name, stat.seconds, stat.nodes_before, stat.nodes_after,
                  change)
@@ -148,45 +153,22 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> None:
         (tokenizer_folder / file_name).write_bytes(data)
 
 
-def _apply_target_defaults(config: ExportConfig, target_module) -> None:
+def _apply_target_defaults(config: ExportConfig, target: Target) -> None:
     """What a target declares about itself: graphs it always splits, the quantization it needs (used where
     the config still holds "none"), and validation thresholds for the precision it computes in (used where
     the config still holds the fp32 defaults)."""
-    if getattr(target_module, "SPLIT_PREFILL_DECODE", False):
+    if target.split_prefill_decode:
         config.split_prefill_decode = True
-    for name, value in getattr(target_module, "QUANT_DEFAULTS", {}).items():
+    for name, value in target.quant_defaults.items():
         if getattr(config.quant, name) == "none":
             setattr(config.quant, name, value)
     fp32_defaults = ValidationConfig()
-    thresholds = getattr(target_module, "VALIDATION_DEFAULTS", {})
-    if callable(thresholds):  # they depend on the precision chosen
-        thresholds = thresholds(config)
-    for name, value in thresholds.items():
+    for name, value in target.validation_defaults(config).items():
         if getattr(config.validate, name) == getattr(fp32_defaults, name):
             setattr(config.validate, name, value)
 
 
-def _kv_cache_form(config: ExportConfig, target_module) -> str:
-    forms = target_module.KV_CACHE_FORMS
-    form = config.kv_cache or ("static" if config.split_prefill_decode else forms[0])
-    if form not in forms:
-        raise NanoexportError(
-            f"target {config.target} cannot run a {form!r} KV cache; choose --kv-cache from {', '.join(forms)}"
-        )
-    if form not in GROWING_FORMS and config.max_context < 1:
-        raise NanoexportError(f"--max-context must be at least 1, not {config.max_context}")
-    if config.split_prefill_decode:
-        if form in GROWING_FORMS:
-            raise NanoexportError(f"--split-prefill-decode needs a fixed-size KV cache; drop --kv-cache {form}")
-        if not 1 < config.prefill_chunk <= config.max_context:
-            raise NanoexportError(
-                f"--prefill-chunk must be between 2 and --max-context ({config.max_context}), "
-                f"not {config.prefill_chunk}"
-            )
-    return form
-
-
-def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) -> dict[str, Any]:
+def io_signature(graph: ir.Model, checkpoint: Checkpoint, cache: KvCache) -> dict[str, Any]:
     """Names, dtypes and shapes of the graph's inputs and outputs, and the KV-cache layout."""
 
     def describe(value: ir.Value) -> dict[str, Any]:
@@ -203,9 +185,9 @@ def io_signature(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig) 
             "kv_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": checkpoint.config.vocab_size,
-            "form": config.kv_cache,
-            "capacity": None if config.kv_cache in GROWING_FORMS else config.max_context,
-            "prefill_chunk": config.prefill_chunk if config.split_prefill_decode else None,
+            "form": cache.form,
+            "capacity": cache.capacity,
+            "prefill_chunk": cache.prefill_chunk,
         },
     }
 

@@ -18,7 +18,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto  # noqa: E402
 
 from nanoexport.errors import NanoexportError  # noqa: E402
-from nanoexport.targets.coreml import PACKAGE, write_package  # noqa: E402
+from nanoexport.targets.coreml.package import PACKAGE, write_package  # noqa: E402
 from nanoexport.targets.coreml.interpreter import MODEL_FILE, WEIGHTS_FOLDER, Interpreter  # noqa: E402
 from nanoexport.targets.coreml.lowering import lower_graph  # noqa: E402
 

@@ -102,10 +102,10 @@ def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
     """
     import numpy as np
 
-    from nanoexport.targets.onnx import Runner
+    from nanoexport.targets.onnx.lowering import Runner
 
     config = nanoexport.ExportConfig()
-    config.onnx.padded_batches = False
+    config.options["onnx"].padded_batches = False
     artifact = nanoexport.export(out=tmp_path / "unpadded", config=config, progress=False)
     assert artifact.manifest["config"]["onnx"]["padded_batches"] is False
 

@@ -20,7 +20,7 @@ import nanoexport  # noqa: E402
 from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint  # noqa: E402
 from nanoexport.config import ExportConfig, QuantConfig  # noqa: E402
 from nanoexport.errors import NanoexportError  # noqa: E402
-from nanoexport.targets import openvino as target  # noqa: E402
+from nanoexport.targets.openvino import lowering as target  # noqa: E402
 from nanoexport.validate.decoding import PROMPTS, TorchReference, greedy  # noqa: E402
 
 # Shorter generation and perplexity runs than the defaults; the fp32 thresholds stay the defaults.

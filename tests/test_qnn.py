@@ -16,9 +16,10 @@ import pytest
 from filelock import FileLock
 
 import nanoexport
-from nanoexport.config import QnnConfig, load_config
+from nanoexport.config import load_config
+from nanoexport.targets.qnn.options import QnnOptions
 from nanoexport.errors import NanoexportError
-from nanoexport.targets import qnn
+from nanoexport.targets.qnn import lowering as qnn
 from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
@@ -265,15 +266,15 @@ def test_soc_settings_reach_the_manifest_and_the_compile_report(exported, parted
 ])
 def test_bad_soc_settings_are_refused_in_one_line(settings, message):
     with pytest.raises(NanoexportError, match=message) as error:
-        qnn.check_settings(QnnConfig(**settings))
+        qnn.check_settings(QnnOptions(**settings))
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_a_soc_id_htp_cannot_create_is_refused():
-    assert qnn.check_settings(QnnConfig(soc_model="69", htp_arch="79", max_part_bytes="300MB")) == 300_000_000
+    assert qnn.check_settings(QnnOptions(soc_model="69", htp_arch="79", max_part_bytes="300MB")) == 300_000_000
     with pytest.raises(NanoexportError, match="cannot create a device for --soc-model 80"):
-        qnn.check_settings(QnnConfig(soc_model="80"))
+        qnn.check_settings(QnnOptions(soc_model="80"))
 
 
 def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
@@ -294,7 +295,7 @@ def test_shared_weights_put_prefill_and_decode_in_one_smaller_binary(exported, t
     folder.mkdir()
     for file_name in (*qnn.GRAPHS.values(), qnn.WEIGHTS_FILE):
         shutil.copy(exported / file_name, folder / file_name)
-    settings = QnnConfig(share_weights=True)
+    settings = QnnOptions(share_weights=True)
     written = qnn.compile_contexts(folder, [list(qnn.GRAPHS.values())], settings)
     binaries = [name for name in written if name.endswith(".bin")]
     assert len(binaries) == 1
@@ -311,7 +312,7 @@ def test_bad_settings_are_refused_before_any_work(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pipeline, "load_checkpoint", lambda *_: pytest.fail("the checkpoint was loaded"))
     config = nanoexport.ExportConfig()
-    config.qnn.htp_arch = "77"
+    config.options["qnn"].htp_arch = "77"
     with pytest.raises(NanoexportError, match="--htp-arch '77'"):
         nanoexport.export(target="qnn", out=tmp_path / "out", config=config, progress=False)
 
@@ -319,4 +320,5 @@ def test_bad_settings_are_refused_before_any_work(monkeypatch, tmp_path):
 def test_qnn_settings_from_toml_and_flags(tmp_path):
     (tmp_path / "nanoexport.toml").write_text("[qnn]\nsoc_model = 69\nhtp_arch = 79\nmax_part_bytes = 300000000\n")
     config = load_config(tmp_path / "nanoexport.toml", {"qnn": {"max_part_bytes": "300MB"}})
-    assert (config.qnn.soc_model, config.qnn.htp_arch, config.qnn.max_part_bytes) == ("69", "79", "300MB")
+    settings = config.options["qnn"]
+    assert (settings.soc_model, settings.htp_arch, settings.max_part_bytes) == ("69", "79", "300MB")

@@ -11,7 +11,8 @@ import onnx_ir as ir
 import pytest
 
 import nanoexport
-from nanoexport.calibration import parse_size, plan_layers, quantize
+from nanoexport.calibration import plan_layers, quantize
+from nanoexport.config import parse_size
 from nanoexport.calibration.algorithms import awq, estimate_scales, gptq
 from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, read_texts
@@ -225,7 +226,7 @@ def test_size_budget_mixes_precisions_to_fit(tmp_path):
     layers = artifact.manifest["quantization"]["layers"]
     chosen = {kind for name, kind in layers.items() if name != "lm_head"}
     assert chosen == {"int4", "int8"}
-    assert artifact.manifest["quantization"]["weights_bytes"] <= parse_size("6.2MB")
+    assert artifact.manifest["quantization"]["weights_bytes"] <= parse_size("6.2MB", "--size-budget")
 
 
 def test_cli_gptq_export_validates_with_perplexity(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from nanoexport.calibration.algorithms import awq, gptq
 from nanoexport.calibration.blocks import WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.graph import Linear, find_linears, replace_weight, scale_input, to_float16
-from nanoexport.config import QuantConfig
+from nanoexport.config import QuantConfig, parse_size
 from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def quantize(
         from nanoexport.calibration.budget import fit_budget
 
         report("sensitivity of each layer")
-        fit_budget(model, plans, config, parse_size(config.size_budget), windows)
+        fit_budget(model, plans, config, parse_size(config.size_budget, "--size-budget"), windows)
     if plans:
         _quantize_weights(model, plans, config, windows, report)
     common.RemoveUnusedNodesPass()(model)  # the float weights (and norm scales AWQ folded into) left behind
@@ -135,7 +134,7 @@ def quantize(
         summary["activations"] = {"type": config.activations, "observer": config.observer, "tensors": pairs}
     summary["weights_bytes"] = sum(value.const_value.nbytes for value in model.graph.initializers.values()
                                    if value.const_value is not None)
-    if config.size_budget and summary["weights_bytes"] > parse_size(config.size_budget):
+    if config.size_budget and summary["weights_bytes"] > parse_size(config.size_budget, "--size-budget"):
         raise NanoexportError(f"the quantized weights take {summary['weights_bytes']:,} bytes, over "
                               f"--size-budget {config.size_budget}; report this with the model")
     return summary
@@ -153,16 +152,6 @@ def calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Pat
         needs = "--size-budget" if config.size_budget else f"--activations {config.activations}"
     raise NanoexportError(f"{needs} needs calibration data and none was given; pass --calib FILE "
                           "(text, JSONL or a folder)")
-
-
-def parse_size(text: str) -> int:
-    """``2.2GB``, ``900MB``, ``1.5GiB`` or a byte count -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise NanoexportError(f"--size-budget {text!r} is not a size; write it like 2.2GB or 900MB")
-    number, prefix, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConfig, windows, report) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.graph import Linear
-from nanoexport.passes.verify import cpu_session
+from nanoexport.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.interface import io_names, kv_shape
 
 log = logging.getLogger(__name__)
 
@@ -46,49 +46,6 @@ class FlatCacheLM(torch.nn.Module):
         for layer in outputs.cache.layers:
             present += [layer.keys, layer.values]
         return (outputs.logits, *present)
-
-
-def kv_shape(config) -> tuple[int, int]:
-    """(kv_heads, head_dim) of one layer's cache."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads, head_dim
-
-
-def attention_windows(config) -> list[int | None]:
-    """Per layer, how many positions back attention reaches, or None for full attention."""
-    window = getattr(config, "sliding_window", None) or None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return [window if layer_type == "sliding_attention" else None for layer_type in layer_types]
-    return [window] * config.num_hidden_layers
-
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
-
-
-def call_feeds(tokens, past: int, real: int, capacity: int | None) -> dict[str, np.ndarray]:
-    """The non-cache inputs of one call on ``tokens`` (the first ``real`` of them real, the rest padding)
-    after ``past`` cached positions: batch 1, positions counting on. ``capacity``: the slots of a fixed-size
-    cache, whose mask marks the valid slots and whose writes start at ``cache_position``; None: a growing
-    cache, whose mask covers every position so far."""
-    total = past + real
-    slots = total if capacity is None else capacity
-    feeds = {
-        "input_ids": np.asarray(tokens, np.int64).reshape(1, -1),
-        "position_ids": np.arange(past, past + len(tokens), dtype=np.int64)[None],
-        "attention_mask": (np.arange(slots) < min(total, slots)).astype(np.int64)[None],
-    }
-    if capacity is not None:
-        feeds["cache_position"] = np.array([past], np.int64)
-    return feeds
 
 
 def export_onnx(checkpoint: Checkpoint) -> ir.Model:

@@ -7,13 +7,11 @@ fixed-capacity one is checked like any other: the logits must not move.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
 
-from nanoexport.capture.onnx_export import call_feeds
+from nanoexport.interface import call_feeds
+from nanoexport.runtime import cpu_session
 
 NEW_TOKENS = 5
 CACHED = 3
@@ -25,7 +23,9 @@ class GraphRunner:
     def __init__(self, model: ir.Model, seed: int = 0):
         generator = np.random.default_rng(seed)
         vocab_size = model.graph.outputs[0].shape[-1]
-        self.input_ids = generator.integers(0, vocab_size, (1, NEW_TOKENS), dtype=np.int64)
+        tokens = model.graph.inputs[0].shape[1]  # input_ids; a specialized graph takes a fixed count
+        self.input_ids = generator.integers(0, vocab_size, (1, tokens if isinstance(tokens, int) else NEW_TOKENS),
+                                            dtype=np.int64)
         self.past = {
             value.name: generator.standard_normal((1, value.shape[1], CACHED, value.shape[3])).astype(np.float32)
             for value in model.graph.inputs
@@ -36,7 +36,7 @@ class GraphRunner:
         inputs = {value.name: value for value in model.graph.inputs}
         slots = inputs["attention_mask"].shape[1]
         capacity = slots if isinstance(slots, int) else None
-        feeds = call_feeds(self.input_ids[0], CACHED, NEW_TOKENS, capacity)
+        feeds = call_feeds(self.input_ids[0], CACHED, self.input_ids.shape[1], capacity)
         for name, past in self.past.items():
             if capacity is None:
                 feeds[name] = past
@@ -53,22 +53,3 @@ class GraphRunner:
         # Runtime graph optimizations off: we compare our graphs, not what ORT makes of them.
         session = cpu_session(model, optimize=False)
         return session.run([model.graph.outputs[0].name], self.feeds(model))[0]
-
-
-def cpu_session(model: ir.Model | Path, optimize: bool = True, session_config: dict[str, str] | None = None):
-    """A quiet ONNX Runtime CPU session on a saved model file, or on an in-memory ``model`` (written to a
-    scratch folder, then dropped); ``session_config``: session configuration entries."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
-    if isinstance(model, Path):
-        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

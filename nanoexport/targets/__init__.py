@@ -1,30 +1,119 @@
-"""Targets by name. Each target is one module with ``lower(graph, config, folder)`` and a ``Runner``.
+"""Targets: one package per backend, each declaring itself in one ``TARGET = Target(...)`` value.
 
-A target module is imported only when asked for, so a missing optional runtime affects only its target.
+The pipeline, the command line and validation read a target only through its ``Target``: the settings it
+takes, the KV-cache forms it runs, the ONNX -> ONNX passes that lower the canonical graph towards it (run
+by the pipeline's pass manager, so ``--verify-passes`` checks them), the writer of its files, and the
+runner validation drives. A target package imports its runtime only inside the functions that need it, so
+listing targets and building the command line cost no runtime import.
+
+Adding a target: a package here that ends with ``TARGET = Target(...)``, and its line in ``TARGETS`` below.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-from types import ModuleType
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nanoexport.errors import NanoexportError
 
-# target name -> (module, the Python package its runtime needs)
-TARGETS = {
-    "onnx": ("nanoexport.targets.onnx", "onnxruntime"),
-    "coreml": ("nanoexport.targets.coreml", "coremltools"),
-    "openvino": ("nanoexport.targets.openvino", "openvino"),
-    "qnn": ("nanoexport.targets.qnn", "onnxruntime"),
-}
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx_ir as ir
+
+    from nanoexport.artifact import Artifact
+    from nanoexport.capture.checkpoint import Checkpoint
+    from nanoexport.config import ExportConfig
+    from nanoexport.interface import KvCache
+    from nanoexport.passes import GraphPass, PassStats
 
 
-def get_target(name: str) -> ModuleType:
+class Runner(Protocol):
+    """Runs an artifact one call at a time through the explicit KV-cache interface (validation drives it)."""
+
+    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class Build:
+    """What a target's passes and writer are given: the settings, the source model, the resolved KV cache,
+    the staging folder, and the pipeline's pass manager for passes run on graphs the writer derives (the
+    prefill and decode specializations), so their statistics and verification are the pipeline's too."""
+
+    config: ExportConfig
+    checkpoint: Checkpoint
+    cache: KvCache
+    folder: Path
+    verify: bool = False
+    on_pass: Callable[[str], None] | None = None
+    stats: list[PassStats] = field(default_factory=list)
+
+    def options(self, target: str) -> Any:
+        return self.config.options[target]
+
+    def run_passes(self, model: ir.Model, passes: list[GraphPass], graph: str = "") -> None:
+        """Run ``passes`` on ``model`` as the pipeline does; their statistics are named ``graph: pass``."""
+        from nanoexport.passes import run_passes
+
+        for stat in run_passes(model, passes, on_pass=self.on_pass, verify=self.verify):
+            stat.name = f"{graph}: {stat.name}" if graph else stat.name
+            self.stats.append(stat)
+
+
+def _no_passes(build: Build) -> list[GraphPass]:
+    return []
+
+
+def _no_check(config: ExportConfig) -> None:
+    return None
+
+
+def _no_notes(artifact: Artifact) -> list[str]:
+    return []
+
+
+def _no_validation_defaults(config: ExportConfig) -> dict[str, float]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything the pipeline, the command line and validation know about one backend."""
+
+    name: str
+    runtime: str  # the Python package whose presence means the runtime is installed
+    install: str  # what to run when it is not
+    kv_cache_forms: tuple[str, ...]  # the first is the default
+    # Writes the artifact's model files into ``build.folder`` from the lowered graph; returns their paths.
+    lower: Callable[[ir.Model, Build], list[str]]
+    runner: Callable[[Artifact], Runner]  # validation's way to run an artifact of this target
+    # ONNX -> ONNX passes that lower the canonical (quantized, KV-rewritten) graph towards this target.
+    passes: Callable[[Build], list[GraphPass]] = _no_passes
+    split_prefill_decode: bool = False  # the artifact always holds separate prefill and decode graphs
+    quant_defaults: Mapping[str, str] = field(default_factory=dict)  # used where the config still holds "none"
+    # Thresholds for the precision the target computes in, used where the config holds the fp32 defaults.
+    validation_defaults: Callable[[ExportConfig], dict[str, float]] = _no_validation_defaults
+    check: Callable[[ExportConfig], None] = _no_check  # refuses settings it cannot build, before capture
+    notes: Callable[[Artifact], list[str]] = _no_notes  # structural findings for the validation report
+    options: type | None = None  # a dataclass of the target's settings: the config's [name] table and flags
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.runtime) is not None
+
+
+from nanoexport.targets import coreml, onnx, openvino, qnn  # noqa: E402 (they import Target from above)
+
+TARGETS: dict[str, Target] = {target.name: target for target in (onnx.TARGET, coreml.TARGET, openvino.TARGET,
+                                                                   qnn.TARGET)}
+
+
+def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise NanoexportError(f"unknown target {name!r}; available targets: {', '.join(sorted(TARGETS))}")
-    return importlib.import_module(TARGETS[name][0])
-
-
-def runtime_installed(name: str) -> bool:
-    return importlib.util.find_spec(TARGETS[name][1]) is not None
+    target = TARGETS[name]
+    if not target.installed:
+        raise NanoexportError(f"the {name} target needs {target.runtime}, which is not installed; {target.install}")
+    return target

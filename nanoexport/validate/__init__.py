@@ -83,8 +83,8 @@ def validate(
     if problems:
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
     checkpoint = _reference(artifact, reference)
-    target_module = get_target(artifact.target)
-    runner = target_module.Runner(artifact)
+    target = get_target(artifact.target)
+    runner = target.runner(artifact)
     decoder = ArtifactDecoder(runner, artifact.manifest["io"]["kv_cache"])
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
@@ -103,8 +103,7 @@ def validate(
     _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
     _perplexity(report, artifact, decoder, torch_model, config)
-    if hasattr(target_module, "validation_notes"):
-        report.notes = target_module.validation_notes(artifact)
+    report.notes = target.notes(artifact)
     if write:
         write_report(artifact.path, report.to_dict())
     return report

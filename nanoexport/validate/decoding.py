@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from nanoexport.capture.onnx_export import call_feeds
+from nanoexport.interface import call_feeds
 from nanoexport.errors import NanoexportError
 
 PROMPTS = (

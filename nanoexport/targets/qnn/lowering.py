@@ -1,39 +1,4 @@
-"""The ``qnn`` target: static-shape QDQ ONNX graphs for Qualcomm's HTP, compiled to context binaries.
-
-The artifact holds ``prefill.onnx`` (``prefill_chunk`` tokens) and ``decode.onnx`` (one token), batch 1 and
-every shape static, reading one weights file ``model.onnx.data``. When ``onnxruntime-qnn`` is installed, each
-is also compiled by the QNN execution provider into an EPContext model (``*_ctx.onnx``) and its HTP context
-binary, for the SoC of ``--soc-model`` / ``--htp-arch`` (recorded in ``qnn_compile.json``).
-
-Parts: when the weights of one graph would exceed ``--max-part-bytes``, the layers are split into consecutive
-parts, each a folder ``part{p}/`` with its own ``prefill.onnx``, ``decode.onnx`` and ``model.onnx.data``. Part 0
-reads ``input_ids`` and holds the embedding, the last part holds the final norm and ``lm_head`` and gives
-``logits``; between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part
-takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
-files and I/O (one part, the files above, when the model fits).
-
-What the lowering changes in the canonical graph, and why:
-- weights: HTP takes int4 block quantization as LPBQ: block scales that are levels 1..16 of one float scale per
-  output channel (on the onnxruntime-qnn 2.7 emulator, higher levels compute wrong values). Each block takes
-  the level that best reproduces our dequantized block, and our integers are rounded again to it (on the
-  demo model: weight error 1.17x the canonical int4's). int8 weights become per output channel (the
-  provider refuses block-wise int8 beside uint8 activations), also rounded again from our dequantized
-  weights. The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP quantizes
-  the weight itself.
-- KV cache: HTP has no scatter into a graph input. Each layer attends over ``Concat(past, new rows)`` and
-  ``present.{i}.key/value`` are only the new rows ``[1, kv_heads, tokens, head_dim]``; the host (our Runner,
-  an app on the device) writes them into its buffer at ``cache_position``.
-- attention: the ``Attention`` op becomes MatMul -> Softmax -> MatMul with the key/value heads shared by
-  grouping query heads (no repeated cache), under an additive mask built from ``attention_mask`` and
-  ``cache_position``.
-- rotary: cos and sin are tables of ``max_context`` rows gathered by ``position_ids``.
-Activations calibrated to uint16 run as W4A16 on HTP; what calibration leaves float (attention, softmax,
-norms, the float ``lm_head``) runs in fp16 on HTP (SoC 60 and later).
-
-Inputs: ``input_ids``, ``position_ids`` ``[1, tokens]``, ``attention_mask`` ``[1, max_context]``,
-``cache_position`` ``[1]`` (int64), ``past_key_values.{i}.key/value`` ``[1, kv_heads, max_context, head_dim]``.
-Outputs: ``logits`` ``[1, tokens, vocab]`` and the new rows ``present.{i}.key/value``.
-"""
+"""The qnn target's lowering: LPBQ weights, HTP graph rewrites, activation ranges, parts, compile, runner."""
 
 from __future__ import annotations
 
@@ -50,25 +15,21 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact, write_json
-from nanoexport.calibration import calibration_path, parse_size
+from nanoexport.calibration import calibration_path
 from nanoexport.calibration.blocks import expand_blocks
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.qdq import ACTIVATION_TYPES
-from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.capture.onnx_export import call_feeds
-from nanoexport.config import ExportConfig, QnnConfig
+from nanoexport.config import parse_size
+from nanoexport.interface import call_feeds
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.initializers import new_initializer
+from nanoexport.passes import GraphPass, lossy
 from nanoexport.passes.kv_cache import specialize
-from nanoexport.passes.verify import cpu_session
+from nanoexport.runtime import cpu_session
+from nanoexport.targets import Build
+from nanoexport.targets.qnn.options import QnnOptions
 
 log = logging.getLogger(__name__)
-
-NAME = "qnn"
-RUNTIME = "onnxruntime"  # the CPU path; the HTP path needs onnxruntime-qnn (extra "qnn")
-KV_CACHE_FORMS = ("static",)
-SPLIT_PREFILL_DECODE = True
-QUANT_DEFAULTS = {"weights": "int4", "activations": "a16"}  # W4A16 unless the user chose
 
 # What the provider's htp_arch option accepts (it ignores other values with a warning, measured on 2.7.0).
 HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
@@ -91,30 +52,28 @@ LPBQ_LEVELS = 16  # block scale levels HTP computes right: it reads them as 4-bi
 MASKED = -10000.0  # additive mask: exp underflows to 0 in fp16 too, unlike the float32 minimum (overflow)
 
 
-def VALIDATION_DEFAULTS(config: ExportConfig) -> dict[str, float]:  # noqa: N802 (a target declaration)
-    """Integer activations move logits more than fp16 does. Measured on the demo model: W4A16 cosine >= 0.99,
-    top-1 >= 0.9, KV consistency <= 0.03; W8A8 KV consistency 0.55, as prefill and decode round activations
-    per call, to uint8 levels 256 times coarser."""
-    return {"quantized_kv_max_abs": 1.0 if config.quant.activations == "a8" else 0.1}
+def lowering_passes(build: Build) -> list[GraphPass]:
+    """On the canonical graph: the weights in the forms HTP computes right (the shared weights file's)."""
+    return [weights_for_htp]
 
 
-def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
+def lower(model: ir.Model, build: Build) -> list[str]:
     """Write the prefill and decode graphs (and, with onnxruntime-qnn, their HTP builds); returns the files."""
-    limit = parse_size(config.qnn.max_part_bytes)  # checked by check_config
-    weights_for_htp(model)
+    config, folder, settings = build.config, build.folder, build.config.options["qnn"]
+    limit = parse_size(settings.max_part_bytes, "--max-part-bytes")  # checked by check_config
     # The shared weights file holds the HTP form; each reloaded graph keeps pointing into it.
     scratch = folder / "canonical.onnx"
     ir.save(model, scratch, external_data=WEIGHTS_FILE)
     graphs = {}
     for name in GRAPHS:
         graphs[name] = ir.load(scratch)
-        specialize(graphs[name], config.prefill_chunk if name == "prefill" else 1)
-        lower_graph(graphs[name], config.max_context)
+        specialize(graphs[name], build.cache.prefill_chunk if name == "prefill" else 1)
+        build.run_passes(graphs[name], htp_graph_passes(build.cache.capacity), graph=name)
     scratch.unlink()
-    ranges = observe_weight_outputs(graphs["prefill"], _calibration_windows(config, checkpoint))
+    ranges = observe_weight_outputs(graphs["prefill"], _calibration_windows(build))
     for name in GRAPHS:
-        quantize_outputs(graphs[name], ranges, config.quant.activations)
-    parts = write_parts(graphs, plan_parts(graphs["prefill"], limit, config.qnn.max_part_bytes), folder)
+        build.run_passes(graphs[name], [quantize_outputs_pass(ranges, config.quant.activations)], graph=name)
+    parts = write_parts(graphs, plan_parts(graphs["prefill"], limit, settings.max_part_bytes), folder)
     write_json(folder / PARTS_FILE, {"max_part_bytes": limit, "parts": parts})
     files = [file for part in parts for file in (*part["graphs"].values(), part["weights"])] + [PARTS_FILE]
     if importlib.util.find_spec("onnxruntime_qnn") is None:
@@ -122,18 +81,10 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
                     "to HTP context binaries")
         return files
     graph_files = [list(part["graphs"].values()) for part in parts]
-    return [*files, *compile_contexts(folder, graph_files, config.qnn)]
+    return [*files, *compile_contexts(folder, graph_files, settings)]
 
 
-def check_config(config: ExportConfig) -> None:
-    """Refuse, before any work, settings this target cannot build (the pipeline calls it first)."""
-    if config.quant.weights == "none" or config.quant.activations == "none":
-        raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
-                              "--activations a16 (or leave both unset for W4A16)")
-    check_settings(config.qnn)
-
-
-def check_settings(settings: QnnConfig) -> int:
+def check_settings(settings: QnnOptions) -> int:
     """Refuse SoC and architecture values QNN would ignore or fail on; returns ``max_part_bytes`` in bytes."""
     if not re.fullmatch(r"[0-9]+", settings.soc_model) or int(settings.soc_model) == 0:
         raise NanoexportError(f"--soc-model {settings.soc_model!r} is not a QNN SoC id; give the SoC's number from "
@@ -141,10 +92,7 @@ def check_settings(settings: QnnConfig) -> int:
     if settings.htp_arch not in HTP_ARCHS:
         raise NanoexportError(f"--htp-arch {settings.htp_arch!r} is not an HTP architecture QNN knows; choose one "
                               f"of {', '.join(HTP_ARCHS)}")
-    try:
-        limit = parse_size(settings.max_part_bytes)
-    except NanoexportError:
-        limit = 0
+    limit = parse_size(settings.max_part_bytes, "--max-part-bytes")
     if limit < 1:
         raise NanoexportError(f"--max-part-bytes {settings.max_part_bytes!r} is not a size; write it like 1GB "
                               "or 300MB")
@@ -153,7 +101,7 @@ def check_settings(settings: QnnConfig) -> int:
     return limit
 
 
-def _probe_device(settings: QnnConfig) -> None:
+def _probe_device(settings: QnnOptions) -> None:
     """One quantized MatMul on the HTP backend: QNN refuses an unknown SoC id only when it creates the device."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -180,15 +128,25 @@ def _probe_device(settings: QnnConfig) -> None:
                               "Snapdragon devices, e.g. 57 (Snapdragon 8 Gen 3)") from None
 
 
-def lower_graph(graph: ir.Model, capacity: int) -> None:
-    """Rewrite a specialized static-cache graph into the form HTP runs (see the module docstring)."""
-    rotary_tables(graph, capacity)
-    decompose_rotary(graph)
-    new_rows_cache(graph, capacity)
-    common.ShapeInferencePass()(graph)  # the attended keys' shapes, which the attention rewrite reads
-    decompose_attention(graph)
-    common.RemoveUnusedNodesPass()(graph)
-    common.ShapeInferencePass()(graph)
+def htp_graph_passes(capacity: int) -> list[GraphPass]:
+    """A specialized static-cache graph -> the form HTP runs (see the module docstring), as passes."""
+
+    def rotary_as_tables(model: ir.Model) -> None:
+        """Cos/Sin of the rotary angles -> tables of ``capacity`` rows gathered by ``position_ids``."""
+        rotary_tables(model, capacity)
+
+    def cache_as_new_rows(model: ir.Model) -> None:
+        """Attention reads Concat(past, new rows); ``present`` outputs only the new rows."""
+        new_rows_cache(model, capacity)
+        common.ShapeInferencePass()(model)  # the attended keys' shapes, which the attention rewrite reads
+
+    def attention_as_matmuls(model: ir.Model) -> None:
+        """Attention -> MatMul, Softmax, MatMul over grouped heads under an additive mask."""
+        decompose_attention(model)
+        common.RemoveUnusedNodesPass()(model)
+        common.ShapeInferencePass()(model)
+
+    return [rotary_as_tables, decompose_rotary, cache_as_new_rows, attention_as_matmuls]
 
 
 def check_ops(graph: ir.Model, name: str) -> None:
@@ -208,6 +166,7 @@ def _node(graph: ir.Graph, before: ir.Node, op_type: str, inputs, name: str, **a
 # --- weights ---------------------------------------------------------------------------------------------
 
 
+@lossy
 def weights_for_htp(model: ir.Model) -> None:
     """Blocked ``DequantizeLinear -> Cast`` weights -> the forms HTP computes right: int4 as LPBQ (block
     scales re-expressed, integers rounded again to them), int8 per output channel."""
@@ -306,12 +265,13 @@ def lpbq_weights(quant: np.ndarray, scale: np.ndarray, block_size: int) -> tuple
     return integers, best_level.astype(np.uint8), channel
 
 
-def _calibration_windows(config: ExportConfig, checkpoint: Checkpoint) -> np.ndarray:
+def _calibration_windows(build: Build) -> np.ndarray:
     """Prefill chunks of the calibration text quantization read (the same file, found the same way)."""
+    checkpoint, quant = build.checkpoint, build.config.quant
     folder = Path(checkpoint.source) if checkpoint.source else None
-    source = calibration_path(config.quant, folder)
+    source = calibration_path(quant, folder)
     tokenizer = load_tokenizer(checkpoint.tokenizer_files)
-    return calibration_windows(source, tokenizer, config.quant.calib_samples, config.prefill_chunk, config.quant.seed)
+    return calibration_windows(source, tokenizer, quant.calib_samples, build.cache.prefill_chunk, quant.seed)
 
 
 def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -353,6 +313,15 @@ def _reads_quantized_weight(node: ir.Node) -> bool:
 def _is_quantized(value: ir.Value) -> bool:
     uses = value.uses()
     return bool(uses) and all(node.op_type == "QuantizeLinear" for node, _ in uses)
+
+
+def quantize_outputs_pass(ranges: dict[str, tuple[float, float]], activations: str) -> GraphPass:
+    @lossy
+    def quantize_weight_outputs(model: ir.Model) -> None:
+        """A Q -> DQ pair after each weight MatMul output calibration left float (HTP needs them quantized)."""
+        quantize_outputs(model, ranges, activations)
+
+    return quantize_weight_outputs
 
 
 def quantize_outputs(model: ir.Model, ranges: dict[str, tuple[float, float]], activations: str) -> None:
@@ -710,15 +679,15 @@ def parts_of(artifact: Artifact) -> list[dict]:
     return [{"graphs": dict(GRAPHS), "weights": WEIGHTS_FILE}]
 
 
-def settings_of(artifact: Artifact) -> QnnConfig:
+def settings_of(artifact: Artifact) -> QnnOptions:
     """The SoC settings the artifact was built for (the defaults for artifacts written before the options)."""
-    return QnnConfig(**artifact.manifest["config"].get("qnn", {}))
+    return QnnOptions(**artifact.manifest["config"].get("qnn", {}))
 
 
 # --- compile ---------------------------------------------------------------------------------------------
 
 
-def qnn_session_options(settings: QnnConfig, extra: dict[str, str] | None = None,
+def qnn_session_options(settings: QnnOptions, extra: dict[str, str] | None = None,
                         provider: dict[str, str] | None = None):
     """Session options that put every node on the QNN provider's HTP backend (for ``settings``' SoC) or fail;
     ``extra``: session configuration entries, ``provider``: more provider options."""
@@ -743,7 +712,7 @@ def _register_qnn(ort, onnxruntime_qnn) -> None:
         ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
 
 
-def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnConfig) -> list[str]:
+def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOptions) -> list[str]:
     """EPContext model and HTP context binary per graph file (``graph_files``: per part, its graphs), or per
     part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
     written."""

@@ -1,15 +1,5 @@
-"""The ``onnx`` target: the graph as ``model.onnx`` plus ``model.onnx.data``, run by ONNX Runtime.
-
-With the growing (dynamic) cache the artifact is also an onnxruntime-genai model folder:
-``genai_config.json`` and, beside it where genai looks for them, the tokenizer files. Its attention runs as
-ONNX Runtime's ``GroupQueryAttention``, which appends to the cache inside the kernel, so genai can hand it
-one buffer per layer as both past and present (``past_present_share_buffer``) instead of a copy per step.
-The fixed-size caches (``--kv-cache static|sliding``) keep the standard ``Attention``: they write the cache
-at ``cache_position`` (``TensorScatter``, round-robin when sliding), which ``GroupQueryAttention`` cannot.
-With ``split_prefill_decode``, ``prefill.onnx`` (a fixed chunk of tokens) and ``decode.onnx`` (one token)
-replace ``model.onnx``; both read their weights from the one ``model.onnx.data``. Block-quantized 4-bit
-weights run as ``MatMulNBits`` over our integers and scales (fp32 scales, as the kernel takes them).
-"""
+"""The onnx target's lowering: ONNX Runtime's kernels (MatMulNBits, GatherBlockQuantized,
+SkipSimplifiedLayerNormalization, GroupQueryAttention) as rewrite rules and passes, and the files it writes."""
 
 from __future__ import annotations
 
@@ -26,15 +16,13 @@ from onnxscript.rewriter import pattern
 
 from nanoexport.artifact import Artifact, write_json
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.capture.onnx_export import attention_windows, kv_shape
-from nanoexport.config import ExportConfig
+from nanoexport.interface import kv_shape
+from nanoexport.passes import GraphPass
 from nanoexport.passes.fusion import unmerge_projections
 from nanoexport.passes.kv_cache import specialize
-from nanoexport.passes.verify import cpu_session
+from nanoexport.runtime import cpu_session
+from nanoexport.targets import Build
 
-NAME = "onnx"
-RUNTIME = "onnxruntime"
-KV_CACHE_FORMS = ("dynamic", "static", "sliding")  # the first is the default
 MODEL_FILE = "model.onnx"
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
@@ -474,35 +462,54 @@ class PackedQKV(pattern.RewriteRuleClassBase):
         return outputs
 
 
-def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
-    """Write ``model`` into ``folder`` for ONNX Runtime; returns the model files written."""
-    if not config.split_prefill_decode:
+def lowering_passes(build: Build) -> list[GraphPass]:
+    """The canonical graph -> ONNX Runtime's kernels. Split graphs get their kernels per specialized graph
+    (in ``lower``): ONNX shape inference, which specializing runs, does not know the vendor ops."""
+    if build.cache.split_prefill_decode:
+        return [unmerge_projections]  # ONNX Runtime runs a Split as copies
+    options = build.config.options["onnx"]
+    passes = []
+    if build.cache.form == "dynamic":
+        passes.append(group_query_attention_pass(build.checkpoint.config, build.cache.windows, options.padded_batches))
+    # After GroupQueryAttention, which reads query, key and value packed.
+    return [*passes, unmerge_projections, ort_kernels_pass(build.config.quant.dynamic_int8)]
+
+
+def lower(model: ir.Model, build: Build) -> list[str]:
+    """Write ``model`` into the build folder for ONNX Runtime; returns the model files written."""
+    folder = build.folder
+    if not build.cache.split_prefill_decode:
         genai_files = []
-        if config.kv_cache == "dynamic":
-            shares_buffer = _use_group_query_attention(model, checkpoint.config, config.onnx.padded_batches)
-            genai_files = _write_genai_config(folder, checkpoint, shares_buffer)
-        unmerge_projections(model)  # after GroupQueryAttention, which reads query, key and value packed
-        _use_ort_kernels(model, config)
+        if build.cache.form == "dynamic":
+            genai_files = _write_genai_config(folder, build.checkpoint, _appends_in_kernel(model))
         ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
         return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
     # weights file, which each specialized graph then references rather than copies.
-    unmerge_projections(model)  # ONNX Runtime runs a Split as copies; here, before the parts go in that file
     ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
-    for file_name, sequence_length in ((PREFILL_FILE, config.prefill_chunk), (DECODE_FILE, 1)):
+    kernels = ort_kernels_pass(build.config.quant.dynamic_int8)
+    for name, file_name, sequence_length in (("prefill", PREFILL_FILE, build.cache.prefill_chunk),
+                                             ("decode", DECODE_FILE, 1)):
         graph = ir.load(folder / MODEL_FILE)
         specialize(graph, sequence_length)  # before the vendor ops, which ONNX shape inference does not know
-        _use_ort_kernels(graph, config)
+        build.run_passes(graph, [kernels], graph=name)
         ir.save(graph, folder / file_name)
     (folder / MODEL_FILE).unlink()
     return [PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE]
 
 
-def _use_ort_kernels(model: ir.Model, config: ExportConfig) -> None:
-    if ort_kernel_rules(accuracy_level=4 if config.quant.dynamic_int8 else 0).apply_to_model(model):
-        model.opset_imports.setdefault("com.microsoft", 1)
-        common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
-        _omit_unread_outputs(model.graph, "SkipSimplifiedLayerNormalization")
+def ort_kernels_pass(dynamic_int8: bool) -> GraphPass:
+    """The ORT kernel rules as a pass; ``dynamic_int8``: 4-bit MatMuls quantize activations to int8."""
+
+    def ort_kernels(model: ir.Model) -> None:
+        """Blocked 4-bit weights -> MatMulNBits / GatherBlockQuantized, residual Add + RMSNormalization ->
+        SkipSimplifiedLayerNormalization, Swish -> QuickGelu; the logits stay within rounding."""
+        if ort_kernel_rules(accuracy_level=4 if dynamic_int8 else 0).apply_to_model(model):
+            model.opset_imports.setdefault("com.microsoft", 1)
+            common.RemoveUnusedNodesPass()(model)  # the integers as DequantizeLinear had them, now re-laid out
+            _omit_unread_outputs(model.graph, "SkipSimplifiedLayerNormalization")
+
+    return ort_kernels
 
 
 def _omit_unread_outputs(graph: ir.Graph, op_type: str) -> None:
@@ -518,15 +525,21 @@ def _omit_unread_outputs(graph: ir.Graph, op_type: str) -> None:
                     value.name = ""
 
 
-def _use_group_query_attention(model: ir.Model, hf_config, padded_batches: bool) -> bool:
-    """Lower each layer's attention over the growing cache to GroupQueryAttention.
+def group_query_attention_pass(hf_config, windows: tuple[int | None, ...], padded_batches: bool) -> GraphPass:
+    """GroupQueryAttention for ``hf_config``'s model with each layer's attention ``windows``;
+    ``padded_batches``: hide the attention_mask's zero slots (a bias per call), or take every entry as 1."""
 
-    ``padded_batches``: hide the attention_mask's zero slots (a bias per call), or take every entry as 1.
-    Returns whether every layer now appends to its cache inside the kernel, so that genai may pass one
-    buffer as both past and present.
-    """
+    def group_query_attention(model: ir.Model) -> None:
+        """Each layer's attention over the growing cache -> GroupQueryAttention, which appends to the cache
+        inside the kernel; query, key and value stay packed where one projection makes them."""
+        _use_group_query_attention(model, hf_config, windows, padded_batches)
+
+    return group_query_attention
+
+
+def _use_group_query_attention(model: ir.Model, hf_config, windows, padded_batches: bool) -> None:
     feeds = _cache_feeds(model.graph, padded_batches)
-    windows, max_positions = attention_windows(hf_config), _context_length(hf_config)
+    max_positions = _context_length(hf_config)
     rules = pattern.RewriteRuleSet([
         GroupQueryAttentionOnCache.rule(name, rotary, feeds, windows, max_positions)
         for name, rotary in (("GQA with rotary", True), ("GQA", False))
@@ -537,6 +550,11 @@ def _use_group_query_attention(model: ir.Model, hf_config, padded_batches: bool)
     log.info("GroupQueryAttention: %d layers, %d with packed QKV", count, packed)
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def _appends_in_kernel(model: ir.Model) -> bool:
+    """Whether every layer appends to its cache inside GroupQueryAttention, so that genai may pass one
+    buffer as both past and present."""
     presents = [value for value in model.graph.outputs if value.name.startswith("present.")]
     return bool(presents) and all(value.producer().op_type == "GroupQueryAttention" for value in presents)
 

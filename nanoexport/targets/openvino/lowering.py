@@ -1,24 +1,5 @@
-"""The ``openvino`` target: ``openvino_model.xml`` / ``.bin`` with a stateful KV cache, run by OpenVINO.
-
-The artifact is an openvino-genai model folder: ``openvino_genai.LLMPipeline(artifact, "CPU")`` loads it.
-Beside the model it holds the tokenizer and detokenizer IRs (openvino-tokenizers), ``config.json`` and
-``generation_config.json``.
-
-The model is the canonical graph with the growing cache (``--kv-cache stateful``), converted by OpenVINO's
-ONNX frontend and then made stateful the way openvino-genai expects: the ``past_key_values.*`` inputs and
-``present.*`` outputs become ReadValue/Assign state pairs, and a ``beam_idx`` input reorders the cache rows
-(a Gather before each Concat). Its inputs are ``input_ids``, ``attention_mask``, ``position_ids`` and
-``beam_idx``; its output ``logits``. On CPU, openvino-genai by default converts the IR to PagedAttention
-(continuous batching), which removes the states and ``beam_idx``: nothing else may read them. For NPU,
-openvino-genai (the NPU plugin's NPUW) turns this same IR into static prefill and decode graphs when it
-loads it (``MAX_PROMPT_LEN``, ``MIN_RESPONSE_LEN``).
-
-Quantized weights stay as our integers and scales: blocked ``DequantizeLinear`` arrives as an i4/u4/i8
-Constant -> Convert -> [Subtract zero point] -> Multiply scale, which the CPU plugin runs as a compressed
-FullyConnected; NF4 codebook indices become an nf4 Constant. Weights are stored output-major (``[N, K]``),
-the plugin's layout, so that it keeps no transposed copy of them. The model is read with ``Core.read_model``
-rather than ``convert_model``, whose transformations fold the fp16 and NF4 weights into fp32 constants.
-"""
+"""The openvino target's lowering: ONNX-side passes before the frontend, OpenVINO-side edits after it
+(stateful cache, attention and mask forms, NF4), and the files it writes."""
 
 from __future__ import annotations
 
@@ -38,16 +19,14 @@ from openvino._offline_transformations import apply_make_stateful_transformation
 from nanoexport.artifact import Artifact
 from nanoexport.calibration.blocks import NF4_CODEBOOK
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.config import QuantConfig
 from nanoexport.errors import NanoexportError
+from nanoexport.passes import GraphPass
 from nanoexport.passes.fusion import unmerge_projections
+from nanoexport.targets import Build
 
 log = logging.getLogger(__name__)
 
-NAME = "openvino"
-RUNTIME = "openvino"
-# The growing cache of the canonical graph, held in the IR as ReadValue/Assign states.
-KV_CACHE_FORMS = ("stateful",)
 MODEL_FILE = "openvino_model.xml"
 WEIGHTS_FILE = "openvino_model.bin"
 TOKENIZER_FILE = "openvino_tokenizer.xml"
@@ -70,12 +49,15 @@ FLOAT_WEIGHTS = ("none", "fp16")
 AUTO_NAME = re.compile(r"(?P<type>[A-Za-z0-9]+)_\d+(?P<output>(\.\d+)?)")
 
 
-def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Checkpoint) -> list[str]:
-    """Write ``model`` as a stateful OpenVINO IR plus the tokenizer IRs into ``folder``; returns the files."""
-    static_heads(model)
-    batch_from_input_ids(model)
-    unmerge_projections(model)
-    output_major_weights(model)
+def lowering_passes(build: Build) -> list[GraphPass]:
+    """The ONNX-side edits that give OpenVINO's frontend and the CPU plugin the graph they handle best."""
+    return [static_heads, batch_from_input_ids, unmerge_projections, output_major_weights]
+
+
+def lower(model: ir.Model, build: Build) -> list[str]:
+    """Write ``model`` as a stateful OpenVINO IR plus the tokenizer IRs into the build folder; returns the
+    files."""
+    folder, config = build.folder, build.config
     with tempfile.TemporaryDirectory() as scratch:
         onnx_path = Path(scratch) / "canonical.onnx"
         ir.save(model, onnx_path, external_data="canonical.onnx.data")
@@ -89,7 +71,7 @@ def lower(model: ir.Model, config: ExportConfig, folder: Path, checkpoint: Check
         _name_deterministically(ov_model)
         # Our float weights stay fp32 and our quantized ones as they are: no conversion on the way out.
         ov.save_model(ov_model, folder / MODEL_FILE, compress_to_fp16=False)
-    return [MODEL_FILE, WEIGHTS_FILE, *_write_tokenizers(folder), *_write_configs(folder, checkpoint)]
+    return [MODEL_FILE, WEIGHTS_FILE, *_write_tokenizers(folder), *_write_configs(folder, build.checkpoint)]
 
 
 def static_heads(model: ir.Model) -> int:

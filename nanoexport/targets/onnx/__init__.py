@@ -1,0 +1,47 @@
+"""The ``onnx`` target: the graph as ``model.onnx`` plus ``model.onnx.data``, run by ONNX Runtime.
+
+With the growing (dynamic) cache the artifact is also an onnxruntime-genai model folder:
+``genai_config.json`` and, beside it where genai looks for them, the tokenizer files. Its attention runs as
+ONNX Runtime's ``GroupQueryAttention``, which appends to the cache inside the kernel, so genai can hand it
+one buffer per layer as both past and present (``past_present_share_buffer``) instead of a copy per step.
+The fixed-size caches (``--kv-cache static|sliding``) keep the standard ``Attention``: they write the cache
+at ``cache_position`` (``TensorScatter``, round-robin when sliding), which ``GroupQueryAttention`` cannot.
+With ``split_prefill_decode``, ``prefill.onnx`` (a fixed chunk of tokens) and ``decode.onnx`` (one token)
+replace ``model.onnx``; both read their weights from the one ``model.onnx.data``. Block-quantized 4-bit
+weights run as ``MatMulNBits`` over our integers and scales (fp32 scales, as the kernel takes them).
+"""
+
+from __future__ import annotations
+
+from nanoexport.targets import Target
+from nanoexport.targets.onnx.options import OnnxOptions
+
+
+def _passes(build):
+    from nanoexport.targets.onnx.lowering import lowering_passes
+
+    return lowering_passes(build)
+
+
+def _lower(model, build) -> list[str]:
+    from nanoexport.targets.onnx.lowering import lower
+
+    return lower(model, build)
+
+
+def _runner(artifact):
+    from nanoexport.targets.onnx.lowering import Runner
+
+    return Runner(artifact)
+
+
+TARGET = Target(
+    name="onnx",
+    runtime="onnxruntime",
+    install="pip install onnxruntime",
+    kv_cache_forms=("dynamic", "static", "sliding"),
+    passes=_passes,
+    lower=_lower,
+    runner=_runner,
+    options=OnnxOptions,
+)

@@ -1,0 +1,100 @@
+"""The ``qnn`` target: static-shape QDQ ONNX graphs for Qualcomm's HTP, compiled to context binaries.
+
+The artifact holds ``prefill.onnx`` (``prefill_chunk`` tokens) and ``decode.onnx`` (one token), batch 1 and
+every shape static, reading one weights file ``model.onnx.data``. When ``onnxruntime-qnn`` is installed, each
+is also compiled by the QNN execution provider into an EPContext model (``*_ctx.onnx``) and its HTP context
+binary, for the SoC of ``--soc-model`` / ``--htp-arch`` (recorded in ``qnn_compile.json``).
+
+Parts: when the weights of one graph would exceed ``--max-part-bytes``, the layers are split into consecutive
+parts, each a folder ``part{p}/`` with its own ``prefill.onnx``, ``decode.onnx`` and ``model.onnx.data``. Part 0
+reads ``input_ids`` and holds the embedding, the last part holds the final norm and ``lm_head`` and gives
+``logits``; between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part
+takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
+files and I/O (one part, the files above, when the model fits).
+
+What the lowering changes in the canonical graph, and why:
+- weights: HTP takes int4 block quantization as LPBQ: block scales that are levels 1..16 of one float scale per
+  output channel (on the onnxruntime-qnn 2.7 emulator, higher levels compute wrong values). Each block takes
+  the level that best reproduces our dequantized block, and our integers are rounded again to it (on the
+  demo model: weight error 1.17x the canonical int4's). int8 weights become per output channel (the
+  provider refuses block-wise int8 beside uint8 activations), also rounded again from our dequantized
+  weights. The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP quantizes
+  the weight itself.
+- KV cache: HTP has no scatter into a graph input. Each layer attends over ``Concat(past, new rows)`` and
+  ``present.{i}.key/value`` are only the new rows ``[1, kv_heads, tokens, head_dim]``; the host (our Runner,
+  an app on the device) writes them into its buffer at ``cache_position``.
+- attention: the ``Attention`` op becomes MatMul -> Softmax -> MatMul with the key/value heads shared by
+  grouping query heads (no repeated cache), under an additive mask built from ``attention_mask`` and
+  ``cache_position``.
+- rotary: cos and sin are tables of ``max_context`` rows gathered by ``position_ids``.
+Activations calibrated to uint16 run as W4A16 on HTP; what calibration leaves float (attention, softmax,
+norms, the float ``lm_head``) runs in fp16 on HTP (SoC 60 and later).
+
+Inputs: ``input_ids``, ``position_ids`` ``[1, tokens]``, ``attention_mask`` ``[1, max_context]``,
+``cache_position`` ``[1]`` (int64), ``past_key_values.{i}.key/value`` ``[1, kv_heads, max_context, head_dim]``.
+Outputs: ``logits`` ``[1, tokens, vocab]`` and the new rows ``present.{i}.key/value``.
+"""
+
+from __future__ import annotations
+
+from nanoexport.errors import NanoexportError
+from nanoexport.targets import Target
+from nanoexport.targets.qnn.options import QnnOptions
+
+
+def _validation_defaults(config) -> dict[str, float]:
+    """Integer activations move logits more than fp16 does. Measured on the demo model: W4A16 cosine >= 0.99,
+    top-1 >= 0.9, KV consistency <= 0.03; W8A8 KV consistency 0.55, as prefill and decode round activations
+    per call, to uint8 levels 256 times coarser."""
+    return {"quantized_kv_max_abs": 1.0 if config.quant.activations == "a8" else 0.1}
+
+
+def _check(config) -> None:
+    """Refuse, before any work, settings this target cannot build."""
+    if config.quant.weights == "none" or config.quant.activations == "none":
+        raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
+                              "--activations a16 (or leave both unset for W4A16)")
+    from nanoexport.targets.qnn.lowering import check_settings
+
+    check_settings(config.options["qnn"])
+
+
+def _passes(build):
+    from nanoexport.targets.qnn.lowering import lowering_passes
+
+    return lowering_passes(build)
+
+
+def _lower(model, build) -> list[str]:
+    from nanoexport.targets.qnn.lowering import lower
+
+    return lower(model, build)
+
+
+def _runner(artifact):
+    from nanoexport.targets.qnn.lowering import Runner
+
+    return Runner(artifact)
+
+
+def _notes(artifact) -> list[str]:
+    from nanoexport.targets.qnn.lowering import validation_notes
+
+    return validation_notes(artifact)
+
+
+TARGET = Target(
+    name="qnn",
+    runtime="onnxruntime",  # the CPU path; the HTP path needs onnxruntime-qnn (extra "qnn")
+    install="pip install 'nanoexport[qnn]'",
+    kv_cache_forms=("static",),
+    split_prefill_decode=True,
+    quant_defaults={"weights": "int4", "activations": "a16"},  # W4A16 unless the user chose
+    validation_defaults=_validation_defaults,
+    check=_check,
+    passes=_passes,
+    lower=_lower,
+    runner=_runner,
+    notes=_notes,
+    options=QnnOptions,
+)
