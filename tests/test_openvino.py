@@ -20,7 +20,8 @@ import nanoexport  # noqa: E402
 from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint  # noqa: E402
 from nanoexport.config import ExportConfig, QuantConfig  # noqa: E402
 from nanoexport.errors import NanoexportError  # noqa: E402
-from nanoexport.targets.openvino import lowering as target  # noqa: E402
+from nanoexport.passes.fusion import unmerge_projections  # noqa: E402
+from nanoexport.targets.openvino import files, lowering, onnx_rules, ov_passes, runtime  # noqa: E402
 from nanoexport.validate.decoding import PROMPTS, TorchReference, greedy  # noqa: E402
 
 # Shorter generation and perplexity runs than the defaults; the fp32 thresholds stay the defaults.
@@ -70,14 +71,14 @@ def int4(tmp_path_factory) -> tuple[Path, Path]:
     with lock:
         if not (folder / "demo-int4" / "manifest.json").is_file():
             folder.mkdir(exist_ok=True)
-            lower = target.lower
+            lower = lowering.lower
 
-            def keep_canonical_then_lower(model, config, out, checkpoint):
+            def keep_canonical_then_lower(model, build):
                 ir.save(model, canonical, external_data="canonical.onnx.data")
-                return lower(model, config, out, checkpoint)
+                return lower(model, build)
 
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(target, "lower", keep_canonical_then_lower)
+                patch.setattr(lowering, "lower", keep_canonical_then_lower)
                 nanoexport.export(target="openvino", out=folder / "demo-int4", progress=False,
                                   config=ExportConfig(quant=QuantConfig(weights="int4", block_size=32)))
     return folder / "demo-int4", canonical
@@ -89,7 +90,7 @@ def constants(model, element_type) -> list:
 
 
 def runtime_layers(artifact: Path, properties: dict) -> list:
-    compiled = ov.Core().compile_model(artifact / target.MODEL_FILE, "CPU", properties)
+    compiled = ov.Core().compile_model(artifact / files.MODEL_FILE, "CPU", properties)
     return compiled.get_runtime_model().get_ordered_ops()
 
 
@@ -109,28 +110,28 @@ def test_validate_passes_at_fp32_thresholds(exported):
 
 
 def test_model_is_stateful_with_genai_inputs_and_files(exported):
-    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    model = ov.Core().read_model(exported / files.MODEL_FILE)
     assert [value.get_any_name() for value in model.inputs] == [
         "input_ids", "attention_mask", "position_ids", "beam_idx"]
     assert [value.get_any_name() for value in model.outputs] == ["logits"]
     kinds = Counter(node.get_type_name() for node in model.get_ordered_ops())
     assert kinds["ReadValue"] == kinds["Assign"] == 8  # a key and a value state per layer
     manifest = json.loads((exported / "manifest.json").read_text())
-    assert {target.MODEL_FILE, target.WEIGHTS_FILE, target.TOKENIZER_FILE, target.DETOKENIZER_FILE,
+    assert {files.MODEL_FILE, files.WEIGHTS_FILE, files.TOKENIZER_FILE, files.DETOKENIZER_FILE,
             "generation_config.json", "config.json"} <= set(manifest["model_files"])
     assert manifest["io"]["kv_cache"]["form"] == "stateful"
 
 
 def test_cpu_fuses_the_cache_into_its_attention_kernel(exported):
     """KV heads repeated by Broadcast, not Tile: the CPU plugin appends to the cache in place, one kernel a layer."""
-    layers = Counter(layer_type(node) for node in runtime_layers(exported, target.VALIDATION_PROPERTIES))
+    layers = Counter(layer_type(node) for node in runtime_layers(exported, runtime.VALIDATION_PROPERTIES))
     assert layers["ScaledDotProductAttention"] == 4
 
 
 @pytest.mark.parametrize("backend", ["PA", "SDPA"])
 def test_genai_generates_pytorchs_greedy_tokens(exported, backend):
     """Both of genai's CPU pipelines: PagedAttention (its default, continuous batching) and the stateful one."""
-    pipe = openvino_genai.LLMPipeline(str(exported), "CPU", ATTENTION_BACKEND=backend, **target.VALIDATION_PROPERTIES)
+    pipe = openvino_genai.LLMPipeline(str(exported), "CPU", ATTENTION_BACKEND=backend, **runtime.VALIDATION_PROPERTIES)
     tokenizer = pipe.get_tokenizer()
     reference = TorchReference(load_checkpoint(DEMO_MODEL).model)
     hf_tokenizer = _hf_tokenizer(exported)
@@ -148,7 +149,7 @@ def test_paged_attention_conversion_leaves_no_cache_inputs(exported):
     """genai's PagedAttention conversion removes the states and beam_idx; nothing may still read them."""
     from openvino._offline_transformations import paged_attention_transformation
 
-    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    model = ov.Core().read_model(exported / files.MODEL_FILE)
     paged_attention_transformation(model)
     names = {value.get_any_name() for value in model.inputs}
     assert {"input_ids", "position_ids", "past_lens", "key_cache.0", "value_cache.3"} <= names
@@ -162,9 +163,9 @@ def test_paged_attention_graph_runs_a_kernel_per_projection(exported):
     Swish fused in, and no Split copying merged outputs per token."""
     from openvino._offline_transformations import paged_attention_transformation
 
-    model = ov.Core().read_model(exported / target.MODEL_FILE)
+    model = ov.Core().read_model(exported / files.MODEL_FILE)
     paged_attention_transformation(model)
-    compiled = ov.Core().compile_model(model, "CPU", target.VALIDATION_PROPERTIES)
+    compiled = ov.Core().compile_model(model, "CPU", runtime.VALIDATION_PROPERTIES)
     layers = compiled.get_runtime_model().get_ordered_ops()
     kinds = Counter(layer_type(node) for node in layers)
     assert kinds["FullyConnected"] == QUANTIZED_LINEARS + 1 and not kinds["Split"]  # + the output head
@@ -189,7 +190,7 @@ def test_left_padded_batch_is_exact_without_the_nan_guard(exported):
     mask[1, :4] = 0
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     empty = np.zeros((2, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
-    runner = target.Runner(artifact)
+    runner = runtime.Runner(artifact)
     prefill = runner.forward({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                               **{f"past_key_values.{layer}.{part}": empty for layer in range(kv["num_layers"])
                                  for part in ("key", "value")}})
@@ -211,9 +212,9 @@ def test_left_padded_batch_is_exact_without_the_nan_guard(exported):
 
 
 def test_float_model_asks_for_an_f16_kv_cache_and_int4_for_the_default(exported, int4):
-    float_model = ov.Core().read_model(exported / target.MODEL_FILE)
+    float_model = ov.Core().read_model(exported / files.MODEL_FILE)
     assert float_model.get_rt_info(["runtime_options", "KV_CACHE_PRECISION"]).astype(str) == "f16"
-    assert not ov.Core().read_model(int4[0] / target.MODEL_FILE).has_rt_info(["runtime_options", "KV_CACHE_PRECISION"])
+    assert not ov.Core().read_model(int4[0] / files.MODEL_FILE).has_rt_info(["runtime_options", "KV_CACHE_PRECISION"])
 
 
 @pytest.mark.parametrize("dynamic_int8, group_size", [(True, 32), (False, 0)])
@@ -221,7 +222,7 @@ def test_dynamic_int8_is_the_cpu_activation_quantization_of_quantized_weights(dy
     """On (the default): the CPU plugin's own int8 activation groups, as optimum-intel's IRs run; off: float."""
     parameter = ops.parameter([1, 4], np.float32)
     model = ov.Model([ops.relu(parameter)], [parameter])
-    target.set_runtime_options(model, QuantConfig(weights="int4", dynamic_int8=dynamic_int8))
+    ov_passes.set_runtime_options(model, QuantConfig(weights="int4", dynamic_int8=dynamic_int8))
     assert model.has_rt_info(["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"]) != dynamic_int8
     compiled = ov.Core().compile_model(model, "CPU")
     assert int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == group_size
@@ -238,7 +239,7 @@ def test_boolean_attention_mask_becomes_additive_with_the_same_results():
     feeds.append(np.tril(np.ones((1, 1, 5, 5), bool)))
     properties = {"INFERENCE_PRECISION_HINT": "f32"}
     expected = ov.Core().compile_model(model, "CPU", properties)(feeds)[0]
-    assert target.additive_attention_mask(model) == 1
+    assert ov_passes.additive_attention_mask(model) == 1
     assert attention.input_value(3).get_element_type() == ov.Type.f32
     np.testing.assert_array_equal(ov.Core().compile_model(model, "CPU", properties)(feeds)[0], expected)
 
@@ -277,7 +278,7 @@ def test_int4_weights_are_our_integers_and_scales(int4):
     artifact, canonical = int4
     lowered = ir.load(canonical)
     assert sum(node.op_type == "DequantizeLinear" for node in lowered.graph) == MERGED_LINEARS
-    assert target.unmerge_projections(lowered) == 8
+    assert unmerge_projections(lowered) == 8
     dequantize = [node for node in lowered.graph if node.op_type == "DequantizeLinear"]
     assert len(dequantize) == QUANTIZED_LINEARS
 
@@ -286,7 +287,7 @@ def test_int4_weights_are_our_integers_and_scales(int4):
 
     ours = {kind: Counter(output_major(node.inputs[index]) for node in dequantize)
             for kind, index in (("values", 0), ("scales", 1))}
-    model = ov.Core().read_model(artifact / target.MODEL_FILE)
+    model = ov.Core().read_model(artifact / files.MODEL_FILE)
     theirs = {kind: Counter(node.get_data().tobytes() for node in constants(model, element_type))
               for kind, element_type in (("values", ov.Type.i4), ("scales", ov.Type.f16))}
     assert theirs == ours
@@ -313,16 +314,16 @@ def test_weights_are_stored_output_major_with_the_same_logits(int4, tiny_checkpo
 
     float_graph = export_onnx(load_checkpoint(tiny_checkpoint("qwen2")))
     run_passes(float_graph, PASSES)
-    target.unmerge_projections(float_graph)
+    unmerge_projections(float_graph)
     _, canonical = int4
     int4_graph = ir.load(canonical)
-    target.unmerge_projections(int4_graph)
+    unmerge_projections(int4_graph)
     for graph, quantized in ((float_graph, 0), (int4_graph, QUANTIZED_LINEARS)):
         weighted = [node for node in graph.graph if node.op_type == "MatMul" and stored_weight(node)[0] is not None]
         input_major = sum(not stored_weight(node)[1] for node in weighted)
         assert input_major >= 2 * 7  # q, k, v, o, gate, up, down per layer; a tied head is [N, K] already
 
-        stats = run_passes(graph, [target.output_major_weights], verify=True)
+        stats = run_passes(graph, [onnx_rules.output_major_weights], verify=True)
         assert stats[0].logits_change <= 1e-5
         after = [node for node in graph.graph if node.op_type == "MatMul" and stored_weight(node)[0] is not None]
         assert len(after) == len(weighted)
@@ -335,21 +336,21 @@ def test_weights_are_stored_output_major_with_the_same_logits(int4, tiny_checkpo
 def test_int4_weights_take_4_5_bits_in_the_bin(int4):
     """32 int4 values and one fp16 scale per block; the .bin holds nothing else of size but the float weights."""
     artifact, _ = int4
-    model = ov.Core().read_model(artifact / target.MODEL_FILE)
+    model = ov.Core().read_model(artifact / files.MODEL_FILE)
     quantized = constants(model, ov.Type.i4)
     weights = sum(int(np.prod(node.get_output_shape(0))) for node in quantized)
     quantized_bytes = sum(node.get_byte_size() for node in [*quantized, *constants(model, ov.Type.f16)])
     assert quantized_bytes * 8 / weights == 4.5
     float_bytes = sum(node.get_byte_size() for node in constants(model, ov.Type.f32))
     assert float_bytes < 4.3e6  # the tied embedding / lm_head (4096 x 256 fp32) and the norms: none expanded
-    assert (artifact / target.WEIGHTS_FILE).stat().st_size < quantized_bytes + float_bytes + 64 * 1024
+    assert (artifact / files.WEIGHTS_FILE).stat().st_size < quantized_bytes + float_bytes + 64 * 1024
 
 
 def test_int4_runs_as_compressed_matmuls_and_matches_onnx_runtime(int4):
     """The CPU plugin multiplies by the int4 weights directly, and computes what ONNX Runtime computes from them."""
     artifact, canonical = int4
     weights = Counter(str(node.input_value(1).get_element_type())
-                      for node in runtime_layers(artifact, target.VALIDATION_PROPERTIES)
+                      for node in runtime_layers(artifact, runtime.VALIDATION_PROPERTIES)
                       if layer_type(node) == "FullyConnected")
     assert weights[str(ov.Type.i4)] == QUANTIZED_LINEARS
     import onnxruntime as ort
@@ -359,7 +360,7 @@ def test_int4_runs_as_compressed_matmuls_and_matches_onnx_runtime(int4):
     feeds |= {f"past_key_values.{layer}.{kind}": np.zeros((1, 2, 0, 32), np.float32)
               for layer in range(4) for kind in ("key", "value")}
     expected = ort.InferenceSession(canonical, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-    runner = target.Runner(nanoexport.Artifact.load(artifact))
+    runner = runtime.Runner(nanoexport.Artifact.load(artifact))
     assert np.abs(runner.forward(feeds)["logits"] - expected).max() < 2e-3  # measured 7e-4: fp16 scale rounding
 
 

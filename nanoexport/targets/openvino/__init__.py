@@ -38,7 +38,7 @@ def _lower(model, build) -> list[str]:
 
 
 def _runner(artifact):
-    from nanoexport.targets.openvino.lowering import Runner
+    from nanoexport.targets.openvino.runtime import Runner
 
     return Runner(artifact)
 
