@@ -65,20 +65,22 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def int4(tmp_path_factory) -> tuple[Path, Path]:
-    """The demo model exported with int4 weights, and the canonical graph its lowering received."""
+    """The demo model exported with int4 weights, and the canonical graph its target passes received."""
     folder, lock = shared_folder(tmp_path_factory, "openvino-int4")
     canonical = folder / "canonical.onnx"
     with lock:
         if not (folder / "demo-int4" / "manifest.json").is_file():
             folder.mkdir(exist_ok=True)
-            lower = lowering.lower
+            lowering_passes = lowering.lowering_passes
 
-            def keep_canonical_then_lower(model, build):
-                ir.save(model, canonical, external_data="canonical.onnx.data")
-                return lower(model, build)
+            def keep_canonical_first(build):
+                def keep_canonical(model):
+                    ir.save(model, canonical, external_data="canonical.onnx.data")
+
+                return [keep_canonical, *lowering_passes(build)]
 
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(lowering, "lower", keep_canonical_then_lower)
+                patch.setattr(lowering, "lowering_passes", keep_canonical_first)
                 nanoexport.export(target="openvino", out=folder / "demo-int4", progress=False,
                                   config=ExportConfig(quant=QuantConfig(weights="int4", block_size=32)))
     return folder / "demo-int4", canonical
