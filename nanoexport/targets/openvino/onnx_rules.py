@@ -16,7 +16,7 @@ from onnxscript.rewriter import pattern
 
 log = logging.getLogger(__name__)
 
-PAST_PREFIX = "past_key_values."
+PAST_PREFIX = "past_key_values."  # the canonical graph's cache inputs
 # Ops between the query's Reshape into heads and Attention that keep the head axis where it is.
 HEAD_PRESERVING_OPS = ("RMSNormalization", "Transpose", "RotaryEmbedding")
 

@@ -20,8 +20,8 @@ from openvino.passes import AnyInput, Manager, Matcher, MatcherPass, WrapType, c
 from nanoexport.calibration.blocks import NF4_CODEBOOK
 from nanoexport.config import QuantConfig
 from nanoexport.errors import NanoexportError
+from nanoexport.targets.openvino.onnx_rules import PAST_PREFIX
 
-PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 ATTENTION = "opset13.ScaledDotProductAttention"
 GATHERS = ["opset1.Gather", "opset7.Gather", "opset8.Gather"]
@@ -226,7 +226,9 @@ class NanGuardDropped(RewritePass):
 
     def rewrite(self, matched) -> bool:
         attention = matched[self.attention]
-        if matched[self.is_nan].get_node().input_value(0) != attention:  # a pattern node matches once only here
+        # The pattern leaves IsNaN's input open: OpenVINO's matcher does not check that a pattern node used
+        # twice matched one output.
+        if matched[self.is_nan].get_node().input_value(0) != attention:
             return False
         mask = attention.get_node().input_value(3)
         if mask not in self.clamped:

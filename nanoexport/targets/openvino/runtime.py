@@ -8,7 +8,8 @@ import openvino as ov
 
 from nanoexport.artifact import Artifact
 from nanoexport.targets.openvino.files import MODEL_FILE
-from nanoexport.targets.openvino.ov_passes import PAST_PREFIX, present_name
+from nanoexport.targets.openvino.onnx_rules import PAST_PREFIX
+from nanoexport.targets.openvino.ov_passes import present_name
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Validation measures our graph, so the CPU plugin computes as the reference does. Its defaults on this CPU
