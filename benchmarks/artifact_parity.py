@@ -115,9 +115,10 @@ def record(path: Path, patterns: list[str]) -> None:
                 print(f"{name}: error {results[name]['error']}", flush=True)
                 continue
             files = {entry["path"]: entry["sha256"] for entry in artifact.manifest["files"]}
-            # The demo model's path names the checkout it was exported from: compare the rest.
-            manifest = (artifact.path / "manifest.json").read_text().replace(str(Path(nanoexport.__file__).parent),
-                                                                              "<package>")
+            manifest = (artifact.path / "manifest.json").read_text()
+            # The demo model's path names the checkout, a tiny model's the scratch folder: compare the rest.
+            manifest = manifest.replace(str(Path(nanoexport.__file__).parent), "<package>")
+            manifest = manifest.replace(str(root), "<scratch>")
             files["manifest.json"] = hashlib.sha256(manifest.encode()).hexdigest()
             results[name] = {"target": target, "files": files}
             print(f"{name}: {len(files)} files", flush=True)

@@ -258,7 +258,7 @@ def openvino_graph(folder: Path) -> tuple[object, dict[str, str]]:
     The canonical graph (our passes, no target lowering) has standard ONNX ops only; the onnx target's
     com.microsoft GroupQueryAttention (17 inputs) is beyond OpenVINO's ONNX frontend (7 to 16). It is written
     to ``folder`` and shares the onnx artifact's node and weight names. Query heads are made static and the
-    decoder weights transposed (the openvino target's static_query_heads, and transpose_weights).
+    decoder weights transposed (the openvino target's static_heads, and transpose_weights).
     """
     import onnx_ir as ir
     import openvino as ov
@@ -266,11 +266,11 @@ def openvino_graph(folder: Path) -> tuple[object, dict[str, str]]:
     from nanoexport.capture.checkpoint import load_checkpoint
     from nanoexport.capture.onnx_export import export_onnx
     from nanoexport.passes import run_passes, select_passes
-    from nanoexport.targets.openvino import static_query_heads
+    from nanoexport.targets.openvino.onnx_rules import static_heads
 
     canonical = export_onnx(load_checkpoint(DEMO_MODEL))
     run_passes(canonical, select_passes())
-    static_query_heads(canonical)
+    static_heads(canonical)
     folder.mkdir()
     ir.save(canonical, folder / "model.onnx", external_data="model.onnx.data")
     model = onnx.load(str(folder / "model.onnx"))
