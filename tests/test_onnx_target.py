@@ -102,7 +102,7 @@ def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
     """
     import numpy as np
 
-    from nanoexport.targets.onnx.lowering import Runner
+    from nanoexport.targets.onnx.runtime import Runner
 
     config = nanoexport.ExportConfig()
     config.options["onnx"].padded_batches = False
