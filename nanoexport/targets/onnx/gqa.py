@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnx_ir.tape import Tape
 from onnxscript.rewriter import pattern
 
 from nanoexport.passes import GraphPass
@@ -268,31 +269,28 @@ def _use_group_query_attention(model: ir.Model, hf_config, windows, padded_batch
 def _cache_feeds(graph: ir.Graph, padded_batches: bool) -> CacheFeeds:
     """Insert the nodes computing ``CacheFeeds`` at the top of ``graph``; unused ones go with the unused nodes."""
     inputs = {value.name: value for value in graph.inputs}
-    nodes: list[ir.Node] = []
-
-    def add(op_type, node_inputs, **attributes) -> ir.Value:
-        nodes.append(ir.node(op_type, node_inputs, attributes=attributes))
-        return nodes[-1].outputs[0]
+    tape = Tape()  # records the nodes in creation order, inserted together once all are made
 
     def constant(array) -> ir.Value:
-        return add("Constant", [], value=ir.tensor(np.asarray(array)))
+        return tape.op("Constant", [], {"value": ir.tensor(np.asarray(array))})
 
     mask = inputs["attention_mask"]
-    batch = add("Shape", [mask], start=0, end=1)
-    tokens = add("Shape", [inputs["input_ids"]], start=1, end=2)
-    total_sequence_length = add("Cast", [add("Squeeze", [add("Shape", [mask], start=1, end=2)])], to=ir.DataType.INT32)
-    slot_bias = add("Where", [add("Cast", [mask], to=ir.DataType.BOOL), constant(np.float32(0)),
-                              constant(np.finfo(np.float32).min)])  # finite: a fully padded row stays a number
+    batch = tape.op("Shape", [mask], {"start": 0, "end": 1})
+    tokens = tape.op("Shape", [inputs["input_ids"]], {"start": 1, "end": 2})
+    slots = tape.op("Squeeze", [tape.op("Shape", [mask], {"start": 1, "end": 2})])
+    total_sequence_length = tape.op("Cast", [slots], {"to": ir.DataType.INT32})
+    slot_bias = tape.op("Where", [tape.op("Cast", [mask], {"to": ir.DataType.BOOL}), constant(np.float32(0)),
+                                  constant(np.finfo(np.float32).min)])  # finite: a fully padded row stays a number
     feeds = CacheFeeds(
         position_ids=inputs["position_ids"],
-        seqlens_k=add("Expand", [add("Sub", [total_sequence_length, constant(np.int32(1))]), batch]),
+        seqlens_k=tape.op("Expand", [tape.op("Sub", [total_sequence_length, constant(np.int32(1))]), batch]),
         total_sequence_length=total_sequence_length,
-        query_lengths=add("Cast", [add("Expand", [tokens, batch])], to=ir.DataType.INT32),
-        padding_bias=add("Expand", [add("Unsqueeze", [slot_bias, constant([1, 2])]),
-                                    add("Concat", [constant([1, 1]), tokens, constant([1])], axis=0)])
+        query_lengths=tape.op("Cast", [tape.op("Expand", [tokens, batch])], {"to": ir.DataType.INT32}),
+        padding_bias=tape.op("Expand", [tape.op("Unsqueeze", [slot_bias, constant([1, 2])]),
+                                        tape.op("Concat", [constant([1, 1]), tokens, constant([1])], {"axis": 0})])
         if padded_batches else None,
     )
-    graph.insert_before(graph.node(0), nodes)
+    graph.insert_before(graph.node(0), tape.nodes)
     return feeds
 
 
