@@ -44,7 +44,7 @@ def test_left_padded_batch_matches_pytorch(family, tiny_checkpoint, tmp_path):
     import numpy as np
     import torch
 
-    from nanoexport.targets.onnx.lowering import Runner
+    from nanoexport.targets.onnx.runtime import Runner
     from tiny_models import tiny_model
 
     artifact = nanoexport.export(tiny_checkpoint(family), out=tmp_path / family, progress=False)

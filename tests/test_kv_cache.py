@@ -5,7 +5,7 @@ import pytest
 import nanoexport
 from nanoexport.capture.checkpoint import SUPPORTED_FAMILIES
 from nanoexport.errors import NanoexportError
-from nanoexport.targets.onnx.lowering import Runner
+from nanoexport.targets.onnx.runtime import Runner
 from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
 
 STATIC = dict(kv_cache="static", max_context=96, verify_passes=True)

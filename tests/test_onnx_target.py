@@ -7,6 +7,8 @@ import onnx
 import pytest
 
 import nanoexport
+from nanoexport.errors import NanoexportError
+from nanoexport.targets.onnx import kernels
 
 
 def load_graph(artifact) -> onnx.GraphProto:
@@ -102,7 +104,7 @@ def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
     """
     import numpy as np
 
-    from nanoexport.targets.onnx.lowering import Runner
+    from nanoexport.targets.onnx.runtime import Runner
 
     config = nanoexport.ExportConfig()
     config.options["onnx"].padded_batches = False
@@ -133,3 +135,26 @@ def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
         logits.append(np.concatenate([prefill["logits"], step["logits"]], axis=1))
     assert np.abs(logits[0] - logits[1]).max() <= 1e-5
     assert nanoexport.validate(artifact, write=False).passed
+
+
+def test_verified_export_records_the_target_passes(demo_artifact):
+    """``verify_passes`` checks the onnx target's passes as the canonical ones: each logs its logits change."""
+    build_log = json.loads((demo_artifact.path / "build.json").read_text())
+    changes = {stat["name"]: stat["logits_change"] for stat in build_log["target_passes"]}
+    assert list(changes) == ["group_query_attention", "unmerge_projections", "ort_kernels"]
+    assert all(change is not None and change <= 1e-4 for change in changes.values()), changes
+
+
+class SkipRMSNormWithoutSkip(kernels.SkipRMSNorm):
+    """A broken rule: the fused kernel is given zeros for the skip addend, so the residual is lost."""
+
+    def rewrite(self, op, x, skip, weight, normalized, **_):
+        return super().rewrite(op, x, op.Sub(skip, skip), weight, normalized)
+
+
+def test_verification_stops_a_broken_target_rule(tiny_checkpoint, tmp_path, monkeypatch):
+    """A target rule that moves the logits stops a verified export, naming the target pass that ran it."""
+    monkeypatch.setattr(kernels, "SkipRMSNorm", SkipRMSNormWithoutSkip)
+    config = nanoexport.ExportConfig(verify_passes=True)
+    with pytest.raises(NanoexportError, match="pass ort_kernels changed the logits"):
+        nanoexport.export(tiny_checkpoint("llama"), out=tmp_path / "broken", config=config, progress=False)

@@ -16,6 +16,12 @@ from __future__ import annotations
 from nanoexport.targets import Target
 from nanoexport.targets.onnx.options import OnnxOptions
 
+# The artifact's files, named here for the writer, the runner and genai_config.json alike.
+MODEL_FILE = "model.onnx"
+PREFILL_FILE = "prefill.onnx"
+DECODE_FILE = "decode.onnx"
+WEIGHTS_FILE = "model.onnx.data"  # every graph's weights, one copy shared by prefill and decode
+
 
 def _passes(build):
     from nanoexport.targets.onnx.lowering import lowering_passes
@@ -30,7 +36,7 @@ def _lower(model, build) -> list[str]:
 
 
 def _runner(artifact):
-    from nanoexport.targets.onnx.lowering import Runner
+    from nanoexport.targets.onnx.runtime import Runner
 
     return Runner(artifact)
 
