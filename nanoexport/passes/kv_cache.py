@@ -52,10 +52,8 @@ def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None], c
             f"found {len(attentions)} Attention nodes for {len(windows)} layers; this graph is not in canonical form"
         )
     batch = inputs["input_ids"].shape[0]
-    cache_position = ir.Value(name="cache_position", shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
-    attention_mask = ir.Value(
-        name="attention_mask", shape=ir.Shape([batch, capacity]), type=ir.TensorType(ir.DataType.INT64)
-    )
+    cache_position = ir.val("cache_position", ir.DataType.INT64, [batch])
+    attention_mask = ir.val("attention_mask", ir.DataType.INT64, [batch, capacity])
     masks = {}
     for window in dict.fromkeys(windows):
         mask_nodes, masks[window] = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity,
