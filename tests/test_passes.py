@@ -146,6 +146,19 @@ def test_duplicate_initializers_are_merged(tmp_path):
     assert before - len(graph.graph.initializers) >= 7  # layer 1's q, k, v, o, gate, up and down weights
 
 
+def test_a_duplicate_initializer_that_is_a_graph_output_keeps_its_name():
+    import numpy as np
+
+    from nanoexport.passes import merge_duplicate_initializers
+
+    first, second = (ir.val(name, const_value=ir.tensor(np.ones(3, np.float32), name=name)) for name in "ab")
+    total = ir.node("Add", [first, second])
+    graph = ir.Graph([], [total.outputs[0], second], nodes=[total], initializers=[first, second],
+                     opset_imports={"": 23})
+    merge_duplicate_initializers(ir.Model(graph, ir_version=10))
+    assert [value.name for value in graph.outputs[1:]] == ["b"] and list(graph.initializers) == ["a", "b"]
+
+
 def test_no_op_casts_are_removed(tiny_checkpoint):
     graph = export_onnx(load_checkpoint(tiny_checkpoint("llama")))
     logits = graph.graph.outputs[0]

@@ -141,18 +141,24 @@ def eliminate_identity(model: ir.Model) -> None:
 
 
 def merge_duplicate_initializers(model: ir.Model) -> None:
-    """Let initializers with identical dtype, shape and bytes share one tensor."""
+    """Let initializers with identical dtype, shape and bytes share one tensor: the first in graph order.
+
+    Graph inputs and outputs keep their own tensor (merging an output would rename it). Hand-walked
+    because onnx-ir's ``DeduplicateHashedInitializersPass`` hashes ``numpy()`` in place, which fails on
+    the transposed weights ``fold_constants`` leaves as non-contiguous views (its unhashed sibling keeps
+    every tensor's bytes in memory); this copies one tensor at a time, and only a non-contiguous one.
+    """
     seen: dict[tuple, ir.Value] = {}
     for name, value in list(model.graph.initializers.items()):
         tensor = value.const_value
-        if tensor is None or value in model.graph.inputs:
+        if tensor is None or value.is_graph_input() or value.is_graph_output():
             continue
         data = np.ascontiguousarray(tensor.numpy())
         key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
         if key not in seen:
             seen[key] = value
             continue
-        value.replace_all_uses_with(seen[key], replace_graph_outputs=True)
+        value.replace_all_uses_with(seen[key])
         del model.graph.initializers[name]
 
 

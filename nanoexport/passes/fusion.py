@@ -172,8 +172,8 @@ def merge_projections(model: ir.Model) -> None:
         name = _merged_name([weight.name for weight in weights])
         merged = new_initializer(graph, name, np.concatenate([w.const_value.numpy() for w in weights], axis=1))
         sizes = new_initializer(graph, f"{name}/sizes", np.array([w.shape[1] for w in weights], np.int64))
-        matmul = ir.node("MatMul", [x, merged])
-        new_nodes, projection = [matmul], matmul.outputs[0]
+        tape = ir.tape.Tape()
+        projection = tape.op("MatMul", [x, merged])
         biased = [_bias_add(node) for node in nodes]
         if any(biased):
             dtype = weights[0].const_value.numpy().dtype
@@ -181,11 +181,10 @@ def merge_projections(model: ir.Model) -> None:
                 found[1].const_value.numpy() if found else np.zeros(weight.shape[1], dtype)
                 for found, weight in zip(biased, weights)
             ]))
-            new_nodes.append(ir.node("Add", [projection, bias]))
-            projection = new_nodes[-1].outputs[0]
-        split = ir.node("Split", [projection, sizes], attributes={"axis": -1}, num_outputs=len(nodes))
-        graph.insert_before(nodes[0], [*new_nodes, split])
-        for node, found, part in zip(nodes, biased, split.outputs):
+            projection = tape.op("Add", [projection, bias])
+        parts = tape.op_multi_out("Split", [projection, sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+        graph.insert_before(nodes[0], tape.nodes)
+        for node, found, part in zip(nodes, biased, parts):
             add = found[0] if found else None
             old = (add or node).outputs[0]
             part.shape, part.type = old.shape, old.type

@@ -14,6 +14,8 @@ in a sliding-window layer only the last ``window`` of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -50,10 +52,8 @@ def static_kv_cache(model: ir.Model, capacity: int, windows: list[int | None], c
             f"found {len(attentions)} Attention nodes for {len(windows)} layers; this graph is not in canonical form"
         )
     batch = inputs["input_ids"].shape[0]
-    cache_position = ir.Value(name="cache_position", shape=ir.Shape([batch]), type=ir.TensorType(ir.DataType.INT64))
-    attention_mask = ir.Value(
-        name="attention_mask", shape=ir.Shape([batch, capacity]), type=ir.TensorType(ir.DataType.INT64)
-    )
+    cache_position = ir.val("cache_position", ir.DataType.INT64, [batch])
+    attention_mask = ir.val("attention_mask", ir.DataType.INT64, [batch, capacity])
     masks = {}
     for window in dict.fromkeys(windows):
         mask_nodes, masks[window] = _visibility_mask(inputs["input_ids"], attention_mask, cache_position, capacity,
@@ -101,38 +101,38 @@ def _cache_concats(graph: ir.Graph) -> list[ir.Node]:
     return concats
 
 
-def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, window: int | None, circular: bool):
-    """Bool ``[batch, 1, sequence_length, capacity]``: which cache slots each query may attend to."""
-    nodes: list[ir.Node] = []
+def _visibility_mask(input_ids, attention_mask, cache_position, capacity: int, window: int | None,
+                     circular: bool) -> tuple[Sequence[ir.Node], ir.Value]:
+    """Bool ``[batch, 1, sequence_length, capacity]``: which cache slots each query may attend to.
 
-    def add(op_type, inputs, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes)
-        nodes.append(node)
-        return node.outputs[0]
+    Returns the nodes, in order and not yet in a graph, and the mask they compute.
+    """
+    tape = ir.tape.Tape()
 
     def constant(array) -> ir.Value:
-        return add("Constant", [], value=ir.tensor(np.asarray(array)))
+        return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(array))})
 
     slots = constant(np.arange(capacity, dtype=np.int64))
-    sequence = add("Squeeze", [add("Shape", [input_ids], start=1, end=2)])
-    offsets = add("Range", [constant(np.int64(0)), sequence, constant(np.int64(1))])
-    start = add("Unsqueeze", [cache_position, constant([1])])  # [batch, 1]
+    sequence = tape.op("Squeeze", [tape.op("Shape", [input_ids], attributes={"start": 1, "end": 2})])
+    offsets = tape.op("Range", [constant(np.int64(0)), sequence, constant(np.int64(1))])
+    start = tape.op("Unsqueeze", [cache_position, constant([1])])  # [batch, 1]
     # position of each query token: [batch, seq, 1]
-    query_positions = add("Unsqueeze", [add("Add", [start, offsets]), constant([2])])
+    query_positions = tape.op("Unsqueeze", [tape.op("Add", [start, offsets]), constant([2])])
     if circular:
         # After this call's writes, slot j holds the latest position <= last that is j modulo the capacity.
-        last = add("Sub", [add("Add", [start, sequence]), constant(np.int64(1))])  # [batch, 1]
-        back = add("Mod", [add("Sub", [last, slots]), constant(np.int64(capacity))])
-        slot_positions = add("Unsqueeze", [add("Sub", [last, back]), constant([1])])  # [batch, 1, capacity]
+        last = tape.op("Sub", [tape.op("Add", [start, sequence]), constant(np.int64(1))])  # [batch, 1]
+        back = tape.op("Mod", [tape.op("Sub", [last, slots]), constant(np.int64(capacity))])
+        slot_positions = tape.op("Unsqueeze", [tape.op("Sub", [last, back]), constant([1])])  # [batch, 1, capacity]
     else:
         slot_positions = slots
-    visible = add("LessOrEqual", [slot_positions, query_positions])  # causal: [batch, seq, capacity]
+    visible = tape.op("LessOrEqual", [slot_positions, query_positions])  # causal: [batch, seq, capacity]
     if window:
-        window_start = add("Sub", [query_positions, constant(np.int64(window))])
-        visible = add("And", [visible, add("Greater", [slot_positions, window_start])])
-    valid = add("Unsqueeze", [add("Cast", [attention_mask], to=ir.DataType.BOOL), constant([1])])
-    mask = add("Unsqueeze", [add("And", [visible, valid]), constant([1])])
-    return nodes, mask
+        window_start = tape.op("Sub", [query_positions, constant(np.int64(window))])
+        visible = tape.op("And", [visible, tape.op("Greater", [slot_positions, window_start])])
+    valid = tape.op("Unsqueeze", [tape.op("Cast", [attention_mask], attributes={"to": ir.DataType.BOOL}),
+                                  constant([1])])
+    mask = tape.op("Unsqueeze", [tape.op("And", [visible, valid]), constant([1])])
+    return tape.nodes, mask
 
 
 def specialize(model: ir.Model, sequence_length: int) -> None:
