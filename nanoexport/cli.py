@@ -245,9 +245,8 @@ def _inspect(args: argparse.Namespace) -> int:
             io.add_row(kind[:-1], value["name"], value["dtype"], str(value["shape"]))
     console.print(io)
     build_log = artifact.path / BUILD_LOG
-    seconds = {}
-    if build_log.is_file():
-        seconds = {entry["name"]: entry["seconds"] for entry in json.loads(build_log.read_text())["passes"]}
+    build = json.loads(build_log.read_text()) if build_log.is_file() else {}
+    seconds = {entry["name"]: entry["seconds"] for entry in build.get("passes", [])}
     passes = Table(title="passes")
     for column in ("pass", "nodes before", "nodes after", "seconds"):
         passes.add_column(column)
@@ -255,6 +254,15 @@ def _inspect(args: argparse.Namespace) -> int:
         took = f"{seconds[entry['name']]:.2f}" if entry["name"] in seconds else "-"
         passes.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]), took)
     console.print(passes)
+    if build.get("target_passes"):
+        lowering = Table(title=f"{artifact.target} lowering passes (build.json)")
+        for column in ("pass", "nodes before", "nodes after", "seconds", "logits moved"):
+            lowering.add_column(column)
+        for entry in build["target_passes"]:
+            moved = "-" if entry["logits_change"] is None else f"{entry['logits_change']:.2e}"
+            lowering.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]),
+                             f"{entry['seconds']:.2f}", moved)
+        console.print(lowering)
     quantization = artifact.manifest.get("quantization")
     if quantization:
         layers = Table(title=f"quantization: {quantization['bits_per_weight']} bits per quantized weight")

@@ -93,30 +93,8 @@ def export(
         with steps.step(f"write: {config.target}"):
             _write_tokenizer(checkpoint, folder)
             model_files = target.lower(graph, build)
-            write_manifest(
-                folder,
-                {
-                    "tool_versions": _tool_versions(),
-                    "target": config.target,
-                    "model_files": model_files,
-                    "source": {
-                        "name": checkpoint.name,
-                        "source": checkpoint.source,
-                        "family": checkpoint.family,
-                        "weights_sha256": checkpoint.weights_sha256,
-                        "parameters": sum(p.numel() for p in checkpoint.model.parameters()),
-                        "config": checkpoint.config.to_diff_dict(),
-                    },
-                    "config": config.manifest_view(),
-                    "io": io_signature(graph, checkpoint, cache),
-                    "passes": [
-                        {"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
-                        for s in pass_stats
-                    ],
-                    "quantization": quantization,
-                    "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
-                },
-            )
+            write_manifest(folder, _manifest_fields(graph, checkpoint, config, cache, model_files, pass_stats,
+                                                    quantization))
             write_json(folder / BUILD_LOG, {
                 "passes": [dataclasses.asdict(stat) for stat in pass_stats],
                 "target_passes": [dataclasses.asdict(stat) for stat in build.stats],
@@ -129,6 +107,30 @@ def export(
     artifact = Artifact.load(destination)
     artifact.checkpoint = checkpoint
     return artifact
+
+
+def _manifest_fields(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig, cache: KvCache,
+                     model_files: list[str], pass_stats: list, quantization: dict | None) -> dict[str, Any]:
+    """What the manifest says about the artifact beside its files: the hashed, reproducible description."""
+    return {
+        "tool_versions": _tool_versions(),
+        "target": config.target,
+        "model_files": model_files,
+        "source": {
+            "name": checkpoint.name,
+            "source": checkpoint.source,
+            "family": checkpoint.family,
+            "weights_sha256": checkpoint.weights_sha256,
+            "parameters": sum(p.numel() for p in checkpoint.model.parameters()),
+            "config": checkpoint.config.to_diff_dict(),
+        },
+        "config": config.manifest_view(),
+        "io": io_signature(graph, checkpoint, cache),
+        "passes": [{"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
+                   for s in pass_stats],
+        "quantization": quantization,
+        "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
+    }
 
 
 def _model_name(model: Any) -> str:

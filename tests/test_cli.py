@@ -76,6 +76,7 @@ def test_inspect_shows_io_and_passes(demo_artifact, capsys):
     fold = next(entry for entry in timings if entry["name"] == "fold_constants")
     assert fold["seconds"] > 0 and fold["logits_change"] is not None  # the fixture verifies every pass
     assert f"{fold['seconds']:.2f}" in out
+    assert "onnx lowering passes" in out and "group_query_attention" in out and "ort_kernels" in out
 
 
 @pytest.mark.parametrize("verb", [[], ["validate"], ["inspect"], ["targets"]])
