@@ -61,7 +61,7 @@ def _refuse_leftovers(model: ir.Model, op_types: tuple[str, ...], message: str) 
 
 class RotaryTable(pattern.RewriteRuleClassBase):
     """``Cos`` (or ``Sin``) of ``position * inv_freq`` -> a table of ``capacity`` rows, gathered by
-    ``positions`` and shaped like the angles' cosines were."""
+    ``positions`` and reshaped to the shape the function gave."""
 
     def __init__(self, name: str, function: str, capacity: int, positions: ir.Value):
         super().__init__(name)
@@ -100,9 +100,9 @@ def _inverse_frequencies(angles: ir.Value) -> np.ndarray | None:
 def rotary_tables(model: ir.Model, capacity: int) -> None:
     """``Cos``/``Sin`` of ``position * inv_freq`` -> tables of ``capacity`` rows gathered by ``position_ids``."""
     positions = next(value for value in model.graph.inputs if value.name == "position_ids")
-    apply_rules(pattern.RewriteRuleSet([RotaryTable.rule(f"{function} table", function=function, capacity=capacity,
-                                                         positions=positions) for function in ("Cos", "Sin")]),
-                model)
+    tables = [RotaryTable.rule(f"{function} table", function=function, capacity=capacity, positions=positions)
+              for function in ("Cos", "Sin")]
+    apply_rules(pattern.RewriteRuleSet(tables), model)
     _refuse_leftovers(model, ("Cos", "Sin"), "rotary angles at {node} are not position_ids * a constant frequency "
                                              "table; the qnn target supports the default rotary only")
 
