@@ -14,6 +14,8 @@ Each refuses, naming the node, what it cannot lower.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -24,6 +26,8 @@ from nanoexport.errors import NanoexportError
 from nanoexport.passes import GraphPass
 from nanoexport.passes.initializers import new_initializer
 from nanoexport.targets.qnn.rules import apply_rules, constant, keeps_own_name, named
+
+log = logging.getLogger(__name__)
 
 MASKED = -10000.0  # additive mask: exp underflows to 0 in fp16 too, unlike the float32 minimum (overflow)
 
@@ -102,7 +106,8 @@ def rotary_tables(model: ir.Model, capacity: int) -> None:
     positions = next(value for value in model.graph.inputs if value.name == "position_ids")
     tables = [RotaryTable.rule(f"{function} table", function=function, capacity=capacity, positions=positions)
               for function in ("Cos", "Sin")]
-    apply_rules(pattern.RewriteRuleSet(tables), model)
+    count = apply_rules(pattern.RewriteRuleSet(tables), model)
+    log.info("rotary_tables: %d tables", count)
     _refuse_leftovers(model, ("Cos", "Sin"), "rotary angles at {node} are not position_ids * a constant frequency "
                                              "table; the qnn target supports the default rotary only")
 
@@ -144,7 +149,8 @@ class RotaryAsArithmetic(pattern.RewriteRuleClassBase):
 def decompose_rotary(model: ir.Model) -> None:
     """``RotaryEmbedding`` (halves layout) -> Split, Mul, Sub, Add, Concat: QNN's own RotaryEmbedding gave
     wrong values on the HTP emulator (measured: 6.5 max-abs on the demo model's first layer)."""
-    apply_rules(pattern.RewriteRuleSet([RotaryAsArithmetic.rule()]), model)
+    count = apply_rules(pattern.RewriteRuleSet([RotaryAsArithmetic.rule()]), model)
+    log.info("decompose_rotary: %d rotaries", count)
     _refuse_leftovers(model, ("RotaryEmbedding",), "{node}: only whole-head, non-interleaved rotary on [batch, "
                                                    "heads, seq, head_dim] lowers to HTP yet; report the model")
 
@@ -253,6 +259,7 @@ class AttentionAsMatMuls(pattern.RewriteRuleClassBase):
 
 def decompose_attention(model: ir.Model) -> None:
     """``Attention`` -> MatMul, Softmax, MatMul; query heads grouped per key/value head instead of repeating keys."""
-    apply_rules(pattern.RewriteRuleSet([AttentionAsMatMuls.rule()]), model)
+    count = apply_rules(pattern.RewriteRuleSet([AttentionAsMatMuls.rule()]), model)
+    log.info("decompose_attention: %d attentions", count)
     _refuse_leftovers(model, ("Attention",), "{node}: causal, softcapped or multi-output Attention does not lower "
                                              "to HTP yet; report the model")

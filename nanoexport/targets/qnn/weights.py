@@ -9,6 +9,8 @@ block-wise int8 beside uint8 activations), also rounded again from our dequantiz
 
 from __future__ import annotations
 
+import logging
+
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
@@ -19,6 +21,8 @@ from nanoexport.calibration.blocks import expand_blocks
 from nanoexport.errors import NanoexportError
 from nanoexport.passes import lossy
 from nanoexport.targets.qnn.rules import apply_rules, constant, keeps_own_name, named
+
+log = logging.getLogger(__name__)
 
 LPBQ_LEVELS = 16  # block scale levels HTP computes right: it reads them as 4-bit
 
@@ -64,7 +68,8 @@ class HtpWeight(pattern.RewriteRuleClassBase):
 def weights_for_htp(model: ir.Model) -> None:
     """Blocked ``DequantizeLinear -> Cast`` weights -> the forms HTP computes right: int4 as LPBQ (block
     scales re-expressed, integers rounded again to them), int8 per output channel."""
-    apply_rules(pattern.RewriteRuleSet([HtpWeight.rule()]), model)
+    count = apply_rules(pattern.RewriteRuleSet([HtpWeight.rule()]), model)
+    log.info("weights_for_htp: %d weights", count)
     for node in model.graph:
         if _is_blocked_weight(node):
             raise NanoexportError(_refusal(node))
