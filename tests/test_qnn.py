@@ -19,7 +19,10 @@ import nanoexport
 from nanoexport.config import load_config
 from nanoexport.targets.qnn.options import QnnOptions
 from nanoexport.errors import NanoexportError
-from nanoexport.targets.qnn import lowering as qnn
+from nanoexport.targets.qnn import compile as qnn_compile
+from nanoexport.targets.qnn import parts as qnn_parts
+from nanoexport.targets.qnn import runtime as qnn_runtime
+from nanoexport.targets.qnn import weights as qnn_weights
 from nanoexport.validate.decoding import ArtifactDecoder, greedy, prompts_for
 
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
@@ -75,7 +78,7 @@ def parted(tmp_path_factory) -> Path:
 
 def _decoders(*artifacts: Path, backend: str) -> list[ArtifactDecoder]:
     kv_cache = json.loads((artifacts[0] / "manifest.json").read_text())["io"]["kv_cache"]
-    return [ArtifactDecoder(qnn.Runner(nanoexport.Artifact.load(path), backend=backend), kv_cache)
+    return [ArtifactDecoder(qnn_runtime.Runner(nanoexport.Artifact.load(path), backend=backend), kv_cache)
             for path in artifacts]
 
 
@@ -83,8 +86,8 @@ def test_graphs_are_static_w4a16_and_within_the_allowlist(exported):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["config"]["quant"]["weights"] == "int4" and manifest["config"]["quant"]["activations"] == "a16"
     for name, tokens in (("prefill", 16), ("decode", 1)):
-        model = ir.load(exported / qnn.GRAPHS[name])
-        assert {node.op_type for node in model.graph} <= qnn.HTP_OPS
+        model = ir.load(exported / qnn_parts.GRAPHS[name])
+        assert {node.op_type for node in model.graph} <= qnn_parts.HTP_OPS
         for value in [*model.graph.inputs, *model.graph.outputs]:
             assert value.shape.is_static(), value.name
         shapes = {value.name: list(value.shape) for value in [*model.graph.inputs, *model.graph.outputs]}
@@ -97,8 +100,8 @@ def test_graphs_are_static_w4a16_and_within_the_allowlist(exported):
 
 
 def test_validate_passes_on_onnxruntime_cpu(exported, monkeypatch):
-    monkeypatch.setattr(qnn, "Runner", functools.partial(qnn.Runner, backend="cpu"))
-    monkeypatch.setattr(qnn, "validation_notes", lambda artifact: [])
+    monkeypatch.setattr(qnn_runtime, "Runner", functools.partial(qnn_runtime.Runner, backend="cpu"))
+    monkeypatch.setattr(qnn_runtime, "validation_notes", lambda artifact: [])
     report = nanoexport.validate(exported, write=False)
     assert report.passed, [check for check in report.checks if not check.passed]
     checks = {check.name: check.value for check in report.checks}
@@ -108,9 +111,9 @@ def test_validate_passes_on_onnxruntime_cpu(exported, monkeypatch):
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_compiled_for_htp_and_every_node_runs_on_qnn(exported):
     files = json.loads((exported / "manifest.json").read_text())["model_files"]
-    for file_name in qnn.GRAPHS.values():
-        assert qnn.context_file(file_name) in files
-    runner = qnn.Runner(nanoexport.Artifact.load(exported), backend="htp")  # CPU fallback disabled
+    for file_name in qnn_parts.GRAPHS.values():
+        assert qnn_compile.context_file(file_name) in files
+    runner = qnn_runtime.Runner(nanoexport.Artifact.load(exported), backend="htp")  # CPU fallback disabled
     decoder = ArtifactDecoder(runner, json.loads(
         (exported / "manifest.json").read_text())["io"]["kv_cache"])
     logits = decoder.full_logits(list(range(1, 20)))
@@ -119,7 +122,7 @@ def test_compiled_for_htp_and_every_node_runs_on_qnn(exported):
 
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_htp_matches_cpu(exported):
-    note = qnn.validation_notes(nanoexport.Artifact.load(exported))[0]
+    note = qnn_runtime.validation_notes(nanoexport.Artifact.load(exported))[0]
     assert float(note.split("top-1 agreement ")[1].split()[0]) >= 0.9
 
 
@@ -128,7 +131,7 @@ def test_w8a8_runs_on_htp_with_per_channel_int8_and_validates(tmp_path_factory):
     """int8 weights go per output channel (HTP refuses block-wise int8 beside uint8 activations); the CPU
     runner keeps the QDQ graph's float ops (ONNX Runtime's uint8 integer fusion fails on it)."""
     folder = _export_once(tmp_path_factory, "qnn-w8a8", CONFIG, "--quant", "int8", "--activations", "a8")
-    model = ir.load(folder / qnn.GRAPHS["decode"])
+    model = ir.load(folder / qnn_parts.GRAPHS["decode"])
     weights = [node for node in model.graph if node.op_type == "DequantizeLinear" and node.inputs[0].dtype ==
                ir.DataType.INT8]
     assert weights and all(node.inputs[1].shape.rank() == 1 for node in weights)  # one scale per channel
@@ -142,7 +145,7 @@ def test_an_op_outside_the_allowlist_is_refused_by_name():
     hardmax = ir.node("Hardmax", [x], name="odd")
     graph = ir.Graph([x], hardmax.outputs, nodes=[hardmax], opset_imports={"": 23})
     with pytest.raises(NanoexportError, match="op Hardmax"):
-        qnn.check_ops(ir.Model(graph, ir_version=10), "decode")
+        qnn_parts.check_ops(ir.Model(graph, ir_version=10), "decode")
 
 
 def test_lpbq_weights_take_htp_levels_and_stay_close_to_our_int4():
@@ -155,10 +158,10 @@ def test_lpbq_weights_take_htp_levels_and_stay_close_to_our_int4():
     weight = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
     weight *= np.random.default_rng(1).uniform(0.1, 1.0, (256 // 32, 1, 64)).repeat(32, 0).reshape(256, 64)
     ours = rtn(weight, WeightFormat("int4", block_size=32))
-    integers, levels, channel = qnn.lpbq_weights(ours.values.astype(ml_dtypes.int4), ours.scales.astype(np.float32),
-                                                 block_size=32)
-    assert levels.min() >= 1 and levels.max() == qnn.LPBQ_LEVELS and integers.dtype == ml_dtypes.int4
-    np.testing.assert_allclose(channel * qnn.LPBQ_LEVELS, np.abs(ours.scales.astype(np.float32)).max(axis=0))
+    integers, levels, channel = qnn_weights.lpbq_weights(ours.values.astype(ml_dtypes.int4),
+                                                         ours.scales.astype(np.float32), block_size=32)
+    assert levels.min() >= 1 and levels.max() == qnn_weights.LPBQ_LEVELS and integers.dtype == ml_dtypes.int4
+    np.testing.assert_allclose(channel * qnn_weights.LPBQ_LEVELS, np.abs(ours.scales.astype(np.float32)).max(axis=0))
     lpbq = integers.astype(np.float32) * np.repeat(levels * channel, 32, axis=0)
 
     def error(approximation):
@@ -167,24 +170,48 @@ def test_lpbq_weights_take_htp_levels_and_stay_close_to_our_int4():
     assert error(lpbq) < 1.25 * error(ours.dequantize())
 
 
+
+def test_verification_names_a_broken_htp_rewrite(tiny_checkpoint, tmp_path, monkeypatch):
+    """--verify-passes runs the HTP graph rewrites on ONNX Runtime like the canonical passes: the ones that keep
+    the logits pass, and one whose mask no longer masks (a broken constant) is stopped by name."""
+    from nanoexport.capture.checkpoint import load_checkpoint
+    from nanoexport.capture.onnx_export import export_onnx
+    from nanoexport.passes import PASSES, run_passes, static_kv_cache_pass
+    from nanoexport.passes.kv_cache import specialize
+    from nanoexport.targets import Build
+    from nanoexport.targets.qnn import rewrites
+
+    model = export_onnx(load_checkpoint(tiny_checkpoint("llama")))
+    run_passes(model, [*PASSES, static_kv_cache_pass(32, [None, None], circular=False)])
+    specialize(model, 8)
+    broken = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    build = Build(nanoexport.ExportConfig(), None, None, tmp_path, verify=True)
+    build.run_passes(model, rewrites.htp_graph_passes(32), graph="prefill")
+    assert [stat.name for stat in build.stats] == ["prefill: rotary_as_tables", "prefill: decompose_rotary",
+                                                   "prefill: cache_as_new_rows", "prefill: attention_as_matmuls"]
+    assert all(stat.logits_change <= 1e-4 for stat in build.stats)
+    monkeypatch.setattr(rewrites, "MASKED", 0.0)
+    with pytest.raises(NanoexportError, match="pass cache_as_new_rows changed the logits"):
+        build.run_passes(broken, rewrites.htp_graph_passes(32), graph="prefill")
+
 # --- parts -------------------------------------------------------------------------------------------------
 
 
 def test_parts_are_listed_in_order_static_and_each_reads_its_own_weights(parted):
     manifest = json.loads((parted / "manifest.json").read_text())
-    listing = json.loads((parted / qnn.PARTS_FILE).read_text())
+    listing = json.loads((parted / qnn_parts.PARTS_FILE).read_text())
     parts = listing["parts"]
     assert listing["max_part_bytes"] == 5_000_000 and manifest["config"]["qnn"]["max_part_bytes"] == "5MB"
     assert [part["layers"] for part in parts] == [[0, 1], [2, 3]]
     assert manifest["model_files"][:7] == ["part0/prefill.onnx", "part0/decode.onnx", "part0/model.onnx.data",
                                            "part1/prefill.onnx", "part1/decode.onnx", "part1/model.onnx.data",
-                                           qnn.PARTS_FILE]
-    assert not (parted / qnn.WEIGHTS_FILE).exists()
+                                           qnn_parts.PARTS_FILE]
+    assert not (parted / qnn_parts.WEIGHTS_FILE).exists()
     for index, part in enumerate(parts):
         assert (parted / part["weights"]).stat().st_size <= 5_000_000
         for name, tokens in (("prefill", 16), ("decode", 1)):
             model = ir.load(parted / part["graphs"][name])
-            assert {node.op_type for node in model.graph} <= qnn.HTP_OPS
+            assert {node.op_type for node in model.graph} <= qnn_parts.HTP_OPS
             shapes = {value.name: list(value.shape) for value in [*model.graph.inputs, *model.graph.outputs]}
             assert all(isinstance(size, int) for shape in shapes.values() for size in shape), shapes
             first = "input_ids" if index == 0 else f"hidden_states.{part['layers'][0]}"
@@ -197,7 +224,7 @@ def test_parts_are_listed_in_order_static_and_each_reads_its_own_weights(parted)
             # Prefill and decode of a part read the part's one weights file, and only it.
             locations = {value.const_value.location for value in model.graph.initializers.values()
                          if isinstance(value.const_value, ir.ExternalTensor)}
-            assert locations == {qnn.WEIGHTS_FILE}
+            assert locations == {qnn_parts.WEIGHTS_FILE}
             assert part["io"][name]["inputs"][0]["name"] == first
 
 
@@ -211,8 +238,8 @@ def test_chained_parts_give_the_logits_and_tokens_of_one_graph_on_cpu(exported, 
 
 
 def test_validate_chains_the_parts_on_onnxruntime_cpu(parted, monkeypatch):
-    monkeypatch.setattr(qnn, "Runner", functools.partial(qnn.Runner, backend="cpu"))
-    monkeypatch.setattr(qnn, "validation_notes", lambda artifact: [])
+    monkeypatch.setattr(qnn_runtime, "Runner", functools.partial(qnn_runtime.Runner, backend="cpu"))
+    monkeypatch.setattr(qnn_runtime, "validation_notes", lambda artifact: [])
     report = nanoexport.validate(parted, write=False)
     assert report.passed, [check for check in report.checks if not check.passed]
 
@@ -223,7 +250,7 @@ def test_parts_compile_per_part_and_chain_on_htp_like_one_graph(exported, parted
     for part in ("part0", "part1"):
         for graph in ("prefill", "decode"):
             assert f"{part}/{graph}_ctx.onnx" in files
-    compile_report = json.loads((parted / qnn.COMPILE_REPORT).read_text())
+    compile_report = json.loads((parted / qnn_compile.COMPILE_REPORT).read_text())
     assert sorted(compile_report["seconds"]) == sorted(f"{part}/{graph}.onnx" for part in ("part0", "part1")
                                                        for graph in ("prefill", "decode"))
     # The same QDQ graphs on the same backend: whatever HTP computes, the cut does not change it.
@@ -233,14 +260,14 @@ def test_parts_compile_per_part_and_chain_on_htp_like_one_graph(exported, parted
 
 
 def test_a_part_limit_below_one_layer_is_refused_in_one_line(exported):
-    prefill = ir.load(exported / qnn.GRAPHS["prefill"])
-    assert qnn.plan_parts(prefill, 5_000_000, "5MB") == [range(0, 2), range(2, 4)]
-    assert qnn.plan_parts(prefill, 10**9, "1GB") == [range(0, 4)]
+    prefill = ir.load(exported / qnn_parts.GRAPHS["prefill"])
+    assert qnn_parts.plan_parts(prefill, 5_000_000, "5MB") == [range(0, 2), range(2, 4)]
+    assert qnn_parts.plan_parts(prefill, 10**9, "1GB") == [range(0, 4)]
     with pytest.raises(NanoexportError, match="less than one decoder layer") as error:
-        qnn.plan_parts(prefill, 100_000, "100kB")
+        qnn_parts.plan_parts(prefill, 100_000, "100kB")
     assert "\n" not in str(error.value) and "100kB" in str(error.value)
     with pytest.raises(NanoexportError, match="the embedding with the first layer"):
-        qnn.plan_parts(prefill, 4_300_000, "4.3MB")
+        qnn_parts.plan_parts(prefill, 4_300_000, "4.3MB")
 
 
 # --- SoC settings ------------------------------------------------------------------------------------------
@@ -251,9 +278,9 @@ def test_soc_settings_reach_the_manifest_and_the_compile_report(exported, parted
         manifest = json.loads((artifact / "manifest.json").read_text())
         assert manifest["config"]["qnn"]["soc_model"] == soc and manifest["config"]["qnn"]["htp_arch"] == "75"
         if HAS_QNN:
-            compile_report = json.loads((artifact / qnn.COMPILE_REPORT).read_text())
+            compile_report = json.loads((artifact / qnn_compile.COMPILE_REPORT).read_text())
             assert (compile_report["soc_model"], compile_report["htp_arch"]) == (soc, "75")
-    assert qnn.settings_of(nanoexport.Artifact.load(parted)).soc_model == "57"  # what the HTP runner passes
+    assert qnn_runtime.settings_of(nanoexport.Artifact.load(parted)).soc_model == "57"  # what the HTP runner passes
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -261,20 +288,20 @@ def test_soc_settings_reach_the_manifest_and_the_compile_report(exported, parted
     (dict(soc_model="0"), "not a QNN SoC id"),
     (dict(htp_arch="v75"), "choose one of 68, 69, 73, 75, 79, 81"),
     (dict(htp_arch="77"), "not an HTP architecture"),
-    (dict(max_part_bytes="lots"), "write it like 1GB"),
+    (dict(max_part_bytes="lots"), "--max-part-bytes 'lots' is not a size"),  # config.parse_size's message
     (dict(max_part_bytes="0"), "write it like 1GB"),
 ])
 def test_bad_soc_settings_are_refused_in_one_line(settings, message):
     with pytest.raises(NanoexportError, match=message) as error:
-        qnn.check_settings(QnnOptions(**settings))
+        qnn_compile.check_settings(QnnOptions(**settings))
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_a_soc_id_htp_cannot_create_is_refused():
-    assert qnn.check_settings(QnnOptions(soc_model="69", htp_arch="79", max_part_bytes="300MB")) == 300_000_000
+    assert qnn_compile.check_settings(QnnOptions(soc_model="69", htp_arch="79", max_part_bytes="300MB")) == 300_000_000
     with pytest.raises(NanoexportError, match="cannot create a device for --soc-model 80"):
-        qnn.check_settings(QnnOptions(soc_model="80"))
+        qnn_compile.check_settings(QnnOptions(soc_model="80"))
 
 
 def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
@@ -293,14 +320,14 @@ def test_shared_weights_put_prefill_and_decode_in_one_smaller_binary(exported, t
 
     folder = tmp_path / "shared"
     folder.mkdir()
-    for file_name in (*qnn.GRAPHS.values(), qnn.WEIGHTS_FILE):
+    for file_name in (*qnn_parts.GRAPHS.values(), qnn_parts.WEIGHTS_FILE):
         shutil.copy(exported / file_name, folder / file_name)
     settings = QnnOptions(share_weights=True)
-    written = qnn.compile_contexts(folder, [list(qnn.GRAPHS.values())], settings)
+    written = qnn_compile.compile_contexts(folder, [list(qnn_parts.GRAPHS.values())], settings)
     binaries = [name for name in written if name.endswith(".bin")]
     assert len(binaries) == 1
-    for file_name in qnn.GRAPHS.values():
-        context = ir.load(folder / qnn.context_file(file_name))
+    for file_name in qnn_parts.GRAPHS.values():
+        context = ir.load(folder / qnn_compile.context_file(file_name))
         (node,) = [node for node in context.graph if node.op_type == "EPContext"]
         assert node.attributes["ep_cache_context"].as_string() == binaries[0]
     separate = sum((exported / name).stat().st_size for name in os.listdir(exported) if name.endswith(".bin"))

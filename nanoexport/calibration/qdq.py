@@ -101,19 +101,12 @@ def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activati
                exclude: list[str]) -> int:
     """QuantizeLinear -> DequantizeLinear on each observed value, for its non-excluded quantizable
     consumers only; returns the number of pairs inserted."""
-    storage, data_type = ACTIVATION_TYPES[activations]
-    top = np.iinfo(storage).max
     values = {value.name: value for node in model.graph for value in node.inputs if value is not None}
     inserted = 0
-    for name, (low, high) in sorted(ranges.items()):
+    for name, value_range in sorted(ranges.items()):
         value = values[name]
-        scale = np.float32(max(high - low, 1e-8) / top)
-        zero_point = storage(np.clip(np.round(-low / scale), 0, top))
-        scale_value = new_initializer(model.graph, f"{name}.act_scale", np.array(scale, np.float32))
-        zero_value = new_initializer(model.graph, f"{name}.act_zero_point", np.array(zero_point, storage))
-        quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value])
-        dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value])
-        quantize.outputs[0].type, quantize.outputs[0].shape = ir.TensorType(data_type), value.shape
+        quantize, dequantize = qdq_pair(model.graph, value, value_range, activations, f"{name}.act_")
+        quantize.outputs[0].shape = value.shape
         dequantize.outputs[0].type, dequantize.outputs[0].shape = value.type, value.shape
         dequantize.outputs[0].name = f"{name}.qdq"
         consumers = [(node, index) for node, index in value.uses()
@@ -125,3 +118,22 @@ def insert_qdq(model: ir.Model, ranges: dict[str, tuple[float, float]], activati
         inserted += 1
     log.info("activation quantization: %d Q/DQ pairs (%s)", inserted, activations)
     return inserted
+
+
+def qdq_pair(graph: ir.Graph, value: ir.Value, value_range: tuple[float, float], activations: str,
+             prefix: str) -> tuple[ir.Node, ir.Node]:
+    """QuantizeLinear -> DequantizeLinear of ``value``, asymmetric per tensor over ``value_range`` to the
+    ``activations`` integer type, with its scale and zero point registered as ``{prefix}scale`` and
+    ``{prefix}zero_point``. The nodes are not in the graph yet: the caller places them, names them, and
+    points the readers it chooses at the DequantizeLinear's output."""
+    storage, data_type = ACTIVATION_TYPES[activations]
+    top = np.iinfo(storage).max
+    low, high = value_range
+    scale = np.float32(max(high - low, 1e-8) / top)
+    zero_point = np.array(np.clip(np.round(-low / scale), 0, top), storage)
+    scale_value = new_initializer(graph, f"{prefix}scale", np.array(scale, np.float32))
+    zero_value = new_initializer(graph, f"{prefix}zero_point", zero_point)
+    quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value])
+    dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value])
+    quantize.outputs[0].type = ir.TensorType(data_type)
+    return quantize, dequantize

@@ -18,8 +18,7 @@ What the lowering changes in the canonical graph, and why:
   the level that best reproduces our dequantized block, and our integers are rounded again to it (on the
   demo model: weight error 1.17x the canonical int4's). int8 weights become per output channel (the
   provider refuses block-wise int8 beside uint8 activations), also rounded again from our dequantized
-  weights. The activation Q/DQ that calibration put on the dequantized weights is dropped: HTP quantizes
-  the weight itself.
+  weights.
 - KV cache: HTP has no scatter into a graph input. Each layer attends over ``Concat(past, new rows)`` and
   ``present.{i}.key/value`` are only the new rows ``[1, kv_heads, tokens, head_dim]``; the host (our Runner,
   an app on the device) writes them into its buffer at ``cache_position``.
@@ -33,6 +32,12 @@ norms, the float ``lm_head``) runs in fp16 on HTP (SoC 60 and later).
 Inputs: ``input_ids``, ``position_ids`` ``[1, tokens]``, ``attention_mask`` ``[1, max_context]``,
 ``cache_position`` ``[1]`` (int64), ``past_key_values.{i}.key/value`` ``[1, kv_heads, max_context, head_dim]``.
 Outputs: ``logits`` ``[1, tokens, vocab]`` and the new rows ``present.{i}.key/value``.
+
+The package: ``lowering`` runs the steps in order; ``weights`` (LPBQ and per-channel int8), ``rewrites``
+(rotary, KV cache, attention), ``rules`` (how their rewrite rules keep the artifacts' names), ``activations``
+(quantized weight-MatMul outputs), ``parts`` (the files, whole or in parts), ``compile`` (QNN session
+options, SoC check, context binaries), ``runtime`` (the validation runner and notes), ``options`` (the
+``[qnn]`` settings).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def _check(config) -> None:
     if config.quant.weights == "none" or config.quant.activations == "none":
         raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
                               "--activations a16 (or leave both unset for W4A16)")
-    from nanoexport.targets.qnn.lowering import check_settings
+    from nanoexport.targets.qnn.compile import check_settings
 
     check_settings(config.options["qnn"])
 
@@ -72,13 +77,13 @@ def _lower(model, build) -> list[str]:
 
 
 def _runner(artifact):
-    from nanoexport.targets.qnn.lowering import Runner
+    from nanoexport.targets.qnn.runtime import Runner
 
     return Runner(artifact)
 
 
 def _notes(artifact) -> list[str]:
-    from nanoexport.targets.qnn.lowering import validation_notes
+    from nanoexport.targets.qnn.runtime import validation_notes
 
     return validation_notes(artifact)
 

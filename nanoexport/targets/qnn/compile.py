@@ -1,0 +1,136 @@
+"""Compiling the qnn graphs for HTP: session options for the QNN provider, the SoC check, EPContext models.
+
+When ``onnxruntime-qnn`` is installed, each graph is compiled by the QNN execution provider into an EPContext
+model (``*_ctx.onnx``) and its HTP context binary, for the SoC of ``--soc-model`` / ``--htp-arch``
+(recorded in ``qnn_compile.json``); with ``--share-weights``, a part's prefill and decode go into one binary
+holding their weights once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nanoexport.artifact import write_json
+from nanoexport.config import parse_size
+from nanoexport.errors import NanoexportError
+from nanoexport.targets.qnn.options import QnnOptions
+
+log = logging.getLogger(__name__)
+
+# What the provider's htp_arch option accepts (it ignores other values with a warning, measured on 2.7.0).
+HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
+COMPILE_REPORT = "qnn_compile.json"
+
+
+def check_settings(settings: QnnOptions) -> int:
+    """Refuse SoC and architecture values QNN would ignore or fail on; returns ``max_part_bytes`` in bytes."""
+    if not re.fullmatch(r"[0-9]+", settings.soc_model) or int(settings.soc_model) == 0:
+        raise NanoexportError(f"--soc-model {settings.soc_model!r} is not a QNN SoC id; give the SoC's number from "
+                              "the QNN SDK's list of Snapdragon devices, e.g. 57 (Snapdragon 8 Gen 3)")
+    if settings.htp_arch not in HTP_ARCHS:
+        raise NanoexportError(f"--htp-arch {settings.htp_arch!r} is not an HTP architecture QNN knows; choose one "
+                              f"of {', '.join(HTP_ARCHS)}")
+    limit = parse_size(settings.max_part_bytes, "--max-part-bytes")
+    if limit < 1:
+        raise NanoexportError(f"--max-part-bytes {settings.max_part_bytes!r} is not a size; write it like 1GB "
+                              "or 300MB")
+    if importlib.util.find_spec("onnxruntime_qnn") is not None:
+        _probe_device(settings)
+    return limit
+
+
+def _probe_device(settings: QnnOptions) -> None:
+    """One quantized MatMul on the HTP backend: QNN refuses an unknown SoC id only when it creates the device."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.ones((8, 4), np.int8), "w"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+                 numpy_helper.from_array(np.array(32768, np.uint16), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+             helper.make_node("QuantizeLinear", ["m", "s", "z"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    options = qnn_session_options(settings)
+    options.log_severity_level = 4  # the provider's own lines would break the one-line error below
+    try:
+        ort.InferenceSession(model.SerializeToString(), options)
+    except Exception:
+        raise NanoexportError(f"QNN's HTP backend cannot create a device for --soc-model {settings.soc_model} "
+                              f"(--htp-arch {settings.htp_arch}); give a SoC id from the QNN SDK's list of "
+                              "Snapdragon devices, e.g. 57 (Snapdragon 8 Gen 3)") from None
+
+
+def qnn_session_options(settings: QnnOptions, extra: dict[str, str] | None = None,
+                        provider: dict[str, str] | None = None):
+    """Session options that put every node on the QNN provider's HTP backend (for ``settings``' SoC) or fail;
+    ``extra``: session configuration entries, ``provider``: more provider options."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    _register_qnn(ort, onnxruntime_qnn)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in (extra or {}).items():
+        options.add_session_config_entry(key, value)
+    devices = [device for device in ort.get_ep_devices() if device.ep_name == "QNNExecutionProvider"]
+    options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+                                               "soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
+                                               **(provider or {})})
+    return options
+
+
+def _register_qnn(ort, onnxruntime_qnn) -> None:
+    if not any(device.ep_name == "QNNExecutionProvider" for device in ort.get_ep_devices()):
+        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+
+
+def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOptions) -> list[str]:
+    """EPContext model and HTP context binary per graph file (``graph_files``: per part, its graphs), or per
+    part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
+    written."""
+    import onnxruntime as ort
+
+    def files() -> set[str]:
+        return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+    before = files()
+    seconds = {}
+    sharing = {"enable_htp_weight_sharing": "1"} if settings.share_weights else {}
+    for part_files in graph_files:
+        for index, file_name in enumerate(part_files):
+            started = time.perf_counter()
+            entries = {"ep.context_enable": "1", "ep.context_embed_mode": "0",
+                       "ep.context_file_path": str(folder / context_file(file_name))}
+            if settings.share_weights:  # the part's last graph closes its shared binary
+                entries |= {"ep.share_ep_contexts": "1",
+                            "ep.stop_share_ep_contexts": "1" if index == len(part_files) - 1 else "0"}
+            try:
+                ort.InferenceSession(str(folder / file_name), qnn_session_options(settings, entries, sharing))
+            except Exception as error:  # the provider's message names the node it could not place or build
+                raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
+                    from None
+            seconds[file_name] = round(time.perf_counter() - started, 2)
+    written = sorted(files() - before)
+    write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
+                                         "share_weights": settings.share_weights, "seconds": seconds,
+                                         "files": written})
+    log.info("qnn: compiled for HTP (soc %s, v%s) in %s s", settings.soc_model, settings.htp_arch, seconds)
+    return [*written, COMPILE_REPORT]
+
+
+def context_file(file_name: str) -> str:
+    """The EPContext model the QNN provider compiles ``file_name`` into."""
+    return file_name.replace(".onnx", "_ctx.onnx")
