@@ -113,6 +113,7 @@ def record(path: Path, patterns: list[str]) -> None:
             except Exception as error:  # a case that fails is recorded as such, and compared like files
                 results[name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
                 print(f"{name}: error {results[name]['error']}", flush=True)
+                path.write_text(json.dumps(results, indent=1, sort_keys=True))
                 continue
             files = {entry["path"]: entry["sha256"] for entry in artifact.manifest["files"]}
             manifest = (artifact.path / "manifest.json").read_text()

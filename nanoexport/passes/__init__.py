@@ -214,12 +214,13 @@ def run_passes(
     on_pass: Callable[[str], None] | None = None,
     verify: bool = False,
     tolerance: float = 1e-4,
+    fix: str = "skip it with --skip-passes {name} and report the model",
 ) -> list[PassStats]:
     """Run ``passes`` in order on ``model`` (in place); returns time and node counts per pass.
 
     With ``verify``, the graph runs on ONNX Runtime before and after each pass on fixed inputs, and a
-    pass that moves the logits by more than ``tolerance`` stops the pipeline with its name (a ``lossy``
-    pass's change is recorded and logged instead).
+    pass that moves the logits by more than ``tolerance`` stops the pipeline with its name and ``fix``
+    (a ``lossy`` pass's change is recorded and logged instead).
     """
     runner = GraphRunner(model) if verify else None
     logits = runner.logits(model) if runner else None
@@ -240,7 +241,7 @@ def run_passes(
             elif stat.logits_change > tolerance:
                 raise NanoexportError(
                     f"pass {name} changed the logits by {stat.logits_change:.3g} (> {tolerance:g}); "
-                    f"skip it with --skip-passes {name} and report the model"
+                    + fix.format(name=name)
                 )
             logits = new_logits
         stats.append(stat)

@@ -22,7 +22,7 @@ def lowering_passes(build: Build) -> list[GraphPass]:
         return [unmerge_projections]  # ONNX Runtime runs a Split as copies
     passes = []
     if build.cache.form == "dynamic":
-        padded_batches = build.options("onnx").padded_batches
+        padded_batches = build.config.options["onnx"].padded_batches
         passes.append(group_query_attention_pass(build.checkpoint.config, build.cache.windows, padded_batches))
     # After GroupQueryAttention, which reads query, key and value packed.
     return [*passes, unmerge_projections, ort_kernels_pass(build.config.quant.dynamic_int8)]
