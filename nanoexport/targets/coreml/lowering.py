@@ -14,6 +14,9 @@ Weights: a ``MatMul`` by a constant ``[in, out]`` matrix becomes ``linear`` over
 ``constexpr_blockwise_shift_scale`` over the same integers and scales. An nf4 weight (codebook indices)
 becomes ``constexpr_lut_to_dense`` over the same indices and levels, scaled per block by
 ``constexpr_blockwise_shift_scale``.
+
+One file, longer than most: it is the table of ONNX op -> MIL converters (one short method each on
+``_Lowering``), which reads best as one list; splitting it by op family would scatter the shared dtype rules.
 """
 
 from __future__ import annotations
