@@ -13,7 +13,7 @@ the saved package (coremltools prediction on macOS, our MIL interpreter elsewher
 
 from __future__ import annotations
 
-from nanoexport.targets import Build, Target
+from nanoexport.targets import Target
 
 # Core ML computes in fp16, so the fp32 defaults (logits within 1e-4) cannot hold. Measured on the demo model
 # and the tiny test families: logits max-abs <= 0.013, cosine >= 0.99999, KV consistency <= 0.008, top-1
@@ -25,22 +25,11 @@ FP16_THRESHOLDS = {
 }
 
 
-def _lower(model, build: Build) -> list[str]:
-    from nanoexport.targets.coreml.package import lower
+def _package():
+    # Imported when used, so that listing targets and building the command line import no coremltools.
+    from nanoexport.targets.coreml import package
 
-    return lower(model, build)
-
-
-def _runner(artifact):
-    from nanoexport.targets.coreml.package import Runner
-
-    return Runner(artifact)
-
-
-def _notes(artifact) -> list[str]:
-    from nanoexport.targets.coreml.package import validation_notes
-
-    return validation_notes(artifact)
+    return package
 
 
 TARGET = Target(
@@ -49,8 +38,8 @@ TARGET = Target(
     install="pip install 'nanoexport[coreml]'",
     kv_cache_forms=("static",),  # Core ML states have a fixed shape
     split_prefill_decode=True,  # the package always holds the prefill and decode functions
-    lower=_lower,
-    runner=_runner,
+    lower=lambda model, build: _package().lower(model, build),
+    runner=lambda artifact: _package().Runner(artifact),
     validation_defaults=lambda config: dict(FP16_THRESHOLDS),
-    notes=_notes,
+    notes=lambda artifact: _package().validation_notes(artifact),
 )

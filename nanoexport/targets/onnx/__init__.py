@@ -23,22 +23,18 @@ DECODE_FILE = "decode.onnx"
 WEIGHTS_FILE = "model.onnx.data"  # every graph's weights, one copy shared by prefill and decode
 
 
-def _passes(build):
-    from nanoexport.targets.onnx.lowering import lowering_passes
+def _lowering():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.onnx import lowering
 
-    return lowering_passes(build)
-
-
-def _lower(model, build) -> list[str]:
-    from nanoexport.targets.onnx.lowering import lower
-
-    return lower(model, build)
+    return lowering
 
 
-def _runner(artifact):
-    from nanoexport.targets.onnx.runtime import Runner
+def _runtime():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.onnx import runtime
 
-    return Runner(artifact)
+    return runtime
 
 
 TARGET = Target(
@@ -46,8 +42,8 @@ TARGET = Target(
     runtime="onnxruntime",
     install="pip install onnxruntime",
     kv_cache_forms=("dynamic", "static", "sliding"),
-    passes=_passes,
-    lower=_lower,
-    runner=_runner,
+    passes=lambda build: _lowering().lowering_passes(build),
+    lower=lambda model, build: _lowering().lower(model, build),
+    runner=lambda artifact: _runtime().Runner(artifact),
     options=OnnxOptions,
 )

@@ -25,22 +25,18 @@ from __future__ import annotations
 from nanoexport.targets import Target
 
 
-def _passes(build):
-    from nanoexport.targets.openvino.lowering import lowering_passes
+def _lowering():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.openvino import lowering
 
-    return lowering_passes(build)
-
-
-def _lower(model, build) -> list[str]:
-    from nanoexport.targets.openvino.lowering import lower
-
-    return lower(model, build)
+    return lowering
 
 
-def _runner(artifact):
-    from nanoexport.targets.openvino.runtime import Runner
+def _runtime():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.openvino import runtime
 
-    return Runner(artifact)
+    return runtime
 
 
 TARGET = Target(
@@ -48,7 +44,7 @@ TARGET = Target(
     runtime="openvino",
     install="pip install 'nanoexport[openvino]'",
     kv_cache_forms=("stateful",),  # the canonical growing cache, held in the IR as ReadValue/Assign states
-    passes=_passes,
-    lower=_lower,
-    runner=_runner,
+    passes=lambda build: _lowering().lowering_passes(build),
+    lower=lambda model, build: _lowering().lower(model, build),
+    runner=lambda artifact: _runtime().Runner(artifact),
 )

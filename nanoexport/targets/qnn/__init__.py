@@ -64,28 +64,18 @@ def _check(config) -> None:
     check_settings(config.options["qnn"])
 
 
-def _passes(build):
-    from nanoexport.targets.qnn.lowering import lowering_passes
+def _lowering():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.qnn import lowering
 
-    return lowering_passes(build)
-
-
-def _lower(model, build) -> list[str]:
-    from nanoexport.targets.qnn.lowering import lower
-
-    return lower(model, build)
+    return lowering
 
 
-def _runner(artifact):
-    from nanoexport.targets.qnn.runtime import Runner
+def _runtime():
+    # Imported when used, so that listing targets and building the command line import no runtime.
+    from nanoexport.targets.qnn import runtime
 
-    return Runner(artifact)
-
-
-def _notes(artifact) -> list[str]:
-    from nanoexport.targets.qnn.runtime import validation_notes
-
-    return validation_notes(artifact)
+    return runtime
 
 
 TARGET = Target(
@@ -97,9 +87,9 @@ TARGET = Target(
     quant_defaults={"weights": "int4", "activations": "a16"},  # W4A16 unless the user chose
     validation_defaults=_validation_defaults,
     check=_check,
-    passes=_passes,
-    lower=_lower,
-    runner=_runner,
-    notes=_notes,
+    passes=lambda build: _lowering().lowering_passes(build),
+    lower=lambda model, build: _lowering().lower(model, build),
+    runner=lambda artifact: _runtime().Runner(artifact),
+    notes=lambda artifact: _runtime().validation_notes(artifact),
     options=QnnOptions,
 )
