@@ -67,7 +67,7 @@ def export(
 
     with Steps(progress) as steps, staging(destination, overwrite) as folder:
         with steps.step("capture: load checkpoint"):
-            checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+            checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
         with steps.step("passes") as detail:
@@ -105,7 +105,8 @@ def export(
         log.info("pass %s: %.2fs, %d -> %d nodes%s", stat.name, stat.seconds, stat.nodes_before, stat.nodes_after,
                  change)
     artifact = Artifact.load(destination)
-    artifact.checkpoint = checkpoint
+    # Validation's reference: a checkpoint read lazily has no weights in memory, so validation loads it.
+    artifact.checkpoint = None if checkpoint.lazy else checkpoint
     return artifact
 
 

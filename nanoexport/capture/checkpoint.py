@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from nanoexport.artifact import sha256_of
+from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
 from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,22 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 @dataclass
 class Checkpoint:
-    """A loaded model in fp32 eval mode, with where it came from and its tokenizer files."""
+    """A model in fp32 eval mode, with where it came from and its tokenizer files.
+
+    Read from safetensors, ``model`` has the architecture without the data (fake parameters) and ``weights``
+    reads each tensor from the files when asked; otherwise ``model`` holds the weights and ``weights`` is None.
+    """
 
     name: str
     source: str
     model: torch.nn.Module
     weights_sha256: str
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    weights: SafetensorsWeights | None = None
+
+    @property
+    def lazy(self) -> bool:
+        return self.weights is not None
 
     @property
     def config(self):
@@ -71,8 +81,12 @@ def check_architecture(model_type: str | None) -> None:
         raise NanoexportError(f"unsupported architecture {model_type!r}; supported model_type values: {supported}")
 
 
-def load_checkpoint(source: str | Path | torch.nn.Module) -> Checkpoint:
-    """Load ``source`` (folder, hub id or ``transformers`` model) as an fp32 model ready for export."""
+def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) -> Checkpoint:
+    """Load ``source`` (folder, hub id or ``transformers`` model) as an fp32 model ready for export.
+
+    ``lazy``: safetensors weights stay on disk until a stage reads them (see ``Checkpoint``), which is what
+    export wants; without it the model holds its weights and can run, which a reference model must.
+    """
     if isinstance(source, torch.nn.Module):
         return _from_module(source)
     folder = _resolve_folder(str(source))
@@ -85,7 +99,13 @@ def load_checkpoint(source: str | Path | torch.nn.Module) -> Checkpoint:
         raise NanoexportError(f"{config_path} is not valid JSON ({error}); fix or re-download the checkpoint")
     check_architecture(model_type)
     weight_files = _weight_files(folder)
-    model = _load_model(folder, use_safetensors=weight_files[0].suffix == ".safetensors")
+    weights = None
+    if weight_files[0].suffix == ".safetensors" and lazy:
+        weights = SafetensorsWeights(weight_files)
+        model = meta_model(_load_config(folder))
+        check_shapes(model, weights, folder)
+    else:
+        model = _load_model(folder, use_safetensors=weight_files[0].suffix == ".safetensors")
     tokenizer_files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
     if not tokenizer_files:
         log.warning("%s has no tokenizer files; the artifact will have no tokenizer", folder)
@@ -95,6 +115,7 @@ def load_checkpoint(source: str | Path | torch.nn.Module) -> Checkpoint:
         model=model,
         weights_sha256=_hash_files(weight_files),
         tokenizer_files=tokenizer_files,
+        weights=weights,
     )
 
 
@@ -158,6 +179,16 @@ def _check_safetensors(path: Path) -> None:
         raise NanoexportError(
             f"corrupt safetensors file {path}: truncated ({size} bytes, header needs {8 + header_size + end}); {fix}"
         )
+
+
+def _load_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NanoexportError(f"could not read the config of the checkpoint in {folder}: {first_line}") from None
 
 
 def _load_model(folder: Path, use_safetensors: bool) -> torch.nn.Module:

@@ -11,9 +11,12 @@ import logging
 import warnings
 
 import onnx_ir as ir
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.capture.weights import bind_weights, fold_weight_transposes
 from nanoexport.interface import io_names, kv_shape
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ def export_onnx(checkpoint: Checkpoint) -> ir.Model:
     """Export ``checkpoint`` to an in-memory ONNX model (opset 23) with explicit KV-cache I/O.
 
     Dimensions ``batch``, ``sequence_length``, ``past_sequence_length`` and
-    ``total_sequence_length`` stay symbolic. Weights are fp32.
+    ``total_sequence_length`` stay symbolic. Weights are fp32; a checkpoint with lazy ``weights`` is traced
+    without them and its initializers read the checkpoint's files when a later stage needs the bytes.
     """
     config = checkpoint.config
     num_layers = config.num_hidden_layers
@@ -88,10 +92,16 @@ def export_onnx(checkpoint: Checkpoint) -> ir.Model:
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
-            optimize=True,
+            optimize=False,  # below, once the weights are bound: folding reads them
             verbose=False,
         )
     model = program.model
+    if checkpoint.weights is not None:
+        bind_weights(model, checkpoint.model, checkpoint.weights)
+    fold_weight_transposes(model)
+    # What the exporter's optimize=True runs, on a graph whose weights are now readable (or lazy).
+    onnxscript.optimizer.optimize_ir(model)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
     _name_dimensions(model, num_layers)
     return model
 

@@ -1,0 +1,202 @@
+"""Checkpoint weights that stay on disk until a stage reads them, one tensor at a time.
+
+Capture traces the architecture with parameters that have shapes but no data (``meta_model``), so no float
+copy of the model exists during export. The traced graph's parameter initializers are then bound to the
+checkpoint's safetensors files (``bind_weights``): each becomes an ``onnx_ir.LazyTensor`` that reads its
+tensor when a pass, a quantizer or a writer asks for the bytes, widens bf16/fp16 to fp32 there, and keeps
+nothing afterwards. Weights the exporter transposes (every linear layer: ``x @ W.T``) become lazy transposed
+initializers, so the graph matches what the eager exporter folds, without holding the transposes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from nanoexport.errors import NanoexportError
+
+# safetensors dtype names -> bytes per element, for the sizes checked before anything is read
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+class SafetensorsWeights:
+    """The tensors of a (sharded) safetensors checkpoint by name: shape and dtype from the headers, data read
+    on demand, one tensor at a time, as float32."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        for path in files:
+            for name, entry in _header(path).items():
+                if name != "__metadata__":
+                    self.entries[name] = (path, entry["dtype"], tuple(entry["shape"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors as stored (bf16 checkpoints: 2 per parameter)."""
+        return sum(DTYPE_BYTES.get(dtype, 4) * int(np.prod(shape)) for _, dtype, shape in self.entries.values())
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a float32 array (read now; nothing is kept)."""
+        from safetensors import safe_open
+
+        path, dtype, _ = self.entries[name]
+        if dtype not in FLOAT_DTYPES:
+            raise NanoexportError(f"weight {name} in {path.name} is {dtype}, not a float type; "
+                                  "convert the checkpoint's weights to float")
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).to(torch.float32).numpy()
+
+
+def _header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(size))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (shapes, no data); buffers computed at
+    construction (rotary frequencies) stay real, as the trace needs their values."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, parameter: torch.nn.Parameter | None) -> None:
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = torch.nn.Parameter(parameter.data.to("meta"), requires_grad=False)
+        register(module, name, parameter)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def meta_model(hf_config) -> torch.nn.Module:
+    """The causal LM of ``hf_config`` in eval mode, its parameters fake CPU tensors without data: traceable
+    by torch.export like the real model, at the memory cost of its buffers only."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    # One fake mode for every parameter: torch.export traces in the mode its inputs carry, and real example
+    # inputs and buffers join it.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.nn.Parameter] = {}  # one fake per parameter, so tied weights stay tied
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                if id(parameter) not in fakes:
+                    fake = FakeTensor(mode, parameter.data, torch.device("cpu"))
+                    fakes[id(parameter)] = torch.nn.Parameter(fake, requires_grad=False)
+                module._parameters[name] = fakes[id(parameter)]
+    return model
+
+
+def is_fake(model: torch.nn.Module) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(parameter, FakeTensor) or isinstance(parameter.data, FakeTensor)
+               for parameter in model.parameters())
+
+
+def check_shapes(model: torch.nn.Module, weights: SafetensorsWeights, folder: Path) -> None:
+    """Every parameter the config implies exists in the checkpoint with the same shape; checked from the
+    headers, before anything is allocated or traced."""
+    for name, parameter in model.named_parameters():
+        key = _checkpoint_key(name, model, weights)
+        if key is None:
+            raise NanoexportError(f"the checkpoint in {folder} has no weight {name}, which its config.json implies; "
+                                  "the config and the weights belong to different models")
+        if tuple(parameter.shape) != weights.shape(key):
+            raise NanoexportError(f"weight {key} in {folder} is {list(weights.shape(key))} but config.json implies "
+                                  f"{list(parameter.shape)}; the config and the weights belong to different models")
+
+
+def _checkpoint_key(name: str, model: torch.nn.Module, weights: SafetensorsWeights) -> str | None:
+    """The checkpoint's name for parameter ``name``: as named, without or with the base model's prefix, or
+    the input embedding for an output head tied to it."""
+    prefix = f"{model.base_model_prefix}."
+    for key in (name, name.removeprefix(prefix), prefix + name):
+        if key in weights:
+            return key
+    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None and \
+            name.startswith(_module_path(model, model.get_output_embeddings())):
+        embedding_name = _module_path(model, model.get_input_embeddings()) + ".weight"
+        return _checkpoint_key(embedding_name, model, weights)
+    return None
+
+
+def _module_path(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(path for path, candidate in model.named_modules() if candidate is module)
+
+
+def bind_weights(graph: ir.Model, model: torch.nn.Module, weights: SafetensorsWeights,
+                 prefix: str = "model.") -> int:
+    """Point the traced ``graph``'s parameter initializers (named ``prefix`` + parameter name) at
+    ``weights``; returns how many were bound. Shapes were checked by ``check_shapes``."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under either name
+    bound = 0
+    for name, value in graph.graph.initializers.items():
+        parameter_name = name.removeprefix(prefix)
+        if parameter_name not in parameters:
+            continue
+        key = _checkpoint_key(parameter_name, model, weights)
+        value.const_value = ir.LazyTensor(_reader(weights, key), dtype=ir.DataType.FLOAT,
+                                          shape=ir.Shape(weights.shape(key)), name=name)
+        bound += 1
+    return bound
+
+
+def _reader(weights: SafetensorsWeights, key: str):
+    return lambda: ir.tensor(weights.read(key))
+
+
+def fold_weight_transposes(graph: ir.Model) -> int:
+    """``Transpose(W)`` of a 2-D initializer read only there -> an initializer holding ``W.T``, read from ``W``
+    when asked (lazily: nothing is computed here); returns how many. The value keeps the Transpose output's
+    name and the initializer takes its place, as the exporter's constant folding gives it. A weight read
+    elsewhere too (a tied embedding) keeps its Transpose, so it is stored once."""
+    folded = 0
+    for node in list(graph.graph):
+        if node.op_type != "Transpose" or not node.inputs[0].is_initializer():
+            continue
+        source = node.inputs[0]
+        if source.shape is None or source.shape.rank() != 2 or source.const_value is None:
+            continue
+        if len(source.uses()) != 1:  # a tied embedding: the head reads it transposed, the lookup as it is
+            continue
+        if list(node.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            continue
+        output = node.outputs[0]
+        rows, columns = source.shape
+        tensor = ir.LazyTensor(_transposer(source.const_value), dtype=source.dtype, shape=ir.Shape([columns, rows]),
+                               name=output.name)
+        replacement = ir.Value(name=output.name, shape=ir.Shape([columns, rows]), type=source.type,
+                               const_value=tensor)
+        output.replace_all_uses_with(replacement, replace_graph_outputs=True)
+        graph.graph.remove(node, safe=True)
+        graph.graph.register_initializer(replacement)
+        folded += 1
+    for name in [name for name, value in graph.graph.initializers.items() if not value.uses()
+                 and not value.is_graph_output()]:
+        del graph.graph.initializers[name]
+    return folded
+
+
+def _transposer(tensor):
+    return lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T))
