@@ -109,8 +109,8 @@ def main() -> None:
                 status = f"FAILED: {figures['failed']}" if "failed" in figures else ""
                 print(f"{name:14s} {tool:9s} {figures['seconds']:8.1f} s   peak RSS "
                       f"{figures['peak_rss_bytes'] / 2**20:8.0f} MiB = {figures['peak_rss_over_bf16']:.2f} x bf16 "
-                      f"({sizes['bf16_bytes'] / 2**20:.0f} MiB)   artifact {figures['artifact_bytes'] / 2**20:8.0f} MiB "
-                      f"{status}", flush=True)
+                      f"({sizes['bf16_bytes'] / 2**20:.0f} MiB)   artifact "
+                      f"{figures['artifact_bytes'] / 2**20:8.0f} MiB {status}", flush=True)
                 if args.scratch is None:
                     subprocess.run(["rm", "-rf", str(out)], check=False)
     write_results(args.json, {"quant": args.quant, "algo": args.algo}, results)

@@ -1,8 +1,8 @@
 """Block-wise weight quantization arithmetic: weight matrices ``[K, N]`` (input dim first), blocks along K.
 
-Everything here works on one matrix at a time, numpy in and out. A block holds ``block_size`` consecutive input rows of one
-output column and has one scale (and one zero point when asymmetric); a last partial block is allowed only
-when the caller pads.
+Everything here works on one matrix at a time, numpy in and out (torch inside, for every core). A block
+holds ``block_size`` consecutive input rows of one output column and has one scale (and one zero point when
+asymmetric); a last partial block is allowed only when the caller pads.
 """
 
 from __future__ import annotations
