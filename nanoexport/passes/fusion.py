@@ -14,7 +14,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
-from nanoexport.passes.initializers import new_initializer
+from nanoexport.passes.initializers import lazy_initializer, new_initializer
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ def _merged_name(names: list[str]) -> str:
     return ".".join([*parts[0][:prefix], "+".join(middles), *parts[0][len(parts[0]) - suffix :]])
 
 
+def _concatenation(parts: list[ir.TensorProtocol]):
+    """The merged weight when it is read: the parts side by side, read (from the checkpoint) only then."""
+    return lambda: ir.tensor(np.concatenate([part.numpy() for part in parts], axis=1))
+
+
 def merge_projections(model: ir.Model) -> None:
     """MatMuls of one input by several weight matrices -> one MatMul by the concatenated weights, then Split.
 
@@ -157,7 +162,8 @@ def merge_projections(model: ir.Model) -> None:
     instead of several small ones. A constant bias Add after a part (Qwen2's query, key and value) joins
     the merge as one Add of the concatenated biases before the Split, zeros for a part without one. Sibling
     MatMuls that share an input have no single root, which onnxscript's pattern matcher cannot anchor, so
-    this groups them by their input directly.
+    this groups them by their input directly. The merged weights are computed when read (by a quantizer or a
+    writer), one at a time: merging holds no weights in memory.
     """
     graph = model.graph
     siblings: dict[ir.Value, list[ir.Node]] = {}
@@ -170,7 +176,8 @@ def merge_projections(model: ir.Model) -> None:
             continue
         weights = [node.inputs[1] for node in nodes]
         name = _merged_name([weight.name for weight in weights])
-        merged = new_initializer(graph, name, np.concatenate([w.const_value.numpy() for w in weights], axis=1))
+        merged = lazy_initializer(graph, name, _concatenation([w.const_value for w in weights]), weights[0].dtype,
+                                  [weights[0].shape[0], sum(w.shape[1] for w in weights)])
         sizes = new_initializer(graph, f"{name}/sizes", np.array([w.shape[1] for w in weights], np.int64))
         tape = ir.tape.Tape()
         projection = tape.op("MatMul", [x, merged])
