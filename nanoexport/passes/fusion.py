@@ -183,7 +183,7 @@ def merge_projections(model: ir.Model) -> None:
         projection = tape.op("MatMul", [x, merged])
         biased = [_bias_add(node) for node in nodes]
         if any(biased):
-            dtype = weights[0].const_value.numpy().dtype
+            dtype = weights[0].dtype.numpy()  # not the weight's data: reading it would load it
             bias = new_initializer(graph, f"{name}/bias", np.concatenate([
                 found[1].const_value.numpy() if found else np.zeros(weight.shape[1], dtype)
                 for found, weight in zip(biased, weights)
