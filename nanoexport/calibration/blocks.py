@@ -1,8 +1,8 @@
 """Block-wise weight quantization arithmetic: weight matrices ``[K, N]`` (input dim first), blocks along K.
 
-Everything here works on one matrix at a time, numpy in and out (torch inside, for every core). A block
-holds ``block_size`` consecutive input rows of one output column and has one scale (and one zero point when
-asymmetric); a last partial block is allowed only when the caller pads.
+Everything here is numpy on one matrix at a time. A block holds ``block_size`` consecutive input rows of one
+output column and has one scale (and one zero point when asymmetric); a last partial block is allowed only
+when the caller pads.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 # The 16 NF4 levels (QLoRA): quantiles of a unit normal, scaled to [-1, 1], with an exact zero.
 NF4_CODEBOOK = np.array([
@@ -61,10 +60,17 @@ class QuantizedWeight:
     format: WeightFormat
 
     def dequantize(self) -> np.ndarray:
-        zero_points = None if self.zero_points is None else torch.from_numpy(self.zero_points.astype(np.float32))
-        values = _block_view(torch.from_numpy(self.values.astype(np.float32)), self.format.block_size)
-        weights = _dequantize(values, torch.from_numpy(self.scales.astype(np.float32)), zero_points, self.format)
-        return _rows(weights, self.values.shape[0]).numpy()
+        rows = self.values.shape[0]
+        scales = expand_blocks(self.scales.astype(np.float32), self.format.block_size, rows)
+        if self.format.dtype == "nf4":
+            return NF4_CODEBOOK[self.values] * scales
+        levels = self.values.astype(np.float32)
+        if self.zero_points is not None:
+            levels -= expand_blocks(self.zero_points.astype(np.float32), self.format.block_size, rows)
+        if self.format.scale_dtype == "fp16":
+            # DequantizeLinear computes in its scale's type: the product is rounded to fp16 (exact in fp32 first).
+            return (levels * scales).astype(np.float16).astype(np.float32)
+        return levels * scales
 
 
 def expand_blocks(per_block: np.ndarray, block_size: int, rows: int) -> np.ndarray:
@@ -72,122 +78,22 @@ def expand_blocks(per_block: np.ndarray, block_size: int, rows: int) -> np.ndarr
     return np.repeat(per_block, block_size, axis=0)[:rows]
 
 
-# The arithmetic below runs in torch, which spreads each elementwise step over every core; the numpy
-# functions are its interface for the quantizers that work in numpy (GPTQ row by row, AWQ, the budget).
-
-def _float_type(fmt: WeightFormat) -> torch.dtype:
-    return torch.float16 if fmt.scale_dtype == "fp16" else torch.float32
-
-
-def _stored_scale(scale: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
-    info = torch.finfo(_float_type(fmt))
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    stored = scale.abs().clamp(info.tiny, info.max).to(_float_type(fmt)).float()
-    return torch.copysign(stored, scale.float())
-
-
-def _block_view(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    rows, columns = weight.shape
-    blocks = -(-rows // block_size)
-    if blocks * block_size == rows:
-        return weight.reshape(blocks, block_size, columns)
-    padded = torch.zeros((blocks * block_size, columns), dtype=torch.float32)
-    padded[:rows] = weight
-    return padded.reshape(blocks, block_size, columns)
-
-
-@dataclass
-class _BlockExtremes:
-    """What the range of each block depends on, computed once for every candidate narrowing."""
-
-    magnitude: torch.Tensor  # largest |w| (nf4)
-    signed_max: torch.Tensor  # the value of largest magnitude, with its sign (symmetric)
-    minimum: torch.Tensor  # min(block, 0) (asymmetric)
-    maximum: torch.Tensor  # max(block, 0) (asymmetric)
-
-    @classmethod
-    def of(cls, blocks: torch.Tensor) -> _BlockExtremes:
-        index = blocks.abs().argmax(1, keepdim=True)
-        signed_max = torch.take_along_dim(blocks, index, 1)[:, 0]
-        return cls(signed_max.abs(), signed_max, blocks.amin(1).clamp(max=0), blocks.amax(1).clamp(min=0))
-
-
-def _range_scales(extremes: _BlockExtremes, fmt: WeightFormat, shrink: float | torch.Tensor = 1.0):
-    """Scales (and zero points) ``[blocks, N]``; the range arithmetic in float64, as the scale is then rounded
-    once to its stored type."""
-    low, high = fmt.levels
-    if fmt.dtype == "nf4":
-        return _stored_scale(extremes.magnitude.double() * shrink, fmt), None
-    if fmt.asymmetric:
-        minimum, maximum = extremes.minimum.double() * shrink, extremes.maximum.double() * shrink
-        scales = _stored_scale((maximum - minimum) / (high - low), fmt)
-        return scales, torch.clamp(torch.round(low - minimum / scales), low, high).float()
-    midpoint = (high + 1) // 2 if fmt.dtype == "uint4" else 0
-    scales = _stored_scale(extremes.signed_max.double() * shrink / (low - midpoint), fmt)
-    return scales, (torch.full_like(scales, midpoint) if midpoint else None)
-
-
-def _quantize(blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-              fmt: WeightFormat) -> torch.Tensor:
-    """``[blocks, block_size, N]`` weights -> integers of the same shape (codebook indices for nf4)."""
-    shifted = blocks / scales[:, None]
-    if fmt.dtype == "nf4":
-        return (shifted[..., None] - torch.from_numpy(NF4_CODEBOOK)).abs().argmin(-1).to(torch.uint8)
-    low, high = fmt.levels
-    if zero_points is not None:
-        shifted = shifted + zero_points[:, None]
-    return torch.clamp(torch.round(shifted), low, high).to(torch.int8 if low < 0 else torch.uint8)
-
-
-def _dequantize(values: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                fmt: WeightFormat) -> torch.Tensor:
-    """Integers ``[blocks, block_size, N]`` -> the weights DequantizeLinear gives, same shape."""
-    if fmt.dtype == "nf4":
-        return torch.from_numpy(NF4_CODEBOOK)[values.long()] * scales[:, None]
-    levels = values.float()
-    if zero_points is not None:
-        levels = levels - zero_points[:, None]
-    # DequantizeLinear computes in its scale's type: the product is rounded to fp16 (exact in fp32 first).
-    return (levels * scales[:, None]).to(_float_type(fmt)).float()
-
-
-def _rounding_error(blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                    fmt: WeightFormat, row_weight: torch.Tensor | None) -> torch.Tensor:
-    """Squared error of each block ``[blocks, N]`` rounded under ``scales``: ``_dequantize(_quantize(...))``
-    minus the weights, fused into in-place steps on one buffer (this is the hot loop of ``rtn``)."""
-    if fmt.dtype == "nf4":
-        error = _dequantize(_quantize(blocks, scales, zero_points, fmt), scales, zero_points, fmt) - blocks
-    else:
-        low, high = fmt.levels
-        error = blocks / scales[:, None]
-        if zero_points is not None:
-            error.add_(zero_points[:, None]).round_().clamp_(low, high).sub_(zero_points[:, None])
-        else:
-            error.round_().clamp_(low, high)
-        error = error.mul_(scales[:, None]).to(_float_type(fmt)).float().sub_(blocks)
-    error.square_()
-    if row_weight is not None:
-        error.mul_(row_weight)
-    return error.sum(1)
-
-
-def _rows(blocks: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[blocks, block_size, N]`` -> ``[rows, N]``, without the padding of a last partial block."""
-    return blocks.reshape(-1, blocks.shape[-1])[:rows]
-
-
-def _numpy(value: torch.Tensor | None) -> np.ndarray | None:
-    return None if value is None else value.numpy()
-
-
 def stored_scale(scale: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     """The scale as it will be stored (fp16 rounding included), never zero, as float32 for arithmetic."""
-    return _stored_scale(torch.from_numpy(np.asarray(scale, np.float64)), fmt).numpy()
+    dtype = np.float16 if fmt.scale_dtype == "fp16" else np.float32
+    scale = np.where(scale == 0, 1.0, scale)
+    smallest = np.finfo(dtype).tiny
+    stored = np.clip(np.abs(scale), smallest, np.finfo(dtype).max).astype(dtype).astype(np.float32)
+    return np.copysign(stored, scale)
 
 
 def block_view(weight: np.ndarray, block_size: int) -> np.ndarray:
     """``[K, N]`` -> ``[blocks, block_size, N]``, a last partial block padded with zeros."""
-    return _block_view(torch.from_numpy(np.asarray(weight, np.float32)), block_size).numpy()
+    rows, columns = weight.shape
+    blocks = -(-rows // block_size)
+    padded = np.zeros((blocks * block_size, columns), np.float32)
+    padded[:rows] = weight
+    return padded.reshape(blocks, block_size, columns)
 
 
 def block_range_scales(weight: np.ndarray, fmt: WeightFormat, shrink: np.ndarray | float = 1.0):
@@ -196,18 +102,36 @@ def block_range_scales(weight: np.ndarray, fmt: WeightFormat, shrink: np.ndarray
     Symmetric integers map the block's largest-magnitude value to the most negative level (-8 for int4),
     which has one more step than the positive side; asymmetric ones spread [min, max] over all levels.
     """
-    extremes = _BlockExtremes.of(_block_view(torch.from_numpy(np.asarray(weight, np.float32)), fmt.block_size))
-    shrink = torch.from_numpy(np.asarray(shrink, np.float64)) if isinstance(shrink, np.ndarray) else float(shrink)
-    scales, zero_points = _range_scales(extremes, fmt, shrink)
-    return scales.numpy(), _numpy(zero_points)
+    blocks = block_view(weight, fmt.block_size)
+    low, high = fmt.levels
+    if fmt.dtype == "nf4":
+        return stored_scale(np.abs(blocks).max(1) * shrink, fmt), None
+    if fmt.asymmetric:
+        minimum = np.minimum(blocks.min(1), 0) * shrink
+        maximum = np.maximum(blocks.max(1), 0) * shrink
+        scales = stored_scale((maximum - minimum) / (high - low), fmt)
+        zero_points = np.clip(np.round(low - minimum / scales), low, high)
+        return scales, zero_points
+    flat = blocks.transpose(0, 2, 1)
+    index = np.abs(flat).argmax(-1)
+    signed_max = np.take_along_axis(flat, index[..., None], -1)[..., 0]
+    midpoint = (high + 1) // 2 if fmt.dtype == "uint4" else 0
+    scales = stored_scale(signed_max * shrink / (low - midpoint), fmt)
+    return scales, (np.full(scales.shape, midpoint, np.float32) if midpoint else None)
 
 
 def quantize_with(weight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: WeightFormat):
     """Round ``weight`` to the nearest level under fixed per-block ``scales``/``zero_points``."""
-    zero = None if zero_points is None else torch.from_numpy(np.asarray(zero_points, np.float32))
-    blocks = _block_view(torch.from_numpy(np.asarray(weight, np.float32)), fmt.block_size)
-    values = _quantize(blocks, torch.from_numpy(np.asarray(scales, np.float32)), zero, fmt)
-    return _rows(values, weight.shape[0]).numpy()
+    rows = weight.shape[0]
+    full_scales = expand_blocks(scales, fmt.block_size, rows)
+    if fmt.dtype == "nf4":
+        normalized = weight / full_scales
+        return np.abs(normalized[..., None] - NF4_CODEBOOK).argmin(-1).astype(np.uint8)
+    low, high = fmt.levels
+    shifted = weight / full_scales
+    if zero_points is not None:
+        shifted = shifted + expand_blocks(zero_points, fmt.block_size, rows)
+    return np.clip(np.round(shifted), low, high).astype(np.int8 if low < 0 else np.uint8)
 
 
 def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = None,
@@ -217,23 +141,20 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
     The error of a block is the squared difference summed over its rows, weighted by ``importance`` (the mean
     squared activation of each input row) when given; with ``grid`` 1 the scale is the plain range.
     """
-    rows = weight.shape[0]
-    blocks = _block_view(torch.from_numpy(np.ascontiguousarray(weight, np.float32)), fmt.block_size)
-    row_weight = None
-    if importance is not None:
-        row_weight = _block_view(torch.from_numpy(np.asarray(importance, np.float32))[:, None], fmt.block_size)
-    extremes = _BlockExtremes.of(blocks)
-    best_error = best_scales = best_zero_points = None
+    weight = weight.astype(np.float32)
+    row_weight = np.ones(weight.shape[0], np.float32) if importance is None else importance.astype(np.float32)
+    best_error = best = None
     for shrink in np.linspace(1.0, 0.5, grid) if grid > 1 else [1.0]:
-        scales, zero_points = _range_scales(extremes, fmt, float(shrink))
-        block_error = _rounding_error(blocks, scales, zero_points, fmt, row_weight)
-        if best_error is None:
-            best_error, best_scales, best_zero_points = block_error, scales, zero_points
+        scales, zero_points = block_range_scales(weight, fmt, shrink)
+        values = quantize_with(weight, scales, zero_points, fmt)
+        error = QuantizedWeight(values, scales, zero_points, fmt).dequantize() - weight
+        block_error = block_view(error**2 * row_weight[:, None], fmt.block_size).sum(1)
+        if best is None:
+            best_error, best = block_error, (scales, zero_points)
             continue
         better = block_error < best_error
-        best_error = torch.where(better, block_error, best_error)
-        best_scales = torch.where(better, scales, best_scales)
-        if zero_points is not None:
-            best_zero_points = torch.where(better, zero_points, best_zero_points)
-    values = _rows(_quantize(blocks, best_scales, best_zero_points, fmt), rows)
-    return QuantizedWeight(values.numpy(), best_scales.numpy(), _numpy(best_zero_points), fmt)
+        best_error = np.where(better, block_error, best_error)
+        best = (np.where(better, scales, best[0]),
+                None if zero_points is None else np.where(better, zero_points, best[1]))
+    scales, zero_points = best
+    return QuantizedWeight(quantize_with(weight, scales, zero_points, fmt), scales, zero_points, fmt)
