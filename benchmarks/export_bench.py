@@ -47,11 +47,14 @@ def checkpoint_bytes(folder: Path) -> dict[str, int]:
 def run_measured(command: list[str]) -> dict:
     """Run ``command`` as a child; its wall seconds and peak RSS."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    error = process.stderr.read().decode(errors="replace").strip().splitlines()
-    process.stderr.close()
+    # stderr into a file, not a pipe: a chatty child (the builder logs every tensor) would fill a pipe nobody
+    # reads before wait4 returns, and block.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        log.seek(0)
+        error = log.read().decode(errors="replace").strip().splitlines()
     if os.waitstatus_to_exitcode(status) != 0:
         return {"failed": error[-1] if error else f"exit code {os.waitstatus_to_exitcode(status)}",
                 "seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
