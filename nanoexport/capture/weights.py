@@ -22,8 +22,6 @@ import torch
 
 from nanoexport.errors import NanoexportError
 
-# safetensors dtype names -> bytes per element, for the sizes checked before anything is read
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -44,10 +42,6 @@ class SafetensorsWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
-
-    def stored_bytes(self) -> int:
-        """Bytes of the tensors as stored (bf16 checkpoints: 2 per parameter)."""
-        return sum(DTYPE_BYTES.get(dtype, 4) * int(np.prod(shape)) for _, dtype, shape in self.entries.values())
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a float32 array (read now; nothing is kept)."""
@@ -105,13 +99,6 @@ def meta_model(hf_config) -> torch.nn.Module:
                     fakes[id(parameter)] = torch.nn.Parameter(fake, requires_grad=False)
                 module._parameters[name] = fakes[id(parameter)]
     return model
-
-
-def is_fake(model: torch.nn.Module) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return any(isinstance(parameter, FakeTensor) or isinstance(parameter.data, FakeTensor)
-               for parameter in model.parameters())
 
 
 def check_shapes(model: torch.nn.Module, weights: SafetensorsWeights, folder: Path) -> None:
