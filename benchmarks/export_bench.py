@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main() -> None:
                 runs.append(("builder", lambda out: export_builder(model, out)))
             for tool, export in runs:
                 out = scratch / f"{name}-{tool}"
+                shutil.rmtree(out, ignore_errors=True)  # a kept --scratch holds the last run's artifacts
                 figures = export(out)
                 figures["artifact_bytes"] = folder_bytes(out)
                 figures["peak_rss_over_bf16"] = round(figures["peak_rss_bytes"] / sizes["bf16_bytes"], 3)
@@ -115,7 +117,7 @@ def main() -> None:
                       f"({sizes['bf16_bytes'] / 2**20:.0f} MiB)   artifact "
                       f"{figures['artifact_bytes'] / 2**20:8.0f} MiB {status}", flush=True)
                 if args.scratch is None:
-                    subprocess.run(["rm", "-rf", str(out)], check=False)
+                    shutil.rmtree(out, ignore_errors=True)
     write_results(args.json, {"quant": args.quant, "algo": args.algo}, results)
 
 
