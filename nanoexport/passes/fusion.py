@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -218,6 +219,23 @@ def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     return add, bias
 
 
+def rebuilt_weight(op, weight: ir.Value, dequantized: ir.Value | None, cast: ir.Value | None,
+                   constant: Callable[[ir.Value], ir.Value], axis: int | None = None) -> ir.Value:
+    """In a rewrite, a weight matched as a float initializer, or as ``DequantizeLinear`` [-> ``Cast``] of
+    initializers, built again with each of its constants replaced by ``constant(value)``; ``axis``, when
+    given, replaces the DequantizeLinear's (a transposed layout blocks along the other axis)."""
+    if dequantized is None:
+        return constant(weight)
+    node = dequantized.producer()
+    attributes = {name: attr.value for name, attr in node.attributes.items()}
+    if axis is not None:
+        attributes["axis"] = axis
+    rebuilt = op.DequantizeLinear(*map(constant, node.inputs), **attributes)
+    if cast is not None:
+        rebuilt = op.Cast(rebuilt, to=cast.producer().attributes.get_int("to"))
+    return rebuilt
+
+
 class UnmergedProjection(pattern.RewriteRuleClassBase):
     """A Split of one MatMul by merged constant weights -> a MatMul per part, by its columns of the weights.
 
@@ -269,15 +287,7 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
                 array = value.const_value.numpy()[..., start:stop]  # biases [N]
                 return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
 
-            if dequantized is None:
-                part_weight = columns(weight)
-            else:
-                node = dequantized.producer()
-                attributes = {name: attr.value for name, attr in node.attributes.items()}
-                part_weight = op.DequantizeLinear(*map(columns, node.inputs), **attributes)
-                if cast is not None:
-                    part_weight = op.Cast(part_weight, to=cast.producer().attributes.get_int("to"))
-            outputs.append(op.MatMul(x, part_weight))
+            outputs.append(op.MatMul(x, rebuilt_weight(op, weight, dequantized, cast, columns)))
             if bias is not None:
                 outputs[-1] = op.Add(outputs[-1], columns(bias))
         for new, old in zip(outputs, (merged_bias or merged).uses()[0].node.outputs):

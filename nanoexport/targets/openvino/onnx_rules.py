@@ -14,6 +14,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
+from nanoexport.passes.fusion import rebuilt_weight
+
 log = logging.getLogger(__name__)
 
 PAST_PREFIX = "past_key_values."  # the canonical graph's cache inputs
@@ -152,15 +154,8 @@ class OutputMajorWeight(pattern.RewriteRuleClassBase):
             array = array.T if array.ndim == 2 else array
             return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.output_major")
 
-        if dequantized is None:
-            stored = output_major(weight)
-        else:
-            node = dequantized.producer()
-            attributes = {name: attr.value for name, attr in node.attributes.items()}
-            attributes["axis"] = 1 - attributes.get("axis", 1) % 2
-            stored = op.DequantizeLinear(*map(output_major, node.inputs), **attributes)
-            if cast is not None:
-                stored = op.Cast(stored, to=cast.producer().attributes.get_int("to"))
+        axis = None if dequantized is None else 1 - dequantized.producer().attributes.get_int("axis", 1) % 2
+        stored = rebuilt_weight(op, weight, dequantized, cast, output_major, axis)
         product_major = op.MatMul(x, op.Transpose(stored, perm=[1, 0]))
         product_major.shape, product_major.type = product.shape, product.type
         return product_major
