@@ -13,6 +13,7 @@ the graph takes a fixed count, then one-token steps), batch 1 without padding, o
 from __future__ import annotations
 
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,9 +52,10 @@ class KvCache:
 
     @classmethod
     def resolve(cls, requested: str, forms: tuple[str, ...], split: bool, max_context: int, prefill_chunk: int,
-                hf_config: Any, target: str) -> KvCache:
+                target: str) -> KvCache:
         """The form ``requested`` (empty: the target's default, or static when ``split``), checked against the
-        target's ``forms`` and the capacity and chunk settings; raises with the fix on a bad combination."""
+        target's ``forms`` and the capacity and chunk settings; raises with the fix on a bad combination.
+        Settings only, so it runs before capture; ``for_model`` adds the checkpoint's attention windows."""
         form = requested or ("static" if split else forms[0])
         if form not in forms:
             raise NanoexportError(f"target {target} cannot run a {form!r} KV cache; choose --kv-cache from "
@@ -66,9 +68,11 @@ class KvCache:
             if not 1 < prefill_chunk <= max_context:
                 raise NanoexportError(f"--prefill-chunk must be between 2 and --max-context ({max_context}), "
                                       f"not {prefill_chunk}")
-        windows = tuple(attention_windows(hf_config)) if hf_config is not None else ()
-        return cls(form, max_context if form in FIXED_FORMS else None, windows, split,
-                   prefill_chunk if split else None)
+        return cls(form, max_context if form in FIXED_FORMS else None, (), split, prefill_chunk if split else None)
+
+    def for_model(self, hf_config: Any) -> KvCache:
+        """This cache with each layer's attention window from the model's transformers config."""
+        return dataclasses.replace(self, windows=tuple(attention_windows(hf_config)))
 
 
 def kv_shape(config: Any) -> tuple[int, int]:

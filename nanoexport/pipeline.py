@@ -58,9 +58,10 @@ def export(
     _apply_target_defaults(config, target)
     check_config(config.quant)
     target.check(config)
-    # The form alone, before capture, so a bad setting costs nothing; the windows come with the checkpoint.
-    config.kv_cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
-                                      config.max_context, config.prefill_chunk, None, config.target).form
+    # Before capture, so a bad setting costs nothing; the attention windows come with the checkpoint.
+    cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
+                            config.max_context, config.prefill_chunk, config.target)
+    config.kv_cache = cache.form
     passes = select_passes(config.passes, config.skip_passes)
     name = _model_name(model)
     destination = Path(out or config.out or default_out(name, config.target))
@@ -79,8 +80,7 @@ def export(
                 quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, _folder_of(checkpoint),
                                         detail)
                 quantize_seconds = time.perf_counter() - started
-        cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
-                                config.max_context, config.prefill_chunk, checkpoint.config, config.target)
+        cache = cache.for_model(checkpoint.config)
         if cache.fixed:
             # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
             kv_pass = static_kv_cache_pass(cache.capacity, list(cache.windows), cache.circular)

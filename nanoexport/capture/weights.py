@@ -30,7 +30,6 @@ class SafetensorsWeights:
     on demand, one tensor at a time, as float32."""
 
     def __init__(self, files: list[Path]):
-        self.files = files
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         for path in files:
             for name, entry in _header(path).items():
