@@ -81,3 +81,35 @@ def test_export_holds_far_less_than_the_model_in_fp32(tmp_path, shard):
     # exporter's transposed copies; measured 2.6x here) fails it. Lazy capture measured 1.3x on this model.
     assert grown < 2 * fp32_bytes, \
         f"export grew by {grown / 2**20:.0f} MiB; the model is {fp32_bytes / 2**20:.0f} MiB in fp32"
+
+
+def test_checkpoint_weights_are_deduplicated_by_their_stored_bytes(tmp_path, monkeypatch):
+    """Two checkpoint tensors with the same bytes share one initializer, found from the stored bf16 bytes:
+    de-duplication widens no weight to float32."""
+    import onnx_ir as ir
+    from safetensors.torch import save_file
+
+    from nanoexport.capture.weights import SafetensorsWeights
+    from nanoexport.passes import merge_duplicate_initializers
+    from nanoexport.passes.initializers import FINGERPRINT
+
+    torch.manual_seed(0)
+    first, other = torch.randn(8, 4).to(torch.bfloat16), torch.randn(8, 4).to(torch.bfloat16)
+    save_file({"a": first, "b": first.clone()}, tmp_path / "one.safetensors")
+    save_file({"c": other, "d": first.clone().to(torch.float16)}, tmp_path / "two.safetensors")
+    weights = SafetensorsWeights([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 23})
+    for name in "abcd":
+        tensor = ir.LazyTensor(lambda name=name: ir.tensor(weights.read(name)), dtype=ir.DataType.FLOAT,
+                               shape=ir.Shape(weights.shape(name)), name=name)
+        tensor.meta[FINGERPRINT] = lambda name=name: weights.digest(name)
+        value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=tensor)
+        graph.register_initializer(value)
+        node = ir.node("Relu", [value])
+        graph.append(node)
+        graph.outputs.append(node.outputs[0])
+    monkeypatch.setattr(SafetensorsWeights, "read", lambda *_: pytest.fail("a weight was widened to dedupe"))
+    merge_duplicate_initializers(ir.Model(graph, ir_version=10))
+    # b repeats a's bytes; d has a's values but stored as fp16 (other bytes), so it stays, as does c.
+    assert sorted(graph.initializers) == ["a", "c", "d"]
+    assert [node.inputs[0].name for node in graph] == ["a", "a", "c", "d"]

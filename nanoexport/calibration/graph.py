@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.blocks import NF4_CODEBOOK, QuantizedWeight
-from nanoexport.passes.initializers import new_initializer
+from nanoexport.passes.initializers import new_initializer, register_tensor
 
 STORAGE_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "nf4": ml_dtypes.uint4}
 
@@ -90,7 +90,11 @@ def replace_weight(model: ir.Model, linear: Linear, quantized: QuantizedWeight) 
         return new_initializer(graph, f"{base}.{suffix}", array)
 
     scale_type = np.float16 if fmt.scale_dtype == "fp16" else np.float32
-    values = add("quant", stored(quantized.values).astype(STORAGE_TYPES[fmt.dtype]))
+    if fmt.bits == 4:
+        name = f"{base}.quant"
+        values = register_tensor(graph, packed_four_bit(name, stored(quantized.values), STORAGE_TYPES[fmt.dtype]))
+    else:
+        values = add("quant", stored(quantized.values).astype(STORAGE_TYPES[fmt.dtype]))
     scales = add("scale", stored(quantized.scales).astype(scale_type))
     nodes: list[ir.Node] = []
     if fmt.dtype == "nf4":
@@ -109,6 +113,17 @@ def replace_weight(model: ir.Model, linear: Linear, quantized: QuantizedWeight) 
     linear.initializer.replace_all_uses_with(weight)
     del graph.initializers[base]
     weight.name = f"{base}.dequantized"
+
+
+def packed_four_bit(name: str, values: np.ndarray, dtype: type) -> ir.PackedTensor:
+    """``values`` (int8/uint8 levels) as a 4-bit tensor held two to a byte, as ONNX stores them (first value in
+    the low nibble): unpacked, every int4 weight of a model would cost a byte until it is written."""
+    nibbles = np.ascontiguousarray(values).reshape(-1).view(np.uint8) & 0x0F
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    data_type = ir.DataType.INT4 if dtype is ml_dtypes.int4 else ir.DataType.UINT4
+    return ir.PackedTensor(packed, data_type, shape=values.shape, name=name)
 
 
 def _nf4_expansion(add, indices: ir.Value, scales: ir.Value, block_size: int, axis: int,

@@ -11,6 +11,8 @@ initializers, so the graph matches what the eager exporter folds, without holdin
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -21,8 +23,10 @@ import onnx_ir as ir
 import torch
 
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.initializers import FINGERPRINT
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+READ_PIECE = 1 << 24  # bytes read at a time when hashing or widening a tensor
 
 
 class SafetensorsWeights:
@@ -31,10 +35,14 @@ class SafetensorsWeights:
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self.byte_ranges: dict[str, tuple[int, int]] = {}  # where each tensor's bytes are in its file
         for path in files:
-            for name, entry in _header(path).items():
+            header, data_start = _header(path)
+            for name, entry in header.items():
                 if name != "__metadata__":
                     self.entries[name] = (path, entry["dtype"], tuple(entry["shape"]))
+                    begin, end = entry["data_offsets"]
+                    self.byte_ranges[name] = (data_start + begin, data_start + end)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -46,18 +54,45 @@ class SafetensorsWeights:
         """The tensor ``name`` as a float32 array (read now; nothing is kept)."""
         from safetensors import safe_open
 
-        path, dtype, _ = self.entries[name]
+        path, dtype, shape = self.entries[name]
         if dtype not in FLOAT_DTYPES:
             raise NanoexportError(f"weight {name} in {path.name} is {dtype}, not a float type; "
                                   "convert the checkpoint's weights to float")
+        widened = np.empty(shape, np.float32)
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name).to(torch.float32).numpy()
+            if len(shape) < 2:
+                widened[...] = handle.get_tensor(name).to(torch.float32).numpy()
+                return widened
+            # A few rows at a time, so the stored copy never exists whole beside the float32 one (a 150k x 1536
+            # embedding is 0.47 GB in bf16).
+            stored = handle.get_slice(name)
+            rows = max(1, READ_PIECE // max(1, widened[0].nbytes))
+            for start in range(0, shape[0], rows):
+                widened[start : start + rows] = stored[start : start + rows].to(torch.float32).numpy()
+        return widened
+
+    def digest(self, name: str) -> str:
+        """A digest of the tensor's stored dtype and bytes, read in pieces: equal digests, equal float32
+        tensors, found without widening anything."""
+        path, dtype, _ = self.entries[name]
+        begin, end = self.byte_ranges[name]
+        digest = hashlib.sha256(dtype.encode())
+        with path.open("rb") as handle:
+            handle.seek(begin)
+            for start in range(begin, end, READ_PIECE):
+                digest.update(handle.read(min(READ_PIECE, end - start)))
+        return digest.hexdigest()
 
 
-def _header(path: Path) -> dict:
+def _transposed_digest(source_digest) -> str:
+    return f"transposed:{source_digest()}"
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header, and where its tensor data starts (after the header's 8-byte size)."""
     with path.open("rb") as handle:
         (size,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(size))
+        return json.loads(handle.read(size)), 8 + size
 
 
 @contextlib.contextmanager
@@ -144,6 +179,7 @@ def bind_weights(graph: ir.Model, model: torch.nn.Module, weights: SafetensorsWe
         key = _checkpoint_key(parameter_name, model, weights)
         value.const_value = ir.LazyTensor(_reader(weights, key), dtype=ir.DataType.FLOAT,
                                           shape=ir.Shape(weights.shape(key)), name=name)
+        value.const_value.meta[FINGERPRINT] = functools.partial(weights.digest, key)
         bound += 1
     return bound
 
@@ -172,6 +208,9 @@ def fold_weight_transposes(graph: ir.Model) -> int:
         rows, columns = source.shape
         tensor = ir.LazyTensor(_transposer(source.const_value), dtype=source.dtype, shape=ir.Shape([columns, rows]),
                                name=output.name)
+        source_digest = source.const_value.meta.get(FINGERPRINT)
+        if source_digest is not None:
+            tensor.meta[FINGERPRINT] = functools.partial(_transposed_digest, source_digest)
         replacement = ir.Value(name=output.name, shape=ir.Shape([columns, rows]), type=source.type,
                                const_value=tensor)
         output.replace_all_uses_with(replacement, replace_graph_outputs=True)

@@ -8,7 +8,6 @@ that moved the logits.
 from __future__ import annotations
 
 import ast
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from onnxscript.rewriter.rules import common as basic_rules
 
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.fusion import fuse, merge_projections
+from nanoexport.passes.initializers import fingerprint
 from nanoexport.passes.kv_cache import static_kv_cache as rewrite_static_kv_cache
 from nanoexport.passes.verify import GraphRunner
 
@@ -145,16 +145,15 @@ def merge_duplicate_initializers(model: ir.Model) -> None:
 
     Graph inputs and outputs keep their own tensor (merging an output would rename it). Hand-walked
     because onnx-ir's ``DeduplicateHashedInitializersPass`` hashes ``numpy()`` in place, which fails on
-    the transposed weights ``fold_constants`` leaves as non-contiguous views (its unhashed sibling keeps
-    every tensor's bytes in memory); this copies one tensor at a time, and only a non-contiguous one.
+    the transposed weights ``fold_constants`` leaves as non-contiguous views, and would widen every
+    checkpoint weight to float32 to hash it; ``fingerprint`` hashes a checkpoint's stored bytes instead.
     """
-    seen: dict[tuple, ir.Value] = {}
+    seen: dict[str, ir.Value] = {}
     for name, value in list(model.graph.initializers.items()):
         tensor = value.const_value
         if tensor is None or value.is_graph_input() or value.is_graph_output():
             continue
-        data = np.ascontiguousarray(tensor.numpy())
-        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
+        key = fingerprint(tensor)
         if key not in seen:
             seen[key] = value
             continue

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 
+# Tensor metadata (``tensor.meta``, never serialized): a function giving a digest of the tensor's bytes without
+# materializing them as float32, set where weights are bound to a checkpoint (see capture/weights.py).
+FINGERPRINT = "nanoexport.fingerprint"
+
+
+def fingerprint(tensor: ir.TensorProtocol) -> str:
+    """A digest equal for two tensors exactly when their dtype, shape and bytes are equal."""
+    described = f"{tensor.dtype.name}{tuple(tensor.shape)}"
+    digest = tensor.meta.get(FINGERPRINT) if hasattr(tensor, "meta") else None  # not in TensorProtocol
+    if digest is not None:
+        return f"{described}:{digest()}"
+    data = np.ascontiguousarray(tensor.numpy())  # a transposed view is copied, one tensor at a time
+    return f"{described}:{hashlib.sha256(data.view(np.uint8)).hexdigest()}"
+
+
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as an initializer named ``name``; its shape and type come from the array."""
-    value = ir.val(name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    return register_tensor(graph, ir.Tensor(np.ascontiguousarray(array), name=name))
+
+
+def register_tensor(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` as an initializer under its own name, shape and type."""
+    value = ir.val(tensor.name, const_value=tensor)
     graph.register_initializer(value)
     return value
 
