@@ -83,31 +83,35 @@ def _nibbles(values: ir.Value) -> np.ndarray:
     return (integers + 8 if values.dtype == ir.DataType.INT4 else integers).astype(np.uint8)
 
 
-def _kernel_initializer(op, source: ir.Value, suffix: str, make: Callable[[], np.ndarray]) -> ir.Value:
+def _kernel_initializer(op, source: ir.Value, suffix: str, make: Callable[[], np.ndarray], dtype: ir.DataType,
+                        shape: list[int]) -> ir.Value:
     """The initializer ``{source.name}.{suffix}`` holding ``make()``, made once: a tied output head and the
-    embedding lookup read the same packed integers and scales rather than a copy each."""
+    embedding lookup read the same packed integers and scales rather than a copy each. It is computed when
+    written (or run), so the pass holds no second copy of the model's integers."""
     name = f"{source.name}.{suffix}"
     existing = source.graph.initializers.get(name) if source.graph is not None else None
     if existing is not None:
         return existing
-    return op.initializer(ir.tensor(np.ascontiguousarray(make())), name=name)
+    tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(make())), dtype=dtype, shape=ir.Shape(shape),
+                           name=name)
+    return op.initializer(tensor, name=name)
 
 
-def _packed_nibbles(op, values: ir.Value, block: int, by_output: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
+def _packed_nibbles(op, values: ir.Value, block: int, by_output: Callable[[np.ndarray], np.ndarray],
+                    columns: int, rows: int) -> ir.Value:
     """MatMulNBits' B: ``[N, blocks, block / 2]`` bytes, two integers each, low nibble first."""
     def pack() -> np.ndarray:
-        stored = by_output(_nibbles(values))
-        columns, rows = stored.shape
-        stored = stored.reshape(columns, rows // block, block)
+        stored = by_output(_nibbles(values)).reshape(columns, rows // block, block)
         return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
 
-    return _kernel_initializer(op, values, "nbits", pack)
+    return _kernel_initializer(op, values, "nbits", pack, ir.DataType.UINT8, [columns, rows // block, block // 2])
 
 
-def _float_scales(op, scales: ir.Value, by_output: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
+def _float_scales(op, scales: ir.Value, by_output: Callable[[np.ndarray], np.ndarray], columns: int,
+                  blocks: int) -> ir.Value:
     """The block scales as MatMulNBits takes them for float32 activations: ``[N, blocks]`` float32."""
-    return _kernel_initializer(op, scales, "nbits",
-                               lambda: by_output(scales.const_value.numpy().astype(np.float32)))
+    return _kernel_initializer(op, scales, "nbits", lambda: by_output(scales.const_value.numpy().astype(np.float32)),
+                               ir.DataType.FLOAT, [columns, blocks])
 
 
 class BlockwiseMatMul(pattern.RewriteRuleClassBase):
@@ -142,10 +146,10 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
         def by_output(array: np.ndarray) -> np.ndarray:  # [N, ...] whatever the stored layout
             return array if self.transposed else array.T
 
-        packed = _packed_nibbles(op, values, block, by_output)
-        columns, blocks = packed.const_value.shape[:2]
-        rows = values.const_value.shape[1 if self.transposed else 0]
-        inputs = [x, packed, _float_scales(op, scales, by_output)]
+        rows, columns = tuple(values.shape)[::-1] if self.transposed else tuple(values.shape)
+        blocks = rows // block
+        packed = _packed_nibbles(op, values, block, by_output, columns, rows)
+        inputs = [x, packed, _float_scales(op, scales, by_output, columns, blocks)]
         if zero_points is not None:
             points = by_output(_nibbles(zero_points))  # [N, blocks]
             padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
@@ -184,12 +188,12 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
         block = weight.producer().attributes.get_int("block_size")
         attributes = dict(gather_axis=0, quantize_axis=1, bits=4, block_size=block, _domain="com.microsoft")
         if zero_points is None and (self.cast or scales.dtype == ir.DataType.FLOAT):
-            packed = _packed_nibbles(op, values, block, by_output=lambda array: array)
-            vocab, hidden = values.const_value.shape
+            vocab, hidden = tuple(values.shape)
+            packed = _packed_nibbles(op, values, block, lambda array: array, vocab, hidden)
             # The kernel wants the bytes 2-D; ONNX Runtime folds this Reshape of an initializer at load.
             table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden // 2]))
-            return op.GatherBlockQuantized(table, indices, _float_scales(op, scales, lambda array: array),
-                                           **attributes)
+            scales = _float_scales(op, scales, lambda array: array, vocab, hidden // block)
+            return op.GatherBlockQuantized(table, indices, scales, **attributes)
         inputs = [values, indices, scales] + ([zero_points] if zero_points is not None else [])
         rows = op.GatherBlockQuantized(*inputs, **attributes)
         return op.Cast(rows, to=ir.DataType.FLOAT) if self.cast else rows
