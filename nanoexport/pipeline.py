@@ -88,9 +88,10 @@ def export(
                 pass_stats += run_passes(graph, [kv_pass], on_pass=detail, verify=config.verify_passes)
         build = Build(config, checkpoint, cache, folder, config.verify_passes)
         with steps.step(f"passes: {config.target} lowering") as detail:
-            build.on_pass = detail
+            build.detail = detail
             build.run_passes(graph, target.passes(build))
-        with steps.step(f"write: {config.target}"):
+        with steps.step(f"write: {config.target}") as detail:
+            build.detail = detail
             _write_tokenizer(checkpoint, folder)
             model_files = target.lower(graph, build)
             write_manifest(folder, _manifest_fields(graph, checkpoint, config, cache, model_files, pass_stats,

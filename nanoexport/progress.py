@@ -48,3 +48,34 @@ class Steps:
         if task is not None:
             self._progress.remove_task(task)
         log.info("%s: %.1fs", name, self.seconds[name])
+
+
+class Countdown:
+    """Counts ``total`` similar pieces of work (layers, tensors) and estimates the time left from the pace so
+    far: each piece updates the step's detail, and every tenth of the way is logged, so a CI log shows it too.
+    """
+
+    def __init__(self, what: str, total: int, detail: Callable[[str], None] | None = None):
+        self.what = what
+        self.total = total
+        self.detail = detail or (lambda _: None)
+        self.done = 0
+        self._started = time.perf_counter()
+        self._logged_tenths = 0
+
+    def advance(self, name: str = "") -> None:
+        """One more piece done; ``name`` says which."""
+        self.done += 1
+        elapsed = time.perf_counter() - self._started
+        left = elapsed / self.done * (self.total - self.done)
+        text = f"{self.what} {self.done}/{self.total}{f' {name}' if name else ''}, {_duration(left)} left"
+        self.detail(text)
+        tenths = self.done * 10 // max(self.total, 1)
+        if tenths > self._logged_tenths:
+            self._logged_tenths = tenths
+            log.info("%s (%s so far)", text, _duration(elapsed))
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -28,6 +28,7 @@ from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.graph import Linear, find_linears, replace_weight, scale_input, to_float16
 from nanoexport.config import QuantConfig, parse_size
 from nanoexport.errors import NanoexportError
+from nanoexport.progress import Countdown
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +161,17 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
     for plan in plans:
         if plan.weight_type == "fp16":
             to_float16(model, plan.linear)
+    countdown = Countdown(config.algo, len(quantized), report)
     if config.algo == "rtn" or not quantized:
-        for index, plan in enumerate(quantized, 1):
-            report(f"rtn {index}/{len(quantized)}")
+        for plan in quantized:
             replace_weight(model, plan.linear, rtn(plan.linear.matrix(), plan.format(config)))
+            countdown.advance(plan.linear.name)
         return
-    done = 0
     linears = [plan.linear for plan in quantized]
     sample_rows = AWQ_SAMPLE_ROWS if config.algo == "awq" else 0
     for group, statistics in capture_groups(model, linears, windows, sample_rows, config.seed):
         for linear in group:
             plan = by_layer[id(linear.matmul)]
-            done += 1
-            report(f"{config.algo} {done}/{len(quantized)}")
             stats = statistics[linear.input.name]
             weight, fmt = linear.matrix(), plan.format(config)
             if config.algo == "gptq":
@@ -185,6 +184,7 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
                 result, input_scale = awq(weight, stats.magnitude, stats.sample, fmt, stats.hessian)
                 replace_weight(model, linear, result)
                 scale_input(model, linear, input_scale)
+            countdown.advance(linear.name)
 
 
 def _plan_summary(plans: list[LayerPlan], config: QuantConfig) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class Build:
     cache: KvCache
     folder: Path
     verify: bool = False
-    on_pass: Callable[[str], None] | None = None
+    detail: Callable[[str], None] | None = None  # shows what the current step is doing (a pass, a tensor)
     stats: list[PassStats] = field(default_factory=list)
 
     def run_passes(self, model: ir.Model, passes: list[GraphPass], graph: str = "") -> None:
@@ -63,10 +63,26 @@ class Build:
         quantized_activations = self.config.quant.activations != "none"
         tolerance = self.config.validate.quantized_kv_max_abs if quantized_activations else 1e-4
         fix = f"--verify-passes stops here; report the model (the {self.config.target} target needs this pass)"
-        for stat in run_passes(model, passes, on_pass=self.on_pass, verify=self.verify, tolerance=tolerance,
+        for stat in run_passes(model, passes, on_pass=self.detail, verify=self.verify, tolerance=tolerance,
                                fix=fix):
             stat.name = f"{graph}: {stat.name}" if graph else stat.name
             self.stats.append(stat)
+
+    def save_onnx(self, model: ir.Model, path: Path, external_data: str | None = None) -> None:
+        """Write ``model`` to ``path``, its weights to the file ``external_data`` beside it when given: one
+        tensor at a time (a lazy weight is computed as it is written and not kept), counting them."""
+        import onnx_ir as ir
+
+        from nanoexport.progress import Countdown
+
+        countdown: Countdown | None = None
+
+        def written(tensor: ir.TensorProtocol, info) -> None:
+            nonlocal countdown
+            countdown = countdown or Countdown(f"writing {path.name}", info.total, self.detail)
+            countdown.advance()
+
+        ir.save(model, path, external_data=external_data, callback=written if external_data else None)
 
 
 def _no_passes(build: Build) -> list[GraphPass]:

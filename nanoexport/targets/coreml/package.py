@@ -47,7 +47,7 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     with tempfile.TemporaryDirectory() as scratch:
         # Each function specializes its own copy; reloaded copies leave the weights on disk until lowered.
         canonical = Path(scratch) / "canonical.onnx"
-        ir.save(model, canonical, external_data="canonical.onnx.data")
+        build.save_onnx(model, canonical, external_data="canonical.onnx.data")
 
         def functions() -> Iterator[tuple[str, Program]]:
             for function, length in zip(FUNCTIONS, (build.cache.prefill_chunk, 1)):

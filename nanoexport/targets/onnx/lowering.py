@@ -33,7 +33,7 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     if build.cache.split_prefill_decode:
         return _write_prefill_and_decode(model, build)
     genai_files = write_genai_files(model, build.folder, build.checkpoint) if build.cache.form == "dynamic" else []
-    ir.save(model, build.folder / MODEL_FILE, external_data=WEIGHTS_FILE)
+    build.save_onnx(model, build.folder / MODEL_FILE, external_data=WEIGHTS_FILE)
     return [MODEL_FILE, WEIGHTS_FILE, *genai_files]
 
 
@@ -42,7 +42,7 @@ def _write_prefill_and_decode(model: ir.Model, build: Build) -> list[str]:
     folder = build.folder
     # Reloaded copies are cheap (weights stay on disk) and their initializers keep pointing into the one
     # weights file, which each specialized graph then references rather than copies.
-    ir.save(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
+    build.save_onnx(model, folder / MODEL_FILE, external_data=WEIGHTS_FILE)
     kernels = ort_kernels_pass(build.config.quant.dynamic_int8)
     for name, file_name, sequence_length in (("prefill", PREFILL_FILE, build.cache.prefill_chunk),
                                              ("decode", DECODE_FILE, 1)):

@@ -27,7 +27,7 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     """Write ``model`` as a stateful OpenVINO IR plus the tokenizer IRs and configs into the build folder;
     returns the files."""
     with tempfile.TemporaryDirectory() as scratch:
-        ov_model = _read(model, Path(scratch))
+        ov_model = _read(model, Path(scratch), build)
         ov_passes.make_stateful(ov_model)
         ov_passes.broadcast_kv_heads(ov_model)
         ov_passes.additive_attention_mask(ov_model)
@@ -39,10 +39,10 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     return [*model_files, *files.write_tokenizers(build.folder), *files.write_configs(build.folder, build.checkpoint)]
 
 
-def _read(model: ir.Model, scratch: Path) -> ov.Model:
+def _read(model: ir.Model, scratch: Path, build: Build) -> ov.Model:
     """``model`` through OpenVINO's ONNX frontend (``Core.read_model``, which keeps our fp16 and NF4 weights)."""
     onnx_path = scratch / "canonical.onnx"
-    ir.save(model, onnx_path, external_data="canonical.onnx.data")
+    build.save_onnx(model, onnx_path, external_data="canonical.onnx.data")
     try:
         return ov.Core().read_model(onnx_path)
     except RuntimeError as error:

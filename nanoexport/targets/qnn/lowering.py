@@ -34,7 +34,7 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     limit = parse_size(settings.max_part_bytes, "--max-part-bytes")  # checked by check_settings
     # The shared weights file holds the HTP form; each reloaded graph keeps pointing into it.
     scratch = folder / "canonical.onnx"
-    ir.save(model, scratch, external_data=WEIGHTS_FILE)
+    build.save_onnx(model, scratch, external_data=WEIGHTS_FILE)
     graphs = {}
     for name in GRAPHS:
         graphs[name] = ir.load(scratch)
