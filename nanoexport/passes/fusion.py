@@ -283,9 +283,9 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
         bounds = np.cumsum([0, *sizes.const_value.numpy().tolist()]).tolist()
         outputs = []
         for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            def columns(value: ir.Value) -> ir.Value:  # weights [K, N], scales and zero points [K / block, N]
-                array = value.const_value.numpy()[..., start:stop]  # biases [N]
-                return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.part{part}")
+            def columns(value: ir.Value, part=part, start=start, stop=stop) -> ir.Value:
+                name = f"{value.name}.part{part}"
+                return op.initializer(_column_slice(value.const_value, start, stop, name), name=name)
 
             outputs.append(op.MatMul(x, rebuilt_weight(op, weight, dequantized, cast, columns)))
             if bias is not None:
@@ -296,6 +296,14 @@ class UnmergedProjection(pattern.RewriteRuleClassBase):
                 product = new.producer().inputs[0]
                 product.shape, product.type = old.shape, old.type
         return outputs
+
+
+def _column_slice(source: ir.TensorProtocol, start: int, stop: int, name: str) -> ir.LazyTensor:
+    """Columns ``start:stop`` of the last axis (of weights ``[K, N]``, scales and zero points ``[K / block, N]``,
+    biases ``[N]``), cut when the tensor is written: the merged weight is then the only copy held."""
+    shape = ir.Shape([*source.shape[:-1], stop - start])
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(source.numpy()[..., start:stop])),
+                         dtype=source.dtype, shape=shape, name=name)
 
 
 def unmerge_projections(model: ir.Model) -> int:
