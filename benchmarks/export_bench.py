@@ -10,6 +10,7 @@ Examples:
     python benchmarks/export_bench.py                                   # demo and Qwen2.5-0.5B, onnx
     python benchmarks/export_bench.py --models qwen2.5-1.5b phi3-mini --targets onnx openvino coreml qnn
     python benchmarks/export_bench.py --models qwen2.5-0.5b --quant none --builder no
+    python benchmarks/export_bench.py --models phi3-mini --keep-float ''   # the output head in int4 too
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def run_measured(command: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def export_ours(model: Path, out: Path, target: str, quant: str, algo: str) -> dict:
+def export_ours(model: Path, out: Path, target: str, quant: str, algo: str, keep_float: str | None) -> dict:
     flags = ["--quant", quant, "--algo", algo] if quant != "none" else []
+    if keep_float is not None and quant != "none":
+        flags += ["--keep-float", keep_float]
     if target == "qnn":
         flags += ["--max-context", "512", "--prefill-chunk", "64"]
     return run_measured([sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--target", target,
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=["onnx"])
     parser.add_argument("--quant", default="int4", help="weight type (default: int4); none for fp32")
     parser.add_argument("--algo", default="rtn", help="quantizer (default: rtn)")
+    parser.add_argument("--keep-float", help="our --keep-float (default: ours, the output head); '' quantizes it")
     parser.add_argument("--builder", choices=("auto", "no"), default="auto",
                         help="also run onnxruntime-genai's model builder (-p int4 -e cpu) when installed")
     parser.add_argument("--scratch", type=Path, help="keep checkpoints and artifacts here (default: a temp folder)")
@@ -98,7 +102,8 @@ def main() -> None:
         for name in args.models:
             model = checkpoint(name, scratch)
             sizes = checkpoint_bytes(model)
-            runs = [(target, lambda out, t=target: export_ours(model, out, t, args.quant, args.algo))
+            runs = [(target, lambda out, t=target: export_ours(model, out, t, args.quant, args.algo,
+                                                                      args.keep_float))
                     for target in args.targets]
             if run_builder and name != "demo":  # the builder needs a hub-style config the demo lacks
                 runs.append(("builder", lambda out: export_builder(model, out)))
@@ -108,17 +113,19 @@ def main() -> None:
                 figures = export(out)
                 figures["artifact_bytes"] = folder_bytes(out)
                 figures["peak_rss_over_bf16"] = round(figures["peak_rss_bytes"] / sizes["bf16_bytes"], 3)
+                figures["artifact_bits_per_weight"] = round(8 * figures["artifact_bytes"] / sizes["parameters"], 2)
                 results.append({"model": name, "tool": "nanoexport" if tool != "builder" else "model builder",
                                 "target": tool if tool != "builder" else "onnx", "quant": args.quant,
-                                "algo": args.algo, **sizes, **figures})
+                                "algo": args.algo, "keep_float": args.keep_float, **sizes, **figures})
                 status = f"FAILED: {figures['failed']}" if "failed" in figures else ""
                 print(f"{name:14s} {tool:9s} {figures['seconds']:8.1f} s   peak RSS "
                       f"{figures['peak_rss_bytes'] / 2**20:8.0f} MiB = {figures['peak_rss_over_bf16']:.2f} x bf16 "
                       f"({sizes['bf16_bytes'] / 2**20:.0f} MiB)   artifact "
-                      f"{figures['artifact_bytes'] / 2**20:8.0f} MiB {status}", flush=True)
+                      f"{figures['artifact_bytes'] / 2**20:8.0f} MiB "
+                      f"({figures['artifact_bits_per_weight']:.2f} bits/weight) {status}", flush=True)
                 if args.scratch is None:
                     shutil.rmtree(out, ignore_errors=True)
-    write_results(args.json, {"quant": args.quant, "algo": args.algo}, results)
+    write_results(args.json, {"quant": args.quant, "algo": args.algo, "keep_float": args.keep_float}, results)
 
 
 if __name__ == "__main__":
