@@ -283,3 +283,63 @@ def test_observers_narrow_heavy_tailed_ranges():
     low, high = float(sample.min()), float(sample.max())
     mse_low, mse_high = _mse_range(sample, low, high)
     assert low < mse_low < 0 < mse_high < high
+
+
+def _calibration(count: int = 3, length: int = 24) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 200, (count, length))
+
+
+def test_layerwise_capture_sees_what_the_whole_graph_sees(demo_graph):
+    """Left unquantized between layers, the segment-by-segment capture records the same inputs as one session
+    on the whole graph: the cuts, the prelude values and the residual stream carried between sessions are
+    right."""
+    from nanoexport.calibration.activations import capture_groups
+    from nanoexport.calibration.layerwise import capture_layers, segments
+
+    _, graph = demo_graph
+    linears = find_linears(graph)
+    windows = _calibration()
+    parts = segments(graph, linears)
+    assert len(parts) == 5 and all(part.linears for part in parts)  # the demo's 4 layers, then its (tied) head
+    assert parts[-1].end is None and [linear.transposed for linear in parts[-1].linears] == [True]
+    whole = {name: stats for _, group in capture_groups(graph, linears, windows, 0, 0) for name, stats in group.items()}
+    layered = {}
+    for group, statistics in capture_layers(graph, linears, windows, 0, 0):
+        assert {linear.input.name for linear in group} == set(statistics)
+        layered.update(statistics)
+    assert set(layered) == set(whole)
+    for name, stats in whole.items():
+        np.testing.assert_allclose(layered[name].gram, stats.gram, rtol=1e-4, atol=1e-4 * np.abs(stats.gram).max())
+        assert layered[name].tokens == stats.tokens
+
+
+def test_layerwise_capture_feeds_each_layer_the_quantized_layers_before_it(demo_graph, tmp_path):
+    """After the caller quantizes a layer, the next layer's inputs are computed through the quantized one, as
+    GPTQ orders it: layer 1's statistics then match a whole-graph capture with layer 0 quantized."""
+    from nanoexport.calibration.activations import capture_groups
+    from nanoexport.calibration.graph import replace_weight
+    from nanoexport.calibration.layerwise import capture_layers
+
+    _, float_graph = demo_graph
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    graph, reference = reload(float_graph, tmp_path / "a"), reload(float_graph, tmp_path / "b")
+    windows = _calibration()
+    fmt = WeightFormat("int4", 32)
+    layer_one = None
+    for index, (group, statistics) in enumerate(capture_layers(graph, find_linears(graph), windows, 0, 0)):
+        if index == 1:
+            layer_one = statistics
+            break
+        for linear in group:
+            replace_weight(graph, linear, rtn(linear.matrix(), fmt))
+    for linear in find_linears(reference):
+        if ".layers.0." in linear.name:
+            replace_weight(reference, linear, rtn(linear.matrix(), fmt))
+    whole = {name: stats for _, group in capture_groups(reference, find_linears(reference), windows, 0, 0)
+             for name, stats in group.items()}
+    plain = {name: stats for _, group in capture_groups(float_graph, find_linears(float_graph), windows, 0, 0)
+             for name, stats in group.items()}
+    for name, stats in layer_one.items():
+        scale = np.abs(whole[name].gram).max()
+        np.testing.assert_allclose(stats.gram, whole[name].gram, rtol=1e-4, atol=1e-4 * scale)
+        assert np.abs(stats.gram - plain[name].gram).max() > 1e-3 * scale  # quantizing layer 0 did change them

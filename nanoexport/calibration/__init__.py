@@ -21,11 +21,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.calibration import qdq
-from nanoexport.calibration.activations import capture_groups
 from nanoexport.calibration.algorithms import awq, gptq
 from nanoexport.calibration.blocks import WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.graph import Linear, find_linears, replace_weight, scale_input, to_float16
+from nanoexport.calibration.layerwise import capture_layers
 from nanoexport.config import QuantConfig, parse_size
 from nanoexport.errors import NanoexportError
 from nanoexport.progress import Countdown
@@ -169,7 +169,7 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
         return
     linears = [plan.linear for plan in quantized]
     sample_rows = AWQ_SAMPLE_ROWS if config.algo == "awq" else 0
-    for group, statistics in capture_groups(model, linears, windows, sample_rows, config.seed):
+    for group, statistics in capture_layers(model, linears, windows, sample_rows, config.seed):
         for linear in group:
             plan = by_layer[id(linear.matmul)]
             stats = statistics[linear.input.name]

@@ -8,7 +8,7 @@ and dropped before the next group is captured, so memory stays bounded however l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,23 +56,31 @@ class ModelSession:
             for value in added_inputs:
                 model.graph.inputs.remove(value)
                 model.graph.register_initializer(moved[value.name])
-        self.cache_inputs = [
-            (value.name, value.shape[1], value.shape[3])
-            for value in model.graph.inputs
-            if value.name.startswith("past_key_values.")
-        ]
+        self.cache_inputs = cache_inputs(model)
 
     def run(self, tokens: np.ndarray, names: list[str], extra_feeds: dict[str, np.ndarray] | None = None):
         """Outputs ``names`` for one window ``tokens`` (1-D), fed after an empty growing cache."""
-        length = len(tokens)
-        feeds = {
-            "input_ids": tokens[None].astype(np.int64),
-            "attention_mask": np.ones((1, length), np.int64),
-            "position_ids": np.arange(length, dtype=np.int64)[None],
-        }
-        for name, heads, head_dim in self.cache_inputs:
-            feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
-        return self.session.run(names, {**feeds, **(extra_feeds or {})})
+        return self.session.run(names, {**window_feeds(self.cache_inputs, tokens), **(extra_feeds or {})})
+
+
+def cache_inputs(model: ir.Model) -> list[tuple[str, int, int]]:
+    """Each past-KV input's name, heads and head size."""
+    return [(value.name, value.shape[1], value.shape[3]) for value in model.graph.inputs
+            if value.name.startswith("past_key_values.")]
+
+
+def window_feeds(caches: list[tuple[str, int, int]], tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph inputs for one window ``tokens`` (1-D) after an empty growing cache (``caches`` from
+    ``cache_inputs``)."""
+    length = len(tokens)
+    feeds = {
+        "input_ids": tokens[None].astype(np.int64),
+        "attention_mask": np.ones((1, length), np.int64),
+        "position_ids": np.arange(length, dtype=np.int64)[None],
+    }
+    for name, heads, head_dim in caches:
+        feeds[name] = np.zeros((1, heads, 0, head_dim), np.float32)
+    return feeds
 
 
 def statistics_size(linear: Linear, sample_rows: int) -> int:
@@ -100,38 +108,47 @@ def layer_groups(linears: list[Linear], sample_rows: int, budget: int = STATISTI
     return groups
 
 
+class StatisticsAccumulator:
+    """Sums what ``InputStatistics`` holds over the windows of one group of layers, then hands it over."""
+
+    def __init__(self, generator: np.random.Generator, rows_per_window: int):
+        self.generator, self.rows_per_window = generator, rows_per_window
+        self.gram: dict[str, np.ndarray] = {}
+        self.magnitude: dict[str, np.ndarray] = {}
+        self.samples: dict[str, list[np.ndarray]] = {}
+
+    def add(self, names: list[str], inputs: list[np.ndarray]) -> None:
+        """One window's inputs ``[..., K]`` of the layers reading ``names``."""
+        for name, x in zip(names, inputs, strict=True):
+            x = x.reshape(-1, x.shape[-1])
+            wide = x.astype(np.float64)
+            self.gram[name] = self.gram.get(name, 0.0) + wide.T @ wide
+            self.magnitude[name] = self.magnitude.get(name, 0.0) + np.abs(wide).sum(0)
+            picked = self.generator.choice(len(x), min(self.rows_per_window, len(x)), replace=False)
+            self.samples.setdefault(name, []).append(x[np.sort(picked)])
+
+    def collect(self, tokens: int) -> dict[str, InputStatistics]:
+        """The statistics over ``tokens`` tokens, by input name; the accumulator starts over."""
+        statistics = {name: InputStatistics(self.gram[name], (self.magnitude[name] / tokens).astype(np.float32),
+                                            np.concatenate(self.samples[name]), tokens) for name in self.gram}
+        self.gram, self.magnitude, self.samples = {}, {}, {}
+        return statistics
+
+
 def capture_groups(
     model: ir.Model, linears: list[Linear], windows: np.ndarray, sample_rows: int, seed: int,
-    on_window: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list[Linear], dict[str, InputStatistics]]]:
-    """For each group of ``linears``: the group and its layers' input statistics over ``windows``.
+    """For each group of ``linears``: the group and its layers' input statistics over ``windows``, all from
+    one session on the whole float graph (``layerwise.capture_layers`` is the one that streams).
 
     Statistics are keyed by the input value's name (layers reading one input share them).
     """
     session = ModelSession(model, [linear.input for linear in linears])
-    generator = np.random.default_rng(seed)
-    rows_per_window = max(1, sample_rows // len(windows))
+    accumulator = StatisticsAccumulator(np.random.default_rng(seed), max(1, sample_rows // len(windows)))
     for group in layer_groups(linears, sample_rows):
         names = sorted({linear.input.name for linear in group})
-        gram: dict[str, np.ndarray] = {}
-        magnitude: dict[str, np.ndarray] = {}
-        samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        tokens = 0
         for window in windows:
-            for name, x in zip(names, session.run(window, names)):
-                x = x.reshape(-1, x.shape[-1])
-                wide = x.astype(np.float64)
-                gram[name] = gram.get(name, 0.0) + wide.T @ wide
-                magnitude[name] = magnitude.get(name, 0.0) + np.abs(wide).sum(0)
-                picked = generator.choice(len(x), min(rows_per_window, len(x)), replace=False)
-                samples[name].append(x[np.sort(picked)])
-            tokens += windows.shape[1]
-            if on_window is not None:
-                on_window()
-        statistics = {
-            name: InputStatistics(gram[name], (magnitude[name] / tokens).astype(np.float32),
-                                  np.concatenate(samples[name]), tokens)
-            for name in names
-        }
+            accumulator.add(names, session.run(window, names))
+        tokens = len(windows) * windows.shape[1]
         log.info("captured inputs of %d layers over %d tokens", len(group), tokens)
-        yield group, statistics
+        yield group, accumulator.collect(tokens)

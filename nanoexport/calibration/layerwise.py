@@ -1,0 +1,184 @@
+"""Calibration layer by layer: one decoder layer's float weights in memory at a time, each layer fed the
+outputs of the layers before it as already quantized (the order of the GPTQ paper and of AutoGPTQ).
+
+The canonical graph is cut at the residual stream entering each decoder layer (the input of its
+``input_layernorm``) and entering the final norm. A *segment* is what lies between two cuts (the last one
+ends at the output head). Everything upstream of the first cut that depends on the graph inputs (the
+embedding lookup, rotary tables, attention masks) is the *prelude*: it runs once per calibration window and
+its values are kept, as are the residual stream's (``windows x tokens x hidden`` float32, twice: the
+largest buffers besides one segment's statistics).
+
+For each segment in order: an ONNX Runtime session on that segment alone (``onnx_ir`` extraction; its
+weights are read from the checkpoint as the session is built, and dropped with it) records the inputs of
+its linear layers; the caller quantizes them; a second session on the segment, now quantized, computes the
+residual stream the next segment sees. A graph that cannot be cut this way (no such norms, or a value that
+skips a layer) is calibrated whole, as ``activations.capture_groups`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from nanoexport.calibration.activations import (
+    InputStatistics,
+    StatisticsAccumulator,
+    cache_inputs,
+    capture_groups,
+    window_feeds,
+)
+from nanoexport.calibration.graph import Linear
+from nanoexport.runtime import cpu_session
+
+log = logging.getLogger(__name__)
+
+LAYER_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.input_layernorm\.weight$")
+FINAL_NORM = re.compile(r"(?:^|\.)norm\.weight$")
+
+
+@dataclass
+class Segment:
+    """The graph between the residual stream ``start`` and ``end`` (``None``: the output head)."""
+
+    start: ir.Value
+    end: ir.Value | None
+    linears: list[Linear]
+    inputs: list[ir.Value]  # what it reads from outside: ``start``, prelude values, graph inputs
+
+
+class NotLayered(Exception):
+    """The graph cannot be calibrated segment by segment; the message says why."""
+
+
+def residual_cuts(model: ir.Model) -> list[ir.Value]:
+    """The residual stream entering each decoder layer, then the final norm, in layer order."""
+    layers: dict[int, ir.Value] = {}
+    final = None
+    for node in model.graph:
+        if node.op_type != "RMSNormalization" or node.inputs[1] is None:
+            continue
+        name = node.inputs[1].name or ""
+        if match := LAYER_NORM.search(name):
+            layers[int(match.group(1))] = node.inputs[0]
+        elif FINAL_NORM.search(name) and "layers." not in name:
+            final = node.inputs[0]
+    if not layers or final is None or sorted(layers) != list(range(len(layers))):
+        raise NotLayered("no input_layernorm per layer and final norm found")
+    return [layers[index] for index in range(len(layers))] + [final]
+
+
+def _downstream(values: list[ir.Value]) -> set[ir.Node]:
+    """Every node that reads ``values`` or what is computed from them."""
+    reached: set[ir.Node] = set()
+    stack = list(values)
+    while stack:
+        for node, _ in stack.pop().uses():
+            if node not in reached:
+                reached.add(node)
+                stack.extend(node.outputs)
+    return reached
+
+
+def _frontier(outputs: list[ir.Value], stops: set[ir.Value], runtime: set[ir.Node],
+              inside: set[ir.Node] | None) -> list[ir.Value]:
+    """Walking back from ``outputs``: the values a segment must be fed. The walk stops at ``stops``, at graph
+    inputs, and at values computed outside ``inside`` from the graph inputs (a node in ``runtime``); values
+    computed from constants alone become part of the segment. ``inside`` None: no limit (the prelude)."""
+    found: dict[int, ir.Value] = {}
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        producer = value.producer()
+        if value in stops or (producer is None and not value.is_initializer()):
+            found[id(value)] = value
+        elif producer is not None and inside is not None and producer not in inside and producer in runtime:
+            found[id(value)] = value
+        elif producer is not None:
+            stack.extend(value for value in producer.inputs if value is not None)
+    return list(found.values())
+
+
+def segments(model: ir.Model, linears: list[Linear]) -> list[Segment]:
+    """The graph's segments with their linear layers; raises ``NotLayered`` if some linear falls outside
+    them or a segment reads a value computed in an earlier one other than its residual stream."""
+    cuts = residual_cuts(model)
+    runtime = _downstream(list(model.graph.inputs))
+    reach = [_downstream([cut]) for cut in cuts]
+    earlier = reach[0]
+    result = []
+    assigned: set[int] = set()
+    for index, cut in enumerate(cuts):
+        inside = reach[index] - reach[index + 1] if index + 1 < len(cuts) else reach[index]
+        members = [linear for linear in linears if linear.matmul in inside]
+        assigned.update(id(linear) for linear in members)
+        end = cuts[index + 1] if index + 1 < len(cuts) else None
+        outputs = ([end] if end is not None else []) + [linear.input for linear in members]
+        if not outputs:
+            continue
+        inputs = _frontier(outputs, {cut}, runtime, inside)
+        leaks = [value.name for value in inputs if value is not cut and value.producer() in earlier]
+        if leaks:
+            raise NotLayered(f"segment {index} reads {leaks[0]} from an earlier layer")
+        result.append(Segment(cut, end, members, inputs))
+    if len(assigned) != len(linears):
+        raise NotLayered("a linear layer lies outside the decoder layers")
+    return result
+
+
+def _session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
+    graph = ir.convenience.extract(model.graph, inputs=inputs, outputs=outputs)
+    return cpu_session(ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values())))
+
+
+def capture_layers(
+    model: ir.Model, linears: list[Linear], windows: np.ndarray, sample_rows: int, seed: int,
+) -> Iterator[tuple[list[Linear], dict[str, InputStatistics]]]:
+    """For each decoder layer in order: its linears and their input statistics over ``windows``, computed
+    with every earlier layer as the caller has quantized it by the time it asks for the next layer."""
+    try:
+        parts = segments(model, linears)
+    except NotLayered as reason:
+        log.info("calibrating the whole graph at once: %s", reason)
+        yield from capture_groups(model, linears, windows, sample_rows, seed)
+        return
+    outside = {id(value) for value in model.graph.inputs} | {id(part.start) for part in parts}
+    prelude_values = {id(value): value for part in parts for value in part.inputs if id(value) not in outside}
+    prelude_outputs = [parts[0].start, *prelude_values.values()]
+    prelude_inputs = _frontier(prelude_outputs, set(), set(), None)
+    caches = cache_inputs(model)
+    feeds = [window_feeds(caches, tokens) for tokens in windows]
+    session = _session(model, prelude_inputs, prelude_outputs)
+    names = [value.name for value in prelude_outputs]
+    for window_feed in feeds:
+        window_feed.update(zip(names, session.run(names, {v.name: window_feed[v.name] for v in prelude_inputs})))
+    del session
+    accumulator = StatisticsAccumulator(np.random.default_rng(seed), max(1, sample_rows // len(windows)))
+    for index, part in enumerate(parts):
+        wanted = sorted({linear.input.name for linear in part.linears})
+        statistics: dict[str, InputStatistics] = {}
+        if wanted:
+            session = _session(model, part.inputs, [linear.input for linear in part.linears])
+            for window_feed in feeds:
+                accumulator.add(wanted, session.run(wanted, {v.name: window_feed[v.name] for v in part.inputs}))
+            del session
+            statistics = accumulator.collect(len(windows) * windows.shape[1])
+            log.info("captured inputs of %d layers in segment %d over %d tokens", len(part.linears), index,
+                     len(windows) * windows.shape[1])
+        yield part.linears, statistics
+        if part.end is not None:
+            # The segment as the caller left it (quantized) gives the next one its input.
+            session = _session(model, part.inputs, [part.end])
+            for window_feed in feeds:
+                window_feed[part.end.name] = session.run(
+                    [part.end.name], {v.name: window_feed[v.name] for v in part.inputs})[0]
+                del window_feed[part.start.name]
+            del session
