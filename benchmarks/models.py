@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,18 +48,24 @@ CONFIGS = {
     "phi3-mini": dict(PHI3_MINI, dtype="bfloat16"),
 }
 MODELS = ("demo", *CONFIGS)
+DEMO_FILES = ("tokenizer.json", "tokenizer_config.json", "calibration.txt")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def checkpoint(name: str, scratch: Path) -> Path:
-    """The folder of benchmark model ``name``; the Qwen model is built (in its own process) under ``scratch``."""
-    if name == "demo":
-        from nanoexport.capture.checkpoint import DEMO_MODEL
+    """The folder of benchmark model ``name``; the larger ones are built (in a process of their own) under
+    ``scratch``, with the demo's tokenizer and calibration text beside them (its token ids are valid in any
+    of these vocabularies), so data-aware quantizers and QDQ targets have calibration data."""
+    from nanoexport.capture.checkpoint import DEMO_MODEL
 
+    if name == "demo":
         return DEMO_MODEL
     folder = scratch / name
     if not folder.exists():
         subprocess.run([sys.executable, "-c", BUILD.format(settings=CONFIGS[name]), str(folder)], check=True)
+    for file_name in DEMO_FILES:
+        if not (folder / file_name).exists():
+            shutil.copyfile(DEMO_MODEL / file_name, folder / file_name)
     return folder
 
 
