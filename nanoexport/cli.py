@@ -113,7 +113,7 @@ def _parser(verb: str) -> argparse.ArgumentParser:
                            help="allow a last partial block where the block size does not divide a dimension")
         quant.add_argument("--keep-float", type=_names, metavar="PATTERNS",
                            help="layers left in float, comma-separated name patterns; '' quantizes every layer "
-                                "(default: lm_head)")
+                                "(default: lm_head,*embed_tokens)")
         quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
                            help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
                                 "(ONNX Runtime's accuracy_level 4, OpenVINO CPU's dynamic quantization; "

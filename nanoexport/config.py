@@ -79,7 +79,8 @@ class QuantConfig:
     dynamic_int8: bool = True
     pad_blocks: bool = False  # allow a last partial block where block_size does not divide the input dim
     scale_dtype: str = "fp16"  # fp16 | fp32
-    keep_float: list[str] = field(default_factory=lambda: ["lm_head"])  # layers left in float
+    # Layers left in float: the output head and an embedding table of its own (a tied one is the head's).
+    keep_float: list[str] = field(default_factory=lambda: ["lm_head", "*embed_tokens"])
     overrides: dict[str, str] = field(default_factory=dict)  # layer pattern -> weight type, e.g. lm_head = "int8"
     calib: str = ""  # text, JSONL, folder or saved dataset; default: calibration.txt in the checkpoint folder
     calib_samples: int = 128  # as many windows as NNCF takes by default

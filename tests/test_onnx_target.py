@@ -158,3 +158,35 @@ def test_verification_stops_a_broken_target_rule(tiny_checkpoint, tmp_path, monk
     config = nanoexport.ExportConfig(verify_passes=True)
     with pytest.raises(NanoexportError, match="pass ort_kernels changed the logits"):
         nanoexport.export(tiny_checkpoint("llama"), out=tmp_path / "broken", config=config, progress=False)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_untied_embedding_table_is_quantized_only_when_asked(quantized, tmp_path):
+    """A table of its own (an untied head) stays float by default, like the head; asked for (here alone, the
+    layers kept float), it is stored as 4-bit blocks along the hidden size and looked up by
+    GatherBlockQuantized, computing what PyTorch computes with the dequantized table."""
+    import torch
+    from tiny_models import save_tiny_checkpoint, tiny_model
+
+    from nanoexport.calibration.blocks import WeightFormat, rtn
+
+    checkpoint = save_tiny_checkpoint("llama", tmp_path / "llama")
+    config = nanoexport.ExportConfig()
+    config.quant.weights = "int4"
+    if quantized:
+        config.quant.keep_float = ["lm_head", "model.layers.*"]
+    artifact = nanoexport.export(checkpoint, out=tmp_path / "out", config=config, progress=False)
+    ops = Counter(node.op_type for node in load_graph(artifact).node)
+    assert artifact.manifest["quantization"]["layers"]["model.embed_tokens"] == ("int4" if quantized else "float")
+    assert ops["GatherBlockQuantized"] == quantized and ops["Gather"] == (not quantized)
+    assert ops["MatMulNBits"] == (0 if quantized else 2 * 5) and ops["DequantizeLinear"] == 0
+    if not quantized:
+        return
+    reference = tiny_model("llama")
+    table = reference.model.embed_tokens.weight
+    dequantized = rtn(table.detach().numpy().T, WeightFormat("int4", 32)).dequantize().T
+    with torch.no_grad():
+        table.copy_(torch.from_numpy(dequantized))
+    report = nanoexport.validate(artifact, reference=reference, write=False)
+    cosine = next(check.value for check in report.checks if check.name == "logits min cosine")
+    assert report.passed and cosine > 0.99999

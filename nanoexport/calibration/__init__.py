@@ -24,7 +24,14 @@ from nanoexport.calibration import qdq
 from nanoexport.calibration.algorithms import awq, gptq
 from nanoexport.calibration.blocks import WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
-from nanoexport.calibration.graph import Linear, find_linears, replace_weight, scale_input, to_float16
+from nanoexport.calibration.graph import (
+    Linear,
+    find_embeddings,
+    find_linears,
+    replace_weight,
+    scale_input,
+    to_float16,
+)
 from nanoexport.calibration.layerwise import capture_layers
 from nanoexport.config import QuantConfig, parse_size
 from nanoexport.errors import NanoexportError
@@ -74,7 +81,7 @@ def check_config(config: QuantConfig) -> None:
 def plan_layers(model: ir.Model, config: QuantConfig) -> list[LayerPlan]:
     """Each linear layer and the weight type it gets: an override, float if kept, else ``config.weights``."""
     plans = []
-    for linear in find_linears(model):
+    for linear in [*find_linears(model), *find_embeddings(model)]:
         weight_type = next((kind for pattern, kind in config.overrides.items()
                             if fnmatch.fnmatchcase(linear.name, pattern)), None)
         if weight_type is None:
@@ -162,12 +169,15 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
         if plan.weight_type == "fp16":
             to_float16(model, plan.linear)
     countdown = Countdown(config.algo, len(quantized), report)
-    if config.algo == "rtn" or not quantized:
-        for plan in quantized:
+    # Embedding tables have no activations to calibrate on: round to nearest, first, so that calibration
+    # sees the model with its quantized table.
+    for plan in quantized:
+        if config.algo == "rtn" or plan.linear.embedding:
             replace_weight(model, plan.linear, rtn(plan.linear.matrix(), plan.format(config)))
             countdown.advance(plan.linear.name)
+    linears = [plan.linear for plan in quantized if config.algo != "rtn" and not plan.linear.embedding]
+    if not linears:
         return
-    linears = [plan.linear for plan in quantized]
     sample_rows = AWQ_SAMPLE_ROWS if config.algo == "awq" else 0
     for group, statistics in capture_layers(model, linears, windows, sample_rows, config.seed):
         for linear in group:

@@ -30,12 +30,14 @@ class Linear:
     """One quantizable weight matrix, seen as ``[K, N]`` whatever its stored layout."""
 
     name: str  # the weight's name without ``.weight.T``: ``model.layers.0.mlp.down_proj``
-    matmul: ir.Node
+    matmul: ir.Node  # for an embedding table, its Gather
     initializer: ir.Value
     transposed: bool  # stored ``[N, K]`` and transposed in the graph (a tied embedding)
+    embedding: bool = False  # a lookup table, not a MatMul: rows looked up, no activations to calibrate on
 
     @property
     def input(self) -> ir.Value:
+        """The activations the MatMul multiplies (not defined for an embedding table)."""
         return self.matmul.inputs[0]
 
     def matrix(self) -> np.ndarray:
@@ -70,6 +72,25 @@ def find_linears(model: ir.Model) -> list[Linear]:
         seen.add(id(source))
         linears.append(Linear(_layer_name(weight.name or source.name), node, source, transposed))
     return linears
+
+
+def find_embeddings(model: ir.Model) -> list[Linear]:
+    """Embedding tables ``[vocab, hidden]`` that only Gathers read (a table the output head shares is quantized
+    as the head). Seen like a tied head, ``[K = hidden, N = vocab]`` stored transposed, so blocks run along
+    the hidden size and a quantized table lowers as a tied head's does (ONNX Runtime's GatherBlockQuantized)."""
+    tables = []
+    for node in model.graph:
+        table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+        if table is None or not table.is_initializer() or table.const_value is None or table.dtype != ir.DataType.FLOAT:
+            continue
+        if table.shape is None or table.shape.rank() != 2 or node.attributes.get_int("axis", 0) != 0:
+            continue
+        if any(user.op_type != "Gather" for user, _ in table.uses()) or any(t.initializer is table for t in tables):
+            continue
+        # Initializers carry the capture wrapper's "model." before the parameter's name (``FlatCacheLM``).
+        name = table.name.removeprefix("model.").removesuffix(".weight")
+        tables.append(Linear(name, node, table, transposed=True, embedding=True))
+    return tables
 
 
 def _layer_name(weight_name: str) -> str:
