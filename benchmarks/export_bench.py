@@ -63,10 +63,12 @@ def run_measured(command: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def export_ours(model: Path, out: Path, target: str, quant: str, algo: str, keep_float: str | None) -> dict:
+def export_ours(model: Path, out: Path, target: str, quant: str, algo: str, keep_float: str | None,
+                extra: list[str]) -> dict:
     flags = ["--quant", quant, "--algo", algo] if quant != "none" else []
     if keep_float is not None and quant != "none":
         flags += ["--keep-float", keep_float]
+    flags += extra
     if target == "qnn":
         flags += ["--max-context", "512", "--prefill-chunk", "64"]
     return run_measured([sys.executable, "-m", "nanoexport.cli", "--model", str(model), "--target", target,
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--quant", default="int4", help="weight type (default: int4); none for fp32")
     parser.add_argument("--algo", default="rtn", help="quantizer (default: rtn)")
     parser.add_argument("--keep-float", help="our --keep-float (default: ours, the output head); '' quantizes it")
+    parser.add_argument("--extra", default="", help="more flags for our exports, e.g. '--config calib.toml'")
     parser.add_argument("--builder", choices=("auto", "no"), default="auto",
                         help="also run onnxruntime-genai's model builder (-p int4 -e cpu) when installed")
     parser.add_argument("--scratch", type=Path, help="keep checkpoints and artifacts here (default: a temp folder)")
@@ -103,7 +106,7 @@ def main() -> None:
             model = checkpoint(name, scratch)
             sizes = checkpoint_bytes(model)
             runs = [(target, lambda out, t=target: export_ours(model, out, t, args.quant, args.algo,
-                                                                      args.keep_float))
+                                                                      args.keep_float, args.extra.split()))
                     for target in args.targets]
             if run_builder and name != "demo":  # the builder needs a hub-style config the demo lacks
                 runs.append(("builder", lambda out: export_builder(model, out)))
@@ -116,7 +119,8 @@ def main() -> None:
                 figures["artifact_bits_per_weight"] = round(8 * figures["artifact_bytes"] / sizes["parameters"], 2)
                 results.append({"model": name, "tool": "nanoexport" if tool != "builder" else "model builder",
                                 "target": tool if tool != "builder" else "onnx", "quant": args.quant,
-                                "algo": args.algo, "keep_float": args.keep_float, **sizes, **figures})
+                                "algo": args.algo, "keep_float": args.keep_float, "extra": args.extra, **sizes,
+                                **figures})
                 status = f"FAILED: {figures['failed']}" if "failed" in figures else ""
                 print(f"{name:14s} {tool:9s} {figures['seconds']:8.1f} s   peak RSS "
                       f"{figures['peak_rss_bytes'] / 2**20:8.0f} MiB = {figures['peak_rss_over_bf16']:.2f} x bf16 "
