@@ -166,3 +166,18 @@ def test_hub_id_when_the_hub_is_unreachable(tmp_path, capsys, monkeypatch):
     code, err = run_cli(["--model", "nanoexport-tests/no-such-model", "--out", out], capsys)
     assert_one_line_error(code, err, "could not download nanoexport-tests/no-such-model", "local checkpoint folder")
     assert_clean(out)
+
+
+@pytest.mark.parametrize("poison, quant", [(float("nan"), "none"), (float("inf"), "int4")])
+def test_a_non_finite_weight_is_refused_naming_it(tmp_path, tiny_checkpoint, capsys, poison, quant):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][5, 7] = poison
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out, "--quant", quant, "--no-validate"], capsys)
+    assert_one_line_error(code, err, "model.layers.1.mlp.down_proj.weight", str(poison), "[5, 7]", "damaged")
+    assert_clean(out)

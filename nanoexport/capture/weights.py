@@ -62,13 +62,16 @@ class SafetensorsWeights:
         with safe_open(str(path), framework="pt") as handle:
             if len(shape) < 2:
                 widened[...] = handle.get_tensor(name).to(torch.float32).numpy()
+                _check_finite(widened, name, path, 0)
                 return widened
             # A few rows at a time, so the stored copy never exists whole beside the float32 one (a 150k x 1536
             # embedding is 0.47 GB in bf16).
             stored = handle.get_slice(name)
             rows = max(1, READ_PIECE // max(1, widened[0].nbytes))
             for start in range(0, shape[0], rows):
-                widened[start : start + rows] = stored[start : start + rows].to(torch.float32).numpy()
+                piece = widened[start : start + rows]
+                piece[...] = stored[start : start + rows].to(torch.float32).numpy()
+                _check_finite(piece, name, path, start)
         return widened
 
     def digest(self, name: str) -> str:
@@ -82,6 +85,16 @@ class SafetensorsWeights:
             for start in range(begin, end, READ_PIECE):
                 digest.update(handle.read(min(READ_PIECE, end - start)))
         return digest.hexdigest()
+
+
+def _check_finite(piece: np.ndarray, name: str, path: Path, first_row: int) -> None:
+    """Refuse a NaN or infinity: it would poison every output it reaches, silently."""
+    if np.isfinite(piece).all():
+        return
+    index = np.unravel_index(np.flatnonzero(~np.isfinite(piece))[0], piece.shape)
+    where = [first_row + int(index[0]), *map(int, index[1:])] if piece.ndim else []
+    raise NanoexportError(f"weight {name} in {path.name} holds {piece[index]} at {where}; the checkpoint is "
+                          "damaged: re-download it, or re-save it from a model that computes finite outputs")
 
 
 def _transposed_digest(source_digest) -> str:
