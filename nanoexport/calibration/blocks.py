@@ -74,7 +74,7 @@ class QuantizedWeight:
             levels -= expand_blocks(self.zero_points.astype(np.float32), self.format.block_size, rows)
         if self.format.scale_dtype == "fp16":
             # DequantizeLinear computes in its scale's type: the product is rounded to fp16 (exact in fp32 first).
-            return (levels * scales).astype(np.float16).astype(np.float32)
+            return _through_float16(levels * scales)
         return levels * scales
 
 
@@ -173,8 +173,7 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
         row_weight = row_weight.reshape(blocks, fmt.block_size, 1)
     # The grid's numpy float64 factors widen the scale arithmetic to float64; the plain range stays float32.
     shrinks = np.linspace(1.0, 0.5, grid) if grid > 1 else [1.0]
-    signed = fmt.levels[0] < 0
-    values = np.empty((rows, columns), np.int8 if signed else np.uint8)
+    values = np.empty((rows, columns), np.int8 if fmt.levels[0] < 0 else np.uint8)
     scales = np.empty((blocks, columns), np.float32)
     zero_points = np.empty((blocks, columns), np.float32) if fmt.has_zero_point else None
 
@@ -228,7 +227,7 @@ def _search_columns(weight: np.ndarray, fmt: WeightFormat, row_weight: np.ndarra
         if zero_points is not None:
             best_zero_points = np.where(better, zero_points, best_zero_points)
     levels = _round_blocks(blocks, best_scales, best_zero_points, fmt)
-    stored = levels.astype(np.uint8) if fmt.dtype == "nf4" else levels.astype(np.int8 if low < 0 else np.uint8)
+    stored = levels.astype(np.int8 if low < 0 else np.uint8)  # nf4 indices: levels 0..15
     return QuantizedWeight(stored.reshape(-1, weight.shape[1])[:rows], best_scales, best_zero_points, fmt)
 
 

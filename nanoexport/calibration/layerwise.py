@@ -139,6 +139,11 @@ def _session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
     return cpu_session(ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values())))
 
 
+def _feeds(values: list[ir.Value], window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a session on ``values`` is fed from one window's inputs and computed values."""
+    return {value.name: window[value.name] for value in values}
+
+
 def capture_layers(
     model: ir.Model, linears: list[Linear], windows: np.ndarray, sample_rows: int, seed: int,
 ) -> Iterator[tuple[list[Linear], dict[str, InputStatistics]]]:
@@ -159,26 +164,25 @@ def capture_layers(
     session = _session(model, prelude_inputs, prelude_outputs)
     names = [value.name for value in prelude_outputs]
     for window_feed in feeds:
-        window_feed.update(zip(names, session.run(names, {v.name: window_feed[v.name] for v in prelude_inputs})))
+        window_feed.update(zip(names, session.run(names, _feeds(prelude_inputs, window_feed))))
     del session
     accumulator = StatisticsAccumulator(np.random.default_rng(seed), max(1, sample_rows // len(windows)))
+    tokens = len(windows) * windows.shape[1]
     for index, part in enumerate(parts):
         wanted = sorted({linear.input.name for linear in part.linears})
         statistics: dict[str, InputStatistics] = {}
         if wanted:
             session = _session(model, part.inputs, [linear.input for linear in part.linears])
             for window_feed in feeds:
-                accumulator.add(wanted, session.run(wanted, {v.name: window_feed[v.name] for v in part.inputs}))
+                accumulator.add(wanted, session.run(wanted, _feeds(part.inputs, window_feed)))
             del session
-            statistics = accumulator.collect(len(windows) * windows.shape[1])
-            log.info("captured inputs of %d layers in segment %d over %d tokens", len(part.linears), index,
-                     len(windows) * windows.shape[1])
+            statistics = accumulator.collect(tokens)
+            log.info("captured inputs of %d layers in segment %d over %d tokens", len(part.linears), index, tokens)
         yield part.linears, statistics
         if part.end is not None:
             # The segment as the caller left it (quantized) gives the next one its input.
             session = _session(model, part.inputs, [part.end])
             for window_feed in feeds:
-                window_feed[part.end.name] = session.run(
-                    [part.end.name], {v.name: window_feed[v.name] for v in part.inputs})[0]
+                window_feed[part.end.name] = session.run([part.end.name], _feeds(part.inputs, window_feed))[0]
                 del window_feed[part.start.name]
             del session
