@@ -18,9 +18,10 @@ def run_cli(args, capsys):
 
 
 def assert_clean(out: Path):
+    """Nothing at ``out`` and nothing of the export's beside it (staging folder, lock)."""
     assert not out.exists()
     if out.parent.exists():
-        assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 def assert_one_line_error(code, err, *phrases):
@@ -180,4 +181,77 @@ def test_a_non_finite_weight_is_refused_naming_it(tmp_path, tiny_checkpoint, cap
     out = tmp_path / "out"
     code, err = run_cli(["--model", model, "--out", out, "--quant", quant, "--no-validate"], capsys)
     assert_one_line_error(code, err, "model.layers.1.mlp.down_proj.weight", str(poison), "[5, 7]", "damaged")
+    assert_clean(out)
+
+
+DEMO = Path(__file__).resolve().parent.parent / "nanoexport" / "assets" / "demo"
+
+
+def demo_copy(tmp_path: Path, config_changes=None, files=None) -> Path:
+    """The demo checkpoint with some config.json fields changed and some files replaced."""
+    model = tmp_path / "model"
+    shutil.copytree(DEMO, model)
+    if config_changes:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, **config_changes}))
+    for name, contents in (files or {}).items():
+        (model / name).write_bytes(contents)
+    return model
+
+
+@pytest.mark.parametrize("changes, phrases", [
+    ({"vocab_size": 10**11}, ["vocab_size 100,000,000,000", "[4096, 256]"]),
+    ({"hidden_size": 512}, ["hidden_size 512", "[4096, 256]"]),
+    ({"num_hidden_layers": 6}, ["num_hidden_layers 6", "hold 4 layers"]),
+    ({"intermediate_size": 10**11}, ["gate_proj.weight", "[100000000000, 256]"]),
+])
+@pytest.mark.parametrize("verb", ["export", "validate --reference"])
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_any_model_is_built(
+        tmp_path, capsys, monkeypatch, demo_artifact, changes, phrases, verb):
+    from nanoexport.capture import checkpoint
+
+    monkeypatch.setattr(checkpoint, "meta_model", lambda *_: pytest.fail("a model was built from the config"))
+    monkeypatch.setattr(checkpoint, "_load_model", lambda *_: pytest.fail("a model was built from the config"))
+    model = demo_copy(tmp_path, changes)
+    out = tmp_path / "out"
+    if verb == "export":
+        code, err = run_cli(["--model", model, "--out", out], capsys)
+    else:
+        code, err = run_cli(["validate", demo_artifact.path, "--reference", model], capsys)
+    assert_one_line_error(code, err, *phrases, "different models")
+    assert_clean(out)
+
+
+def test_a_reference_larger_than_the_memory_is_refused_with_the_numbers(tmp_path, capsys, monkeypatch, demo_artifact):
+    from nanoexport.capture import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_available_memory", lambda: 1 << 20)
+    code, err = run_cli(["validate", demo_artifact.path, "--reference", DEMO], capsys)
+    assert_one_line_error(code, err, "GiB as the fp32 reference model", "0.0 GiB of memory are available",
+                          "--no-validate")
+
+
+TOKENIZER = (DEMO / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("files, config_changes, phrases", [
+    ({"tokenizer.json": TOKENIZER[:5000]}, None, ["tokenizer.json", "not valid JSON"]),
+    ({"tokenizer.json": TOKENIZER.replace(b'"type": "BPE"', b'"type": "NoSuchModel"', 1)}, None,
+     ["tokenizer.json", "cannot be loaded by the tokenizers library"]),
+    ({"tokenizer_config.json": b'{"eos_token": "<|no-such-token|>"}'}, None,
+     ["eos_token '<|no-such-token|>'", "does not hold"]),
+    ({}, {"eos_token_id": [0, 5000]}, ["eos_token_id 5000", "outside the tokenizer's 4,096 tokens"]),
+    ({"tokenizer.json": "larger"}, None, ["4,099 tokens but the model has 4,096 embedding rows"]),
+])
+def test_a_broken_tokenizer_is_refused_before_it_enters_an_artifact(tmp_path, capsys, files, config_changes, phrases):
+    if files.get("tokenizer.json") == "larger":  # another model's tokenizer, with more tokens than embedding rows
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(TOKENIZER.decode())
+        tokenizer.add_tokens(["<extra-1>", "<extra-2>", "<extra-3>"])
+        files = {"tokenizer.json": tokenizer.to_str().encode()}
+    model = demo_copy(tmp_path, config_changes, files)
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out], capsys)
+    assert_one_line_error(code, err, *phrases)
     assert_clean(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# The token embedding's name in each family's checkpoint (gpt2: wte), and a decoder layer's index.
+EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight")
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
@@ -100,13 +104,20 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
     check_architecture(model_type)
     weight_files = _weight_files(folder)
     weights = None
-    if weight_files[0].suffix == ".safetensors" and lazy:
+    if weight_files[0].suffix == ".safetensors":
         weights = SafetensorsWeights(weight_files)
-        model = meta_model(_load_config(folder))
-        check_shapes(model, weights, folder)
+        hf_config = _load_config(folder)
+        check_config_sizes(hf_config, weights, folder)
+        check_shapes(_skeleton(hf_config, folder), weights, folder)
+        model = meta_model(hf_config)
+        if not lazy:
+            check_memory(weights, folder)
+            model = _load_model(folder, use_safetensors=True)
+            weights = None
     else:
-        model = _load_model(folder, use_safetensors=weight_files[0].suffix == ".safetensors")
+        model = _load_model(folder, use_safetensors=False)
     tokenizer_files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    check_tokenizer(tokenizer_files, model.config, folder)
     if not tokenizer_files:
         log.warning("%s has no tokenizer files; the artifact will have no tokenizer", folder)
     return Checkpoint(
@@ -179,6 +190,104 @@ def _check_safetensors(path: Path) -> None:
         raise NanoexportError(
             f"corrupt safetensors file {path}: truncated ({size} bytes, header needs {8 + header_size + end}); {fix}"
         )
+
+
+def check_config_sizes(hf_config, weights: SafetensorsWeights, folder: Path) -> None:
+    """The sizes that set how much the model allocates (vocabulary, hidden size, layers) agree with the
+    weights' headers; checked before any model is built, so an absurd config.json costs nothing."""
+    fix = "the config and the weights belong to different models; fix config.json or re-download the checkpoint"
+    embedding = next((name for name in weights.entries if name.endswith(EMBEDDING_KEYS)), None)
+    if embedding is None:
+        raise NanoexportError(f"the checkpoint in {folder} has no token embedding ({' or '.join(EMBEDDING_KEYS)}); "
+                              "it is not a decoder language model this tool reads")
+    claimed = (hf_config.vocab_size, hf_config.hidden_size)
+    if weights.shape(embedding) != claimed:
+        raise NanoexportError(f"config.json in {folder} says vocab_size {claimed[0]:,} and hidden_size {claimed[1]:,}, "
+                              f"but the embedding {embedding} is {list(weights.shape(embedding))}; {fix}")
+    layers = {int(match.group(1)) for name in weights.entries if (match := LAYER_INDEX.search(name))}
+    if len(layers) != hf_config.num_hidden_layers:
+        raise NanoexportError(f"config.json in {folder} says num_hidden_layers {hf_config.num_hidden_layers:,}, but "
+                              f"the weights hold {len(layers)} layers; {fix}")
+
+
+def check_tokenizer(files: dict[str, bytes], hf_config, folder: Path) -> None:
+    """Tokenizer files that would break the artifact's runtime are refused before they are copied into it:
+    JSON that does not parse, a ``tokenizer.json`` the ``tokenizers`` library cannot load or run, more
+    tokens than the model has embedding rows, and special tokens (ids in config.json, strings in
+    tokenizer_config.json) outside the vocabulary."""
+    fix = "fix or re-download the tokenizer files"
+    parsed = {}
+    for name, data in files.items():
+        if name.endswith(".json"):
+            try:
+                parsed[name] = json.loads(data)
+            except (ValueError, RecursionError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise NanoexportError(f"{name} in {folder} is not valid JSON ({reason}); {fix}") from None
+    if "tokenizer.json" not in files:
+        return  # the special tokens below are checked against tokenizer.json's vocabulary
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        tokenizer.encode("Hello, world! 123")
+    except Exception as error:  # the library raises Exception itself for any problem it finds
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise NanoexportError(f"tokenizer.json in {folder} cannot be loaded by the tokenizers library ({reason}); "
+                              f"{fix}") from None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > hf_config.vocab_size:
+        raise NanoexportError(f"tokenizer.json in {folder} has {size:,} tokens but the model has "
+                              f"{hf_config.vocab_size:,} embedding rows; the tokenizer belongs to another model: {fix}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf_config, key, None)
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < size):
+                raise NanoexportError(f"config.json in {folder} has {key} {token_id!r}, outside the tokenizer's "
+                                      f"{size:,} tokens; fix config.json")
+    settings = parsed.get("tokenizer_config.json", {})
+    if isinstance(settings, dict):
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = settings.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and tokenizer.token_to_id(token) is None:
+                raise NanoexportError(f"tokenizer_config.json in {folder} names {key} {token[:80]!r}, which "
+                                      f"tokenizer.json does not hold; {fix}")
+
+
+def _skeleton(hf_config, folder: Path) -> torch.nn.Module:
+    """The model of ``hf_config`` on the meta device: every parameter's shape and nothing allocated, whatever
+    sizes the config claims (``meta_model`` keeps real buffers, and its modules allocate before they are
+    moved)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except Exception as error:  # a config transformers cannot build a model from, met with any exception type
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise NanoexportError(f"cannot build a {hf_config.model_type} model from config.json in {folder} "
+                              f"({reason}); fix config.json or re-download the checkpoint") from None
+
+
+def check_memory(weights: SafetensorsWeights, folder: Path) -> None:
+    """Refuse, before loading, an fp32 model larger than the memory available now."""
+    needed = 4 * sum(math.prod(shape) for _, _, shape in weights.entries.values())
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise NanoexportError(f"the checkpoint in {folder} needs {needed / 2**30:.1f} GiB as the fp32 reference "
+                              f"model, but {available / 2**30:.1f} GiB of memory are available; validate on a "
+                              "machine with more memory, or export with --no-validate")
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
 
 
 def _load_config(folder: Path):
