@@ -7,10 +7,10 @@ quantization forms and KV-cache forms the test suite covers.
 Examples:
     python benchmarks/artifact_parity.py record before.json            # every case (about 20 minutes here)
     python benchmarks/artifact_parity.py record after.json --cases 'demo-onnx*'
-    python benchmarks/artifact_parity.py compare before.json after.json   # exit 1 on an unexplained difference
+    python benchmarks/artifact_parity.py compare before.json after.json   # exit 1 on any difference
 
-Files that differ between two builds at the same commit are named in KNOWN_UNSTABLE and reported apart:
-the QNN context binaries carry a per-run graph number and ``qnn_compile.json`` holds compile seconds.
+Every target rebuilds byte for byte (the QNN context binaries too, since they are compiled in a pinned
+worker process), so any difference is a change of the artifact.
 """
 
 from __future__ import annotations
@@ -64,9 +64,6 @@ CASES = [
     *[(f"{family}-coreml", family, "coreml", "coreml-default") for family in FAMILIES],
     *[(f"{family}-qnn", family, "qnn", "qnn-default") for family in FAMILIES],
 ]
-# Files that differ between two builds of one commit (issue: byte-identical QNN rebuilds).
-KNOWN_UNSTABLE = ("*_ctx.onnx", "*.bin", "qnn_compile.json", "manifest.json")
-TARGETS_OF_UNSTABLE = ("qnn",)
 
 
 def _config(target: str, form: str):
@@ -128,15 +125,15 @@ def record(path: Path, patterns: list[str]) -> None:
 
 def compare(before_path: Path, after_path: Path) -> int:
     before, after = json.loads(before_path.read_text()), json.loads(after_path.read_text())
-    unexplained, explained, same = [], [], 0
+    differences, same = [], 0
     for name in sorted(set(before) | set(after)):
         old, new = before.get(name), after.get(name)
         if old is None or new is None:
-            unexplained.append(f"{name}: only in {'after' if old is None else 'before'}")
+            differences.append(f"{name}: only in {'after' if old is None else 'before'}")
             continue
         if "error" in old or "error" in new:
             if old != new:
-                unexplained.append(f"{name}: {old.get('error', 'ok')} -> {new.get('error', 'ok')}")
+                differences.append(f"{name}: {old.get('error', 'ok')} -> {new.get('error', 'ok')}")
             continue
         old_files, new_files = old["files"], new["files"]
         for file in sorted(set(old_files) | set(new_files)):
@@ -144,21 +141,13 @@ def compare(before_path: Path, after_path: Path) -> int:
                 same += 1
                 continue
             change = "added" if file not in old_files else "removed" if file not in new_files else "differs"
-            line = f"{name}: {file} {change}"
-            unstable = old["target"] in TARGETS_OF_UNSTABLE and any(
-                fnmatch.fnmatch(Path(file).name, pattern) for pattern in KNOWN_UNSTABLE)
-            (explained if unstable else unexplained).append(line)
+            differences.append(f"{name}: {file} {change}")
     print(f"{same} files identical across {len(set(before) & set(after))} cases")
-    if explained:
-        print(f"{len(explained)} differences in files that differ between two builds of one commit (QNN context "
-              "binaries: a per-run graph number; qnn_compile.json: compile seconds; so the manifests listing them):")
-        for line in explained:
+    if differences:
+        print(f"{len(differences)} differences:")
+        for line in differences:
             print("  " + line)
-    if unexplained:
-        print(f"{len(unexplained)} unexplained differences:")
-        for line in unexplained:
-            print("  " + line)
-    return 1 if unexplained else 0
+    return 1 if differences else 0
 
 
 def main() -> int:
@@ -167,7 +156,7 @@ def main() -> int:
     recording = verbs.add_parser("record", help="export every case and write {case: {file: sha256}}")
     recording.add_argument("output", type=Path)
     recording.add_argument("--cases", nargs="*", default=[], help="shell patterns of case names (default: all)")
-    comparing = verbs.add_parser("compare", help="compare two records; exit 1 on an unexplained difference")
+    comparing = verbs.add_parser("compare", help="compare two records; exit 1 on any difference")
     comparing.add_argument("before", type=Path)
     comparing.add_argument("after", type=Path)
     args = parser.parse_args()

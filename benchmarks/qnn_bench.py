@@ -71,8 +71,8 @@ def sizes(folder: Path) -> dict[str, int]:
 
 
 def compile_seconds(folder: Path) -> float | None:
-    report = folder / "qnn_compile.json"
-    return round(sum(json.loads(report.read_text())["seconds"].values()), 2) if report.is_file() else None
+    build = json.loads((folder / "build.json").read_text())
+    return round(sum(build["target_seconds"].values()), 2) if build.get("target_seconds") else None
 
 
 def score(logits_of, windows: list[list[int]], reference_top1: list[np.ndarray] | None) -> dict:

@@ -100,6 +100,7 @@ def export(
                 "passes": [dataclasses.asdict(stat) for stat in pass_stats],
                 "target_passes": [dataclasses.asdict(stat) for stat in build.stats],
                 "quantize_seconds": quantize_seconds,
+                "target_seconds": build.seconds,
             })
     for stat in [*pass_stats, *build.stats]:
         change = "" if stat.logits_change is None else f", logits moved {stat.logits_change:.2e}"

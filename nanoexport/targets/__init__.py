@@ -12,6 +12,7 @@ Adding a target: a package here that ends with ``TARGET = Target(...)``, and its
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Build:
     verify: bool = False
     detail: Callable[[str], None] | None = None  # shows what the current step is doing (a pass, a tensor)
     stats: list[PassStats] = field(default_factory=list)
+    # Seconds of the writer's own steps (a compiler's, say), kept in build.json, out of the hashed files.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def run_passes(self, model: ir.Model, passes: list[GraphPass], graph: str = "") -> None:
         """Run ``passes`` on ``model`` as the pipeline does; their statistics are named ``graph: pass``.
@@ -82,6 +85,12 @@ class Build:
             countdown = countdown or Countdown(f"writing {path.name}", info.total, self.detail)
             countdown.advance()
 
+        needed = sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                     if value.const_value is not None)
+        free = shutil.disk_usage(path.parent).free
+        if needed > free:
+            raise NanoexportError(f"no space left in {self.folder.parent} for {path.name}: its weights need "
+                                  f"{needed:,} bytes, {free:,} are free; free space or choose another --out")
         ir.save(model, path, external_data=external_data, callback=written if external_data else None)
 
 

@@ -2,16 +2,27 @@
 
 When ``onnxruntime-qnn`` is installed, each graph is compiled by the QNN execution provider into an EPContext
 model (``*_ctx.onnx``) and its HTP context binary, for the SoC of ``--soc-model`` / ``--htp-arch``
-(recorded in ``qnn_compile.json``); with ``--share-weights``, a part's prefill and decode go into one binary
-holding their weights once.
+(recorded in ``qnn_compile.json``; the compile seconds go to ``build.json``); with ``--share-weights``, a
+part's prefill and decode go into one binary holding their weights once. A rebuild gives the same bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import fcntl
 import importlib.util
+import json
 import logging
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,40 +108,123 @@ def _register_qnn(ort, onnxruntime_qnn) -> None:
         ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
 
 
-def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOptions) -> list[str]:
+def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOptions,
+                     seconds: dict[str, float] | None = None) -> list[str]:
     """EPContext model and HTP context binary per graph file (``graph_files``: per part, its graphs), or per
     part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
-    written."""
+    written; ``seconds`` receives each graph's compile time.
+
+    Compiled in a fresh worker process, so that a rebuild is byte-identical (see ``_compile_in_worker``)."""
+    job = {"settings": dataclasses.asdict(settings), "graph_files": graph_files}
+    with _compile_folder() as scratch:
+        inputs = {path.relative_to(folder) for path in folder.rglob("*") if path.suffix in (".onnx", ".data")}
+        for relative in inputs:
+            (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(folder / relative, scratch / relative)
+        worker = subprocess.run([sys.executable, "-m", WORKER_MODULE], input=json.dumps(job), cwd=scratch,
+                                capture_output=True, text=True)
+        if worker.returncode != 0:
+            lines = worker.stderr.strip().splitlines() or [f"the worker exited with code {worker.returncode}"]
+            message = next((line for line in reversed(lines) if line.startswith(WORKER_ERROR)), lines[-1])
+            raise NanoexportError(message.removeprefix(WORKER_ERROR))
+        written = sorted(path.relative_to(scratch).as_posix() for path in scratch.rglob("*")
+                         if path.is_file() and path.relative_to(scratch) not in inputs)
+        for relative in written:
+            shutil.move(scratch / relative, folder / relative)
+    if seconds is not None:
+        seconds.update(json.loads(worker.stdout.strip().splitlines()[-1]))
+    write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
+                                         "share_weights": settings.share_weights, "files": written})
+    log.info("qnn: compiled for HTP (soc %s, v%s)", settings.soc_model, settings.htp_arch)
+    return [*written, COMPILE_REPORT]
+
+
+@contextmanager
+def _compile_folder() -> Iterator[Path]:
+    """An empty folder at a fixed path, ours alone while the block runs (other exports wait for it)."""
+    folder = Path(tempfile.gettempdir()) / f"nanoexport-qnn-compile-{os.getuid()}"
+    with open(f"{folder}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(folder, ignore_errors=True)  # a killed compile's files
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link where the file system allows one (the weights can be gigabytes), otherwise a copy; not a
+    symbolic link, which the provider refuses for external data."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
+def _compile_in_worker(graph_files: list[list[str]], settings: QnnOptions) -> dict[str, float]:
+    """Compile the graphs in the current folder, by relative paths; returns seconds per graph.
+
+    Why a separate process in a folder at a fixed path: the provider names each graph after a hash of the path
+    it was loaded from (our staging folder has a random name), and the HTP builder copies a few bytes of
+    uninitialized memory into the binary, which vary with the address layout and with the working folder's
+    path (measured on onnxruntime-qnn 2.7: about 32 bytes of a 6 MB binary). Relative paths, one fixed folder,
+    a fresh process and no address randomization make both the same every time."""
     import onnxruntime as ort
 
-    def files() -> set[str]:
-        return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
-
-    before = files()
     seconds = {}
     sharing = {"enable_htp_weight_sharing": "1"} if settings.share_weights else {}
     for part_files in graph_files:
         for index, file_name in enumerate(part_files):
             started = time.perf_counter()
             entries = {"ep.context_enable": "1", "ep.context_embed_mode": "0",
-                       "ep.context_file_path": str(folder / context_file(file_name))}
+                       "ep.context_file_path": context_file(file_name)}
             if settings.share_weights:  # the part's last graph closes its shared binary
                 entries |= {"ep.share_ep_contexts": "1",
                             "ep.stop_share_ep_contexts": "1" if index == len(part_files) - 1 else "0"}
             try:
-                ort.InferenceSession(str(folder / file_name), qnn_session_options(settings, entries, sharing))
+                ort.InferenceSession(file_name, qnn_session_options(settings, entries, sharing))
             except Exception as error:  # the provider's message names the node it could not place or build
                 raise NanoexportError(f"QNN could not compile {file_name} for HTP: {str(error).splitlines()[0]}") \
                     from None
             seconds[file_name] = round(time.perf_counter() - started, 2)
-    written = sorted(files() - before)
-    write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
-                                         "share_weights": settings.share_weights, "seconds": seconds,
-                                         "files": written})
-    log.info("qnn: compiled for HTP (soc %s, v%s) in %s s", settings.soc_model, settings.htp_arch, seconds)
-    return [*written, COMPILE_REPORT]
+    return seconds
+
+
+def _without_address_randomization() -> None:
+    """Re-run this process with Linux's ADDR_NO_RANDOMIZE personality (what ``setarch -R`` does), or carry on
+    with randomization where the kernel refuses it (then the binaries may differ in a few bytes)."""
+    addr_no_randomize = 0x0040000
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = libc.personality(0xFFFFFFFF)
+    if current == -1 or current & addr_no_randomize:
+        return
+    if libc.personality(current | addr_no_randomize) == -1:
+        log.warning("qnn: address randomization stays on; the context binaries may differ between builds")
+        return
+    os.execv(sys.executable, [sys.executable, "-m", WORKER_MODULE])
+
+
+WORKER_MODULE = "nanoexport.targets.qnn.compile"  # run with -m, it compiles in a fresh process
+WORKER_ERROR = "nanoexport-qnn-worker: "
+
+
+def _worker_main() -> int:
+    _without_address_randomization()
+    job = json.loads(sys.stdin.read())
+    try:
+        seconds = _compile_in_worker(job["graph_files"], QnnOptions(**job["settings"]))
+    except NanoexportError as error:
+        print(f"{WORKER_ERROR}{error}", file=sys.stderr)
+        return 2
+    print(json.dumps(seconds))
+    return 0
 
 
 def context_file(file_name: str) -> str:
     """The EPContext model the QNN provider compiles ``file_name`` into."""
     return file_name.replace(".onnx", "_ctx.onnx")
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

@@ -52,4 +52,4 @@ def lower(model: ir.Model, build: Build) -> list[str]:
                     "to HTP context binaries")
         return files
     graph_files = [list(part["graphs"].values()) for part in parts]
-    return [*files, *compile_contexts(folder, graph_files, settings)]
+    return [*files, *compile_contexts(folder, graph_files, settings, build.seconds)]
