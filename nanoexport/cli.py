@@ -1,15 +1,18 @@
 """The ``nanoexport`` command, a thin layer over the Python API. Export is the default verb.
 
-Exit codes: 0 success, 1 validation failed, 2 bad input.
+Exit codes: 0 success, 1 validation failed, 2 bad input, 130 interrupted (SIGINT, Ctrl-C), 143 terminated
+(SIGTERM, as CI runners cancel a job).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +22,7 @@ from nanoexport.artifact import BUILD_LOG, Artifact
 from nanoexport.config import ValidationConfig, load_config
 from nanoexport.errors import NanoexportError
 from nanoexport.interface import KV_CACHE_FORMS
+from nanoexport.interrupts import Interrupted, handling_signals
 from nanoexport.targets import TARGETS, Target
 
 EXPORT_EXAMPLES = """\
@@ -167,15 +171,26 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verb = argv.pop(0) if argv and argv[0] in VERBS else "export"
-    args = _parser(verb).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    """Run one verb; returns the exit code. Installs SIGINT/SIGTERM handlers when run in the main thread."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    with handling_signals() if in_main_thread else contextlib.nullcontext():
+        return _run(list(sys.argv[1:] if argv is None else argv))
+
+
+def _run(argv: list[str]) -> int:
     try:
+        verb = argv.pop(0) if argv and argv[0] in VERBS else "export"
+        args = _parser(verb).parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(message)s")
         return {"export": _export, "validate": _validate, "inspect": _inspect, "targets": _targets}[verb](args)
     except NanoexportError as error:
         Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+    except Interrupted as interrupt:
+        Console(stderr=True).print(f"[red]interrupted[/] by {interrupt}: stopped, and nothing was left half-written",
+                                   highlight=False, soft_wrap=True)
+        return 128 + interrupt.signal_number
 
 
 def _export(args: argparse.Namespace) -> int:
