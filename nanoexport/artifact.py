@@ -83,14 +83,19 @@ class Artifact:
         return self.manifest["target"]
 
     def file(self, relative: str) -> Path:
-        """The path of one of the artifact's files; refuses paths that escape the folder."""
-        return inside(self.path, relative)
+        """The path of one of the artifact's files (or folders); refuses paths that escape the folder, and files
+        the artifact does not have (its manifest may name another target's)."""
+        path = inside(self.path, relative)
+        if not path.exists():
+            raise NanoexportError(f"the artifact {self.path} has no {_shown(relative)}, which its {self.target} "
+                                  "runtime needs; the artifact is incomplete or its manifest damaged: re-export it")
+        return path
 
     def verify(self) -> list[str]:
         """Files whose size or sha256 differ from the manifest, or that are missing."""
         problems = []
         for entry in self.manifest["files"]:
-            path = self.file(entry["path"])
+            path = inside(self.path, entry["path"])
             name = _shown(entry["path"])
             try:
                 if not path.is_file():
