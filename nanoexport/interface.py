@@ -221,10 +221,11 @@ def prompts_for(artifact_folder: Path, vocab_size: int) -> list[list[int]]:
     """Fixed English prompts through the artifact's tokenizer; seeded random tokens when it has none."""
     tokenizer_folder = artifact_folder / "tokenizer"
     if tokenizer_folder.is_dir():
-        from transformers import AutoTokenizer
+        from nanoexport.tokenizer import Tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-        prompts = [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
+        tokenizer = Tokenizer(tokenizer_folder, f"the artifact's tokenizer in {tokenizer_folder}",
+                              "the artifact is damaged: re-export it")
+        prompts = [tokenizer.encode(text) for text in PROMPTS]
         if all(len(p) > 0 and max(p) < vocab_size for p in prompts):
             return prompts
     generator = np.random.default_rng(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoexport.errors import NanoexportError
+from nanoexport.tokenizer import Tokenizer
 
 TEXT_FIELDS = ("text", "content")
 
@@ -65,17 +66,16 @@ def _dataset_texts(path: Path) -> list[str]:
     return list(dataset[column])
 
 
-def load_tokenizer(tokenizer_files: dict[str, bytes]):
-    """A ``transformers`` tokenizer from a checkpoint's tokenizer files."""
+def load_tokenizer(tokenizer_files: dict[str, bytes]) -> Tokenizer:
+    """The tokenizer of a checkpoint's tokenizer files."""
     if not tokenizer_files:
         raise NanoexportError("calibration needs the model's tokenizer, and the checkpoint has none; add "
                               "tokenizer.json to the checkpoint folder or quantize with --algo rtn")
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as folder:
         for name, data in tokenizer_files.items():
             (Path(folder) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(folder)
+        return Tokenizer(Path(folder), f"the checkpoint's tokenizer ({', '.join(sorted(tokenizer_files))})",
+                         "fix or re-download the checkpoint's tokenizer files")
 
 
 def calibration_windows(path: str | Path, tokenizer, samples: int, length: int, seed: int) -> np.ndarray:
@@ -83,8 +83,7 @@ def calibration_windows(path: str | Path, tokenizer, samples: int, length: int, 
     if samples < 1 or length < 2:
         raise NanoexportError(f"calibration needs at least 1 sample of 2 tokens, not {samples} of {length}")
     # verbose=False: the text is meant to be longer than one model input, it is cut into windows below.
-    ids = np.array(tokenizer.encode("\n\n".join(read_texts(path)), add_special_tokens=False, verbose=False),
-                   np.int64)
+    ids = np.array(tokenizer.encode("\n\n".join(read_texts(path))), np.int64)
     if len(ids) < length:
         raise NanoexportError(
             f"calibration data {path} has {len(ids)} tokens, fewer than one window of {length}; "

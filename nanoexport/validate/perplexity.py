@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from nanoexport.errors import NanoexportError
+from nanoexport.tokenizer import Tokenizer
 
 
 def text_windows(text_file: str | Path, tokenizer_folder: str | Path, window: int, max_windows: int) -> list[list[int]]:
     """Token windows of ``text_file``; ``max_windows`` 0 keeps them all."""
-    from transformers import AutoTokenizer
-
     path = Path(text_file)
     if not path.is_file():
         raise NanoexportError(f"evaluation text {path} does not exist; pass a text file to --eval")
     if window < 2:
         raise NanoexportError(f"the evaluation window must be at least 2 tokens, not {window}")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)
+    tokenizer = Tokenizer(Path(tokenizer_folder), f"the artifact's tokenizer in {tokenizer_folder}",
+                          "the artifact is damaged: re-export it")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"))
     count = len(ids) // window
     if count == 0:
         raise NanoexportError(
