@@ -17,6 +17,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -26,6 +27,11 @@ from nanoexport.errors import NanoexportError
 from nanoexport.passes.initializers import FINGERPRINT
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# Bits per element of each dtype the safetensors format names; the library refuses any other.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+              "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 READ_PIECE = 1 << 24  # bytes read at a time when hashing or widening a tensor
 
 
@@ -102,10 +108,111 @@ def _transposed_digest(source_digest) -> str:
 
 
 def _header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header, and where its tensor data starts (after the header's 8-byte size)."""
+    """A safetensors file's JSON header, and where its tensor data starts (after the header's 8-byte size),
+    checked as the safetensors library checks it before reading a tensor: every entry names a known dtype, a
+    shape and the offsets of exactly as many bytes, the tensors lie back to back from the start of the data
+    and the last one ends where the file does."""
+    size = path.stat().st_size
+    fix = "re-download or re-save the checkpoint"
     with path.open("rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(size)), 8 + size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise NanoexportError(f"corrupt safetensors file {path}: only {size} bytes; {fix}")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(size - 8, MAX_HEADER_BYTES):
+            raise NanoexportError(f"corrupt safetensors file {path}: a header of {header_size:,} bytes "
+                                  f"{'runs past the end of the file' if header_size > size - 8 else 'is too large'}; "
+                                  f"{fix}")
+        try:
+            text = handle.read(header_size).decode("utf-8")  # not UTF-16 or -32, which json.loads also takes
+            header = json.loads(text, parse_constant=_refuse, object_pairs_hook=_table)
+            _check_text(header)
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge number, deep nesting
+            raise NanoexportError(f"corrupt safetensors file {path}: unreadable header; {fix}") from None
+    if not isinstance(header, dict):
+        raise NanoexportError(f"corrupt safetensors file {path}: the header is not a table; {fix}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise NanoexportError(f"corrupt safetensors file {path}: __metadata__ is not a table of strings; {fix}")
+    end = 0
+    tensors = sorted(((name, entry) for name, entry in header.items() if name != "__metadata__"),
+                     key=lambda item: _offsets(item[1]) or (-1, -1))
+    for name, entry in tensors:
+        offsets, shape = _offsets(entry), entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if offsets is None or not isinstance(dtype, str) or dtype not in DTYPE_BITS or not isinstance(shape, list) \
+                or not all(_is_count(dim) for dim in shape):
+            raise NanoexportError(f"corrupt safetensors file {path}: tensor {name[:200]!r} needs a known dtype, a "
+                                  f"shape of counts and two data_offsets; {fix}")
+        begin, stop = offsets
+        if begin != end:
+            raise NanoexportError(f"corrupt safetensors file {path}: tensor {name[:200]!r} starts at byte {begin:,} "
+                                  f"of the data, not {end:,} where the tensor before it ends; {fix}")
+        count = _element_count(shape)
+        needed, odd_bits = divmod(count * DTYPE_BITS[dtype], 8) if count is not None else (None, 0)
+        if odd_bits or stop - begin != needed:
+            needs = "more bytes than a file holds" if needed is None else f"{needed:,} bytes" + (
+                f" and {odd_bits} bits" if odd_bits else "")
+            raise NanoexportError(f"corrupt safetensors file {path}: tensor {name[:200]!r} is {dtype} "
+                                  f"{shape[:8]}{'...' if len(shape) > 8 else ''}, {needs}, but its data_offsets "
+                                  f"hold {stop - begin:,}; {fix}")
+        end = stop
+    if 8 + header_size + end != size:
+        state = f"truncated ({size} bytes, header needs {8 + header_size + end})" if 8 + header_size + end > size \
+            else f"{size - 8 - header_size - end:,} bytes after the last tensor"
+        raise NanoexportError(f"corrupt safetensors file {path}: {state}; {fix}")
+    return header, 8 + header_size
+
+
+def _offsets(entry: Any) -> tuple[int, int] | None:
+    """A header entry's ``data_offsets`` as (begin, end), or None when they are not two ordered counts."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(offset) for offset in offsets):
+        return None
+    return (offsets[0], offsets[1]) if offsets[0] <= offsets[1] else None
+
+
+def _element_count(shape: list[int]) -> int | None:
+    """The elements of ``shape``, or None past 2**64 (the library's overflow, even if a later dim is 0)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count >= 2**64:
+            return None
+    return count
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON number the safetensors library reads as a size: a whole number from 0 to 2**64 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+# Python's JSON reader takes what the safetensors library's (serde_json) refuses: NaN and Infinity, repeated
+# keys, and escapes of half a UTF-16 surrogate pair. A header using them cannot be read later, so it is
+# refused now.
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _table(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    table = dict(pairs)
+    if len(table) != len(pairs):
+        raise ValueError("a key is repeated")
+    return table
+
+
+def _check_text(value: Any) -> None:
+    """Raise ValueError at a string (or key) holding half a surrogate pair, which is not UTF-8."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            value.encode("utf-8")
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 @contextlib.contextmanager
