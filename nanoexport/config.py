@@ -26,8 +26,10 @@ Example ``nanoexport.toml``::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,14 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     return config
 
 
+def validation_config(values: dict[str, Any], origin: str) -> ValidationConfig:
+    """Thresholds from a table of settings (an artifact's manifest records its export's), checked as a config
+    file's are: an unknown name or a wrong type is refused, naming ``origin``."""
+    config = ValidationConfig()
+    _apply(config, values, origin)
+    return config
+
+
 def _without_unset(values: dict[str, Any]) -> dict[str, Any]:
     """Flags left unset are None; nested tables (``{"quant": {...}}``) are pruned the same way."""
     kept = {}
@@ -169,6 +179,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NanoexportError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise NanoexportError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                              "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise NanoexportError(f"config file {path} is not valid TOML: {error}") from None
 
@@ -200,4 +213,16 @@ def _apply(target: Any, values: dict[str, Any], origin: str) -> None:
             raise NanoexportError(
                 f"setting {key!r} in {origin} must be {expected.__name__}, not {type(value).__name__}"
             )
+        item_type = _item_type(type(target), key)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        if item_type is not None and not all(isinstance(item, item_type) for item in items):
+            raise NanoexportError(f"setting {key!r} in {origin} must be a {expected.__name__} of "
+                                  f"{item_type.__name__} values")
         setattr(target, key, value)
+
+
+@functools.cache
+def _item_type(settings: type, name: str) -> type | None:
+    """The type of the items of a list or table setting (``list[str]`` -> str); None for other settings."""
+    arguments = typing.get_args(typing.get_type_hints(settings)[name])
+    return arguments[-1] if arguments and isinstance(arguments[-1], type) else None
