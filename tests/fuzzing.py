@@ -1,0 +1,620 @@
+"""Fuzz targets for the loaders that read files a user hands us, and the oracle that tells our errors from bugs.
+
+A ``Loader`` feeds one input to one loader through a scratch copy of a real artifact or checkpoint. The
+input's first byte picks which of the loader's files it replaces; the rest is that file's new contents. A
+loader may refuse an input only with a one-line ``NanoexportError`` (at the command line: exit code 2 and one
+``error:`` line); anything else that escapes is a bug, reported as a ``Crash``: the exception's type and the
+innermost line of nanoexport it escaped from.
+
+``mutate`` makes inputs from the seeds (the files of a real export): byte edits, and edits that know the
+format (a JSON value of another type, a path out of the folder, an absurd size or offset in a safetensors
+header or an ONNX tensor, a truncated protobuf). ``tests/test_fuzz.py`` runs a few thousand inputs per loader
+from a fixed seed; ``benchmarks/fuzz.py`` hands the same targets and mutator to atheris for long runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import math
+import random
+import shutil
+import signal
+import struct
+import tomllib
+import traceback
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nanoexport
+from nanoexport.errors import NanoexportError
+
+PACKAGE_ROOT = Path(nanoexport.__file__).resolve().parent
+DEMO_CHECKPOINT = PACKAGE_ROOT / "assets" / "demo"  # the bundled demo model: weights, config and tokenizer
+INPUT_SECONDS = 20.0  # an input that takes longer is reported as a hang
+
+# Values that break assumptions: type and range edges, paths out of a folder, markup, encodings.
+INTERESTING_INTS = (0, -1, 1, 3, 255, 256, 65535, 2**31 - 1, 2**31, 2**32 + 1, 2**53 + 1, 2**63 - 1, 2**63, 2**64,
+                    -(2**63), 10**30)
+INTERESTING_FLOATS = (0.5, -0.0, 1e-300, 1e308, math.inf, -math.inf, math.nan)
+INTERESTING_STRINGS = ("", ".", "..", "/", "../../etc/passwd", "/etc/passwd", "..\\..\\x", "a\x00b", "model.onnx",
+                       "manifest.json", "tokenizer", "~", "[/]", "[bold red]x", "%s%n", "\ud800", "\u202e", "é",
+                       "x" * 5000, "onnx", "dynamic", "model.onnx.data", "F32", "BF16", "llama", "int4")
+PROTOBUF_STRINGS = tuple(text for text in INTERESTING_STRINGS if text != "\ud800")  # protobuf strings are UTF-8
+TOKENS = (b'"', b"{", b"}", b"[", b"]", b",", b":", b"null", b"-1", b"1e999", b"\\u0000", b"\\ud800", b"\xff",
+          b"\n", b"=", b"[quant]", b'"../x"', b"18446744073709551616", b"\x00" * 8, b"\xff" * 8)
+
+
+class InputTimeout(BaseException):
+    """An input ran past ``INPUT_SECONDS``. A BaseException, so that ``except Exception`` cannot swallow it."""
+
+
+class BadOutcome(Exception):
+    """A loader returned what no input may make it return: an exit code outside 0-2, an error of several lines,
+    a config holding a value of the wrong type. The first argument names the kind, the same for every input."""
+
+
+class Reached(BaseException):
+    """A damaged artifact was accepted up to where validation compares numbers: a pass, and where the input
+    stops (the comparisons cost seconds and read nothing more from the folder)."""
+
+
+@dataclass(frozen=True)
+class Crash:
+    """A distinct bug: the exception's type and the innermost line of nanoexport it escaped from."""
+
+    kind: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.where}"
+
+
+@dataclass
+class Loader:
+    """One loader under fuzzing: the files an input may replace, their formats and seeds, and ``run``, which
+    feeds it the contents of file number ``index``."""
+
+    name: str
+    files: tuple[str, ...]
+    formats: tuple[str, ...]  # per file: json | toml | safetensors | onnx
+    originals: tuple[bytes, ...]
+    run: Callable[[int, bytes], None]
+
+    @property
+    def seeds(self) -> list[bytes]:
+        return [bytes([index]) + contents for index, contents in enumerate(self.originals)]
+
+    def split(self, data: bytes) -> tuple[int, bytes]:
+        return (data[0] % len(self.files), data[1:]) if data else (0, b"")
+
+    def check(self, data: bytes) -> Crash | None:
+        """Feed ``data``; None when the loader accepted it or refused it with one line, else the bug."""
+        index, contents = self.split(data)
+        try:
+            with _time_limit(INPUT_SECONDS):
+                self.run(index, contents)
+        except (Reached, NanoexportError) as error:
+            if "\n" in str(error):
+                return Crash("NanoexportError of several lines", _where(error))
+            return None
+        except BadOutcome as error:
+            return Crash(f"BadOutcome: {error.args[0]}", _where(error))
+        except InputTimeout as error:
+            return Crash(f"hang (over {INPUT_SECONDS:.0f} s)", _where(error))
+        except Exception as error:  # the oracle: every other exception type is the bug we look for
+            return Crash(type(error).__name__, _where(error))
+        return None
+
+    def mutate(self, data: bytes, rng: random.Random) -> bytes:
+        """One to four stacked edits of ``data``, in the format of the file it replaces."""
+        index, contents = self.split(data)
+        for _ in range(1 + min(3, int(rng.expovariate(1.0)))):
+            contents = mutate(contents, self.formats[index], rng)
+        return bytes([index]) + contents
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    def expire(signal_number, frame):
+        raise InputTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+def _where(error: BaseException) -> str:
+    """The innermost frame in nanoexport (where the exception left our code), else the innermost frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if Path(frame.filename).resolve().is_relative_to(PACKAGE_ROOT)]
+    frame = (ours or frames)[-1]
+    path = Path(frame.filename).resolve()
+    shown = path.relative_to(PACKAGE_ROOT.parent) if path.is_relative_to(PACKAGE_ROOT.parent) else path.name
+    return f"{shown}:{frame.lineno} in {frame.name}"
+
+
+# Mutation --------------------------------------------------------------------------------------------------
+
+def mutate(contents: bytes, file_format: str, rng: random.Random) -> bytes:
+    """One edit of ``contents``: aware of ``file_format`` most of the time, bytes otherwise."""
+    if rng.random() < 0.6:
+        edit = {"json": _mutate_json_text, "toml": _mutate_toml, "safetensors": _mutate_safetensors,
+                "onnx": _mutate_onnx}[file_format]
+        edited = edit(contents, rng)
+        if edited is not None:
+            return edited
+    return mutate_bytes(contents, rng)
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    """A byte-level edit: flip, overwrite, insert a token, delete, duplicate or truncate."""
+    position = rng.randrange(len(data) + 1)
+    span = min(len(data) - position, 1 + int(rng.expovariate(1 / 16)))
+    choice = rng.randrange(7)
+    if choice == 0 and position < len(data):
+        return data[:position] + bytes([data[position] ^ (1 << rng.randrange(8))]) + data[position + 1:]
+    if choice == 1 and position < len(data):
+        return data[:position] + bytes([rng.randrange(256)]) + data[position + 1:]
+    if choice == 2:
+        return data[:position] + rng.choice(TOKENS) + data[position:]
+    if choice == 3:
+        return data[:position] + data[position + span:]
+    if choice == 4:
+        return data[:position] + data[position:position + span] * 2 + data[position + span:]
+    if choice == 5:
+        token = rng.choice(TOKENS)
+        return data[:position] + token + data[position + len(token):]
+    return data[:position]
+
+
+def random_json_value(rng: random.Random, depth: int = 0) -> Any:
+    """A JSON value of any type, mostly one from the interesting values above."""
+    choice = rng.randrange(8)
+    if choice == 0:
+        return None
+    if choice == 1:
+        return rng.random() < 0.5
+    if choice == 2:
+        return rng.choice(INTERESTING_INTS)
+    if choice == 3:
+        return rng.choice(INTERESTING_FLOATS)
+    if choice == 5 and depth < 2:
+        return [random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))]
+    if choice == 6 and depth < 2:
+        return {rng.choice(INTERESTING_STRINGS): random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+    return rng.choice(INTERESTING_STRINGS)
+
+
+def _nudged(value: Any, rng: random.Random) -> Any:
+    """A plausible wrong number near ``value``: off by a little, scaled, negated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return random_json_value(rng)
+    return rng.choice((value + 1, value - 1, value * 2, value * 1000, -value, 0,
+                       value // 2 if isinstance(value, int) else value / 2))
+
+
+def _random_slot(document: Any, rng: random.Random) -> tuple[Any, Any]:
+    """A (container, key) of a JSON document, reached by a random walk from the top that stops at each level
+    with probability 1/3; (None, None) stands for the document itself. A walk, not a uniform pick: the vocabulary
+    of a tokenizer.json would otherwise take nearly every edit."""
+    slot: tuple[Any, Any] = (None, None)
+    node = document
+    while isinstance(node, (dict, list)) and node and (slot == (None, None) or rng.random() > 1 / 3):
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        slot, node = (node, key), node[key]
+    return slot
+
+
+def mutate_json(document: Any, rng: random.Random) -> Any:
+    """One edit of a parsed JSON document: a value replaced (by another type, a nearby number, or a value from
+    elsewhere in the document), a key deleted or renamed, an element duplicated."""
+    container, key = _random_slot(document, rng)
+    if container is None:
+        return random_json_value(rng)
+    choice = rng.randrange(6)
+    if choice == 0:
+        container[key] = _nudged(container[key], rng)
+    elif choice == 1:
+        del container[key]
+    elif choice == 2 and isinstance(container, dict):
+        container[rng.choice(INTERESTING_STRINGS)] = container.pop(key)
+    elif choice == 3 and isinstance(container, list):
+        container.insert(key, container[key])
+    elif choice == 4:
+        other, other_key = _random_slot(document, rng)
+        container[key] = copy.deepcopy(document if other is None else other[other_key])  # a copy: no cycle
+    else:
+        container[key] = random_json_value(rng)
+    return document
+
+
+def _mutate_json_text(contents: bytes, rng: random.Random) -> bytes | None:
+    try:
+        document = json.loads(contents)
+    except (ValueError, RecursionError):
+        return None
+    document = mutate_json(document, rng)
+    return json.dumps(document, indent=rng.choice((None, 2)), sort_keys=rng.random() < 0.5).encode()
+
+
+def _mutate_toml(contents: bytes, rng: random.Random) -> bytes | None:
+    try:
+        document = tomllib.loads(contents.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return toml_text(mutate_json(document, rng)).encode("utf-8", "surrogatepass")
+
+
+def toml_text(table: Any, prefix: str = "") -> str:
+    """``table`` written as TOML (values TOML cannot hold, such as null, are left out)."""
+    if not isinstance(table, dict):
+        table = {"value": table}
+    lines = [f"{json.dumps(key)} = {_toml_value(value)}" for key, value in table.items()
+             if not isinstance(value, dict) and _toml_value(value) is not None]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{json.dumps(key)}"
+            lines.append(f"\n[{name}]\n{toml_text(value, name + '.')}")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else "inf" if value == math.inf else "-inf" if value == -math.inf \
+            else repr(value)
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(v for v in map(_toml_value, value) if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {v}" for k, v in
+                               ((k, _toml_value(v)) for k, v in value.items()) if v is not None) + "}"
+    return None
+
+
+def _mutate_safetensors(contents: bytes, rng: random.Random) -> bytes | None:
+    """Edit the header: its JSON (re-packed with its length, or keeping the old length), or the length."""
+    if len(contents) < 8:
+        return None
+    (length,) = struct.unpack("<Q", contents[:8])
+    header, rest = contents[8:8 + length], contents[8 + length:]
+    if rng.random() < 0.25:
+        new_length = _nudged(length, rng) if rng.random() < 0.5 else rng.choice(INTERESTING_INTS)
+        return struct.pack("<Q", new_length % 2**64) + contents[8:]
+    try:
+        document = json.loads(header)
+    except (ValueError, RecursionError):
+        return None
+    text = json.dumps(mutate_json(document, rng)).encode()
+    packed_length = len(text) if rng.random() < 0.8 else length
+    return struct.pack("<Q", packed_length) + text + rest
+
+
+def _mutate_onnx(contents: bytes, rng: random.Random) -> bytes | None:
+    """Edit the ModelProto: a tensor's external-data entries, dims, type or bytes; a node; or truncate it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if rng.random() < 0.2:
+        return contents[:rng.randrange(len(contents) + 1)]
+    try:
+        model = onnx.ModelProto.FromString(contents)
+    except (DecodeError, ValueError, RuntimeWarning):
+        return None
+    tensors = list(model.graph.initializer) + [attribute.t for node in model.graph.node
+                                               for attribute in node.attribute if attribute.HasField("t")]
+    choice = rng.randrange(8)
+    if choice < 5 and tensors:
+        _mutate_tensor(rng.choice(tensors), choice, rng)
+    elif choice == 5 and len(model.graph.node):
+        node = rng.choice(model.graph.node)
+        if rng.random() < 0.5:
+            node.op_type = rng.choice(("Foo", "Attention", "MatMul", ""))
+        elif len(node.input):
+            node.input[rng.randrange(len(node.input))] = rng.choice(("", "missing", *node.output))
+    elif choice == 6:
+        model.ir_version = rng.choice(INTERESTING_INTS) % 2**63
+    else:
+        if len(model.opset_import):
+            model.opset_import[0].version = rng.choice(INTERESTING_INTS) % 2**63
+    return model.SerializeToString()
+
+
+def _mutate_tensor(tensor, choice: int, rng: random.Random) -> None:
+    import onnx
+
+    if choice == 0:  # where its external data lives
+        locations = [entry for entry in tensor.external_data if entry.key == "location"]
+        if locations and rng.random() < 0.8:
+            locations[0].value = rng.choice(PROTOBUF_STRINGS)
+        else:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", rng.choice(PROTOBUF_STRINGS)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    elif choice == 1:  # the offset and length of its external data
+        key = rng.choice(("offset", "length"))
+        entries = [entry for entry in tensor.external_data if entry.key == key]
+        value = str(_nudged(int(entries[0].value), rng)) if entries and entries[0].value.lstrip("-").isdigit() \
+            and rng.random() < 0.5 else rng.choice((str(rng.choice(INTERESTING_INTS)), "abc", "", "1e3", " 7"))
+        if entries:
+            entries[0].value = value
+        else:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    elif choice == 2 and len(tensor.dims):  # its shape
+        index = rng.randrange(len(tensor.dims))
+        tensor.dims[index] = max(-(2**63), min(2**63 - 1, _nudged(tensor.dims[index], rng) if rng.random() < 0.5
+                                              else rng.choice(INTERESTING_INTS)))
+    elif choice == 3:  # its element type
+        tensor.data_type = rng.randrange(0, 26)
+    else:  # its bytes stored inline instead
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        tensor.raw_data = bytes(rng.choice((0, 1, 3, 4, 64, 4096)))
+
+
+# Loaders ---------------------------------------------------------------------------------------------------
+
+LOADERS = ("manifest", "inspect", "validate", "safetensors", "config", "toml", "tokenizer", "onnx")
+
+
+def make_loader(name: str, artifact: Path, checkpoint: Path, scratch: Path) -> Loader:
+    """Loader ``name`` over copies (under ``scratch``) of an onnx-target ``artifact`` exported from the
+    ``checkpoint`` folder, which holds safetensors weights and tokenizer files."""
+    folder = scratch / name
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(artifact if name in ("manifest", "inspect", "validate", "onnx") else checkpoint, folder)
+    return globals()[f"_{name}_loader"](folder)
+
+
+def _files(folder: Path, names: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple((folder / name).read_bytes() for name in names)
+
+
+def _restore(folder: Path, names: tuple[str, ...], originals: tuple[bytes, ...]) -> None:
+    for name, contents in zip(names, originals):
+        (folder / name).write_bytes(contents)
+
+
+def _rehash(folder: Path, manifest: bytes, changed: str, contents: bytes) -> None:
+    """Write ``manifest`` with the entry of ``changed`` agreeing with its new ``contents``: a damaged
+    artifact whose checksums were recomputed, which ``Artifact.verify`` cannot tell from a sound one."""
+    document = json.loads(manifest)
+    for entry in document["files"]:
+        if entry["path"] == changed:
+            entry["size"], entry["sha256"] = len(contents), hashlib.sha256(contents).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
+def cli_outcome(argv: list[str], allowed: tuple[int, ...]) -> int:
+    """Run ``nanoexport`` in this process, its output discarded; refuse an exit code outside ``allowed`` and an
+    error of more than one line (warnings logged before it are fine)."""
+    from nanoexport.cli import main
+
+    errors = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+        code = main(argv)
+    if code not in allowed:
+        raise BadOutcome(f"exit code {code}")
+    lines = errors.getvalue().strip().splitlines()
+    if code == 2 and not (lines and lines[-1].startswith("error: ") and sum(line.startswith("error:")
+                                                                            for line in lines) == 1):
+        raise BadOutcome("an error of several lines")
+    return code
+
+
+def _manifest_loader(folder: Path) -> Loader:
+    from nanoexport.artifact import Artifact
+
+    def run(index: int, contents: bytes) -> None:
+        (folder / "manifest.json").write_bytes(contents)
+        artifact = Artifact.load(folder)
+        artifact.verify()
+        assert isinstance(artifact.target, str)
+
+    return Loader("manifest", ("manifest.json",), ("json",), _files(folder, ("manifest.json",)), run)
+
+
+def _inspect_loader(folder: Path) -> Loader:
+    names = ("manifest.json", "build.json")
+    originals = _files(folder, names)
+
+    def run(index: int, contents: bytes) -> None:
+        _restore(folder, names, originals)
+        (folder / names[index]).write_bytes(contents)
+        cli_outcome(["inspect", str(folder)], allowed=(0, 2))
+
+    return Loader("inspect", names, ("json", "json"), originals, run)
+
+
+def _validate_loader(folder: Path) -> Loader:
+    """``nanoexport validate`` on a damaged manifest, or on a damaged tokenizer whose checksum the manifest
+    agrees with; up to the numbers' comparison (see ``Reached``), the reference model loaded once."""
+    validation = importlib.import_module("nanoexport.validate")  # the module; nanoexport.validate is the function
+
+    names = ("manifest.json", *(f"tokenizer/{name}" for name in ("tokenizer.json", "tokenizer_config.json")
+                                if (folder / "tokenizer" / name).is_file()))
+    originals = _files(folder, names)
+    references: dict[str, Any] = {}
+
+    def load_reference_once(source, lazy: bool = False):
+        if str(source) not in references:
+            references[str(source)] = real_load_checkpoint(source, lazy)
+        return references[str(source)]
+
+    def stop(*args, **kwargs):
+        raise Reached()
+
+    real_load_checkpoint = validation.load_checkpoint
+
+    def run(index: int, contents: bytes) -> None:
+        _restore(folder, names, originals)
+        (folder / names[index]).write_bytes(contents)
+        if index:
+            _rehash(folder, originals[0], names[index], contents)
+        with _patched(validation, load_checkpoint=load_reference_once, _compare_logits=stop):
+            cli_outcome(["validate", str(folder)], allowed=(0, 1, 2))
+
+    return Loader("validate", names, ("json",) * len(names), originals, run)
+
+
+@contextlib.contextmanager
+def _patched(module: Any, **replacements: Any) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _safetensors_loader(folder: Path) -> Loader:
+    """The header of ``model.safetensors`` (its 8-byte length and JSON) checked as ``load_checkpoint`` does,
+    then read by ``SafetensorsWeights``: shapes, digests, and the smallest tensors' values. The tensor data
+    after the header is the real file's length of zeros."""
+    from nanoexport.capture.checkpoint import _weight_files
+    from nanoexport.capture.weights import SafetensorsWeights
+
+    path = folder / "model.safetensors"
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = struct.pack("<Q", length) + handle.read(length)
+    data_bytes = path.stat().st_size - len(header)
+
+    def run(index: int, contents: bytes) -> None:
+        with path.open("wb") as handle:
+            handle.write(contents)
+            handle.truncate(len(contents) + data_bytes)  # sparse: costs no writing
+        weights = SafetensorsWeights(_weight_files(folder))
+        names = sorted(weights.entries, key=lambda name: weights.byte_ranges[name][1] - weights.byte_ranges[name][0])
+        for name in names:
+            weights.shape(name)
+        for name in names[:3]:
+            weights.digest(name)
+            weights.read(name)
+
+    return Loader("safetensors", ("model.safetensors",), ("safetensors",), (header,), run)
+
+
+def _config_loader(folder: Path) -> Loader:
+    """A checkpoint's ``config.json`` read by ``load_checkpoint`` as export reads it (lazily)."""
+    from nanoexport.capture.checkpoint import load_checkpoint
+
+    def run(index: int, contents: bytes) -> None:
+        (folder / "config.json").write_bytes(contents)
+        load_checkpoint(folder, lazy=True)
+
+    return Loader("config", ("config.json",), ("json",), _files(folder, ("config.json",)), run)
+
+
+def _toml_loader(folder: Path) -> Loader:
+    """``nanoexport.toml`` read by ``load_config``; the seed holds the settings of the real export."""
+    from nanoexport.config import ExportConfig, load_config
+
+    path = folder / "nanoexport.toml"
+    settings = ExportConfig(model=str(folder), out="out").manifest_view()
+    seed = toml_text({key: value for key, value in settings.items() if value not in ([], "")}).encode()
+
+    def run(index: int, contents: bytes) -> None:
+        path.write_bytes(contents)
+        _check_types(load_config(path))
+
+    return Loader("toml", ("nanoexport.toml",), ("toml",), (seed,), run)
+
+
+def _check_types(settings: Any, where: str = "") -> None:
+    """Refuse a config that ``load_config`` accepted with a value its dataclass field does not declare (the
+    stage that reads it would fail instead, far from the file)."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        value, hint = getattr(settings, field.name), hints[field.name]
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{where}{field.name}.")
+        elif field.name == "options":
+            for name, options in value.items():
+                _check_types(options, f"{where}[{name}].")
+        elif not _fits(value, hint):
+            raise BadOutcome(f"load_config accepted a wrong type in {where}{field.name}", value)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, arguments[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(key, arguments[0]) and _fits(item, arguments[1])
+                                               for key, item in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+
+
+def _tokenizer_loader(folder: Path) -> Loader:
+    """A checkpoint's tokenizer files as export meets them: checked when the checkpoint is loaded, then made
+    into the tokenizer calibration encodes text with."""
+    from nanoexport.calibration.data import load_tokenizer
+    from nanoexport.capture.checkpoint import _load_config, check_tokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json")
+    originals = _files(folder, names)
+    hf_config = _load_config(folder)
+
+    def run(index: int, contents: bytes) -> None:
+        files = dict(zip(names, originals))
+        files[names[index]] = contents
+        check_tokenizer(files, hf_config, folder)
+        load_tokenizer(files).encode("To be, or not to be, that is the question:")
+
+    return Loader("tokenizer", names, ("json", "json"), originals, run)
+
+
+def _onnx_loader(folder: Path) -> Loader:
+    """An onnx-target artifact's ``model.onnx`` (checksum recomputed in the manifest) opened by the target's
+    validation runner, its weights file intact."""
+    from nanoexport.artifact import Artifact
+    from nanoexport.targets import get_target
+
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)  # the runtime logs each refused model; the outcome is what counts
+    manifest = (folder / "manifest.json").read_bytes()
+
+    def run(index: int, contents: bytes) -> None:
+        (folder / "model.onnx").write_bytes(contents)
+        _rehash(folder, manifest, "model.onnx", contents)
+        artifact = Artifact.load(folder)
+        with contextlib.redirect_stdout(io.StringIO()):  # where onnxruntime prints the providers it retries with
+            get_target(artifact.target).runner(artifact)
+
+    return Loader("onnx", ("model.onnx",), ("onnx",), _files(folder, ("model.onnx",)), run)
+
+
+def fuzz(loader: Loader, inputs: int, seed: int = 0) -> dict[Crash, bytes]:
+    """Feed ``loader`` ``inputs`` inputs mutated from its seeds (the seeds first) by a generator seeded with
+    ``seed``; returns each distinct crash with the first input that showed it."""
+    rng = random.Random(seed)
+    crashes: dict[Crash, bytes] = {}
+    for number in range(inputs):
+        seeds = loader.seeds
+        data = seeds[number] if number < len(seeds) else loader.mutate(rng.choice(seeds), rng)
+        crash = loader.check(data)
+        if crash is not None and crash not in crashes:
+            crashes[crash] = data
+    return crashes
