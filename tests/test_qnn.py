@@ -16,6 +16,7 @@ import pytest
 from filelock import FileLock
 
 import nanoexport
+from nanoexport.capture.checkpoint import DEMO_MODEL
 from nanoexport.config import load_config
 from nanoexport.targets.qnn.options import QnnOptions
 from nanoexport.errors import NanoexportError
@@ -257,6 +258,29 @@ def test_parts_compile_per_part_and_chain_on_htp_like_one_graph(exported, parted
     whole, parts = _decoders(exported, parted, backend="htp")  # CPU fallback disabled
     prompt = list(range(1, 20))
     np.testing.assert_allclose(parts.full_logits(prompt), whole.full_logits(prompt), rtol=0, atol=1e-5)
+
+
+def test_a_random_weight_checkpoint_splits_into_parts(tmp_path):
+    """Untrained norms (all ones) and biases (zeros) are equal in every layer; merged across layers, they put a
+    layer on another's weight and no single hidden state crossed the boundary (found on Qwen2.5-1.5B)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    checkpoint = tmp_path / "random-qwen2"
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "calibration.txt"):
+        shutil.copy(DEMO_MODEL / name, checkpoint / name)
+    settings = load_config(None, {"model": str(checkpoint), "target": "qnn", "max_context": 64,
+                                  "prefill_chunk": 16, "quant": {"calib_samples": 4},
+                                  "qnn": {"max_part_bytes": "2400kB"}})
+    artifact = nanoexport.export(config=settings, out=tmp_path / "out", progress=False)
+    layers = [part["layers"] for part in qnn_parts.parts_of(artifact)]
+    assert len(layers) >= 2 and sum(layers, []) == [0, 1, 2, 3]
 
 
 def test_a_part_limit_below_one_layer_is_refused_in_one_line(exported):

@@ -11,13 +11,13 @@ import logging
 import warnings
 
 import onnx_ir as ir
-import onnxscript.optimizer
 import onnxscript.rewriter.onnx_fusions
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.weights import bind_weights, fold_weight_transposes
 from nanoexport.interface import io_names, kv_shape
+from nanoexport.passes import fold_constants
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def export_onnx(checkpoint: Checkpoint) -> ir.Model:
     if checkpoint.weights is not None:
         bind_weights(model, checkpoint.model, checkpoint.weights)
     fold_weight_transposes(model)
-    # What the exporter's optimize=True runs, on a graph whose weights are now readable (or lazy).
-    onnxscript.optimizer.optimize_ir(model)
+    fold_constants(model)  # what the exporter's optimize=True would run, now that the weights are bound
     onnxscript.rewriter.onnx_fusions.fuse(model)
     _name_dimensions(model, num_layers)
     return model

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-import onnxscript.optimizer
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as basic_rules
 
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.fusion import fuse, merge_projections
-from nanoexport.passes.initializers import fingerprint
+from nanoexport.passes.initializers import fingerprint, layer_of
+from nanoexport.passes.optimize import optimize
 from nanoexport.passes.kv_cache import static_kv_cache as rewrite_static_kv_cache
 from nanoexport.passes.verify import GraphRunner
 
@@ -83,8 +83,12 @@ def strip_metadata(model: ir.Model) -> None:
 
 
 def fold_constants(model: ir.Model) -> None:
-    """Fold constant subgraphs and shape arithmetic; inline functions."""
-    onnxscript.optimizer.optimize_ir(model)
+    """Fold constant subgraphs and shape arithmetic; inline functions.
+
+    What ``onnxscript.optimizer.optimize_ir`` runs, except its de-duplication of initializers (see
+    ``optimize.optimize``); ``merge_duplicate_initializers`` de-duplicates, within a layer.
+    """
+    optimize(model)
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -143,17 +147,22 @@ def eliminate_identity(model: ir.Model) -> None:
 def merge_duplicate_initializers(model: ir.Model) -> None:
     """Let initializers with identical dtype, shape and bytes share one tensor: the first in graph order.
 
+    Only within one decoder layer (or among weights of none, like a tied embedding and head): a weight
+    named for layer 2 must not serve layer 3, since cuts at layer boundaries (the qnn target's parts,
+    layer-wise calibration) go by the names. Random-weight checkpoints have identical norm weights (all
+    ones) in every layer, and merging them put layer 3's norm on a layer-2 weight.
+
     Graph inputs and outputs keep their own tensor (merging an output would rename it). Hand-walked
     because onnx-ir's ``DeduplicateHashedInitializersPass`` hashes ``numpy()`` in place, which fails on
     the transposed weights ``fold_constants`` leaves as non-contiguous views, and would widen every
     checkpoint weight to float32 to hash it; ``fingerprint`` hashes a checkpoint's stored bytes instead.
     """
-    seen: dict[str, ir.Value] = {}
+    seen: dict[tuple[str, int | None], ir.Value] = {}
     for name, value in list(model.graph.initializers.items()):
         tensor = value.const_value
         if tensor is None or value.is_graph_input() or value.is_graph_output():
             continue
-        key = fingerprint(tensor)
+        key = (fingerprint(tensor), layer_of(name))
         if key not in seen:
             seen[key] = value
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,13 @@ import onnx_ir as ir
 # Tensor metadata (``tensor.meta``, never serialized): a function giving a digest of the tensor's bytes without
 # materializing them as float32, set where weights are bound to a checkpoint (see capture/weights.py).
 FINGERPRINT = "nanoexport.fingerprint"
+LAYER_OF_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # model.layers.3.mlp.down_proj.weight -> 3
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a weight's name puts it in, or None (embedding, final norm, head)."""
+    match = LAYER_OF_NAME.search(name)
+    return int(match[1]) if match else None
 
 
 def fingerprint(tensor: ir.TensorProtocol) -> str:

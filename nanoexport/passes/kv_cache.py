@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-import onnxscript.optimizer
 
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.optimize import optimize
 
 STATIC_OPSET = 24
 
@@ -152,7 +152,7 @@ def specialize(model: ir.Model, sequence_length: int) -> None:
         for value in node.outputs:
             if value not in boundary:
                 value.shape = None  # the tracer's symbolic shapes; inferred again below
-    onnxscript.optimizer.optimize_ir(model)
+    optimize(model)
     common.ShapeInferencePass()(model)
     dynamic = [
         value.name for node in graph for value in node.outputs
