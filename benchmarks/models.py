@@ -55,7 +55,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def checkpoint(name: str, scratch: Path) -> Path:
     """The folder of benchmark model ``name``; the larger ones are built (in a process of their own) under
     ``scratch``, with the demo's tokenizer and calibration text beside them (its token ids are valid in any
-    of these vocabularies), so data-aware quantizers and QDQ targets have calibration data."""
+    of these vocabularies), so data-aware quantizers and QDQ targets have calibration data. The config's
+    special token ids become the demo's, which its tokenizer holds (an export refuses ids outside it)."""
     from nanoexport.capture.checkpoint import DEMO_MODEL
 
     if name == "demo":
@@ -66,6 +67,11 @@ def checkpoint(name: str, scratch: Path) -> Path:
     for file_name in DEMO_FILES:
         if not (folder / file_name).exists():
             shutil.copyfile(DEMO_MODEL / file_name, folder / file_name)
+    demo_config = json.loads((DEMO_MODEL / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    special = {key: demo_config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if any(config.get(key) != value for key, value in special.items()):
+        (folder / "config.json").write_text(json.dumps({**config, **special}, indent=2) + "\n")
     return folder
 
 

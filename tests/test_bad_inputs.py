@@ -255,3 +255,17 @@ def test_a_broken_tokenizer_is_refused_before_it_enters_an_artifact(tmp_path, ca
     code, err = run_cli(["--model", model, "--out", out], capsys)
     assert_one_line_error(code, err, *phrases)
     assert_clean(out)
+
+
+def test_a_weight_of_an_integer_dtype_is_refused_from_the_header(tmp_path, tiny_checkpoint, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, err = run_cli(["--model", model, "--out", out], capsys)
+    assert_one_line_error(code, err, "model.layers.0.self_attn.q_proj.weight", "is I8, not a float type", "--quant")
+    assert_clean(out)

@@ -256,8 +256,8 @@ def meta_model(hf_config) -> torch.nn.Module:
 
 
 def check_shapes(model: torch.nn.Module, weights: SafetensorsWeights, folder: Path) -> None:
-    """Every parameter the config implies exists in the checkpoint with the same shape; checked from the
-    headers, before anything is allocated or traced."""
+    """Every parameter the config implies exists in the checkpoint with the same shape and a float dtype;
+    checked from the headers, before anything is allocated or traced."""
     for name, parameter in model.named_parameters():
         key = _checkpoint_key(name, model, weights)
         if key is None:
@@ -266,6 +266,10 @@ def check_shapes(model: torch.nn.Module, weights: SafetensorsWeights, folder: Pa
         if tuple(parameter.shape) != weights.shape(key):
             raise NanoexportError(f"weight {key} in {folder} is {list(weights.shape(key))} but config.json implies "
                                   f"{list(parameter.shape)}; the config and the weights belong to different models")
+        dtype = weights.entries[key][1]
+        if dtype not in FLOAT_DTYPES:
+            raise NanoexportError(f"weight {key} in {folder} is {dtype}, not a float type (an already quantized "
+                                  "checkpoint?); export from the float checkpoint, and quantize with --quant")
 
 
 def _checkpoint_key(name: str, model: torch.nn.Module, weights: SafetensorsWeights) -> str | None:
