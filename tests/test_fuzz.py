@@ -354,6 +354,12 @@ def test_a_manifest_kv_cache_that_does_not_fit_the_graph_is_refused(artifact, ch
     one_line_error(lambda: open_runner(artifact), phrase, "does not describe the model")
 
 
+def test_a_manifest_kv_cache_leaving_out_capacity_opens_as_a_growing_cache(artifact):
+    # the manifest check lets capacity and prefill_chunk be left out (None); the graph check read them: KeyError
+    edit_manifest(artifact, lambda manifest: manifest["io"]["kv_cache"].pop("capacity"))
+    assert open_runner(artifact).sessions
+
+
 @pytest.mark.parametrize("target, missing", [("qnn", "prefill.onnx"), ("openvino", "openvino_model.xml"),
                                              ("coreml", "model.mlpackage")])
 def test_a_manifest_naming_another_target_is_refused_for_the_missing_files(artifact, target, missing):

@@ -58,6 +58,7 @@ def _check_kv_cache(session, kv_cache: dict[str, Any], path: Path, role: str) ->
         graph["prefill_chunk"] = tokens_shape[1] if role == "prefill" else None
     for key, size in graph.items():
         fixed = size if isinstance(size, int) else None  # a named dimension: any size, or a growing cache
-        if fixed != kv_cache[key] and (fixed is not None or key in ("capacity", "prefill_chunk")):
-            raise NanoexportError(f"the manifest of {path.parent} says {key} {kv_cache[key]}, but {path.name} takes "
+        claimed = kv_cache.get(key)  # capacity and prefill_chunk may be left out: None
+        if fixed != claimed and (fixed is not None or key in ("capacity", "prefill_chunk")):
+            raise NanoexportError(f"the manifest of {path.parent} says {key} {claimed}, but {path.name} takes "
                                   f"{size}; {fix}")
