@@ -24,7 +24,8 @@ BYTE_COUNT = re.compile(r"[0-9]+")
 
 
 def check_onnx_file(path: Path, folder: Path) -> None:
-    """Refuse ``path`` unless it parses as an ONNX model whose external data all lies inside ``folder``, each
+    """Refuse ``path`` unless it parses as an ONNX model whose inputs and outputs have UTF-8 names (ONNX
+    Runtime opens others, then fails on reading them) and whose external data all lies inside ``folder``, each
     tensor's bytes within its data file and as many as its shape and element type take."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -36,6 +37,11 @@ def check_onnx_file(path: Path, folder: Path) -> None:
     except (DecodeError, ValueError, RuntimeWarning, OSError) as error:  # a truncated or damaged protobuf
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise NanoexportError(f"{path} is not a readable ONNX model ({reason}); {FIX}") from None
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not all(isinstance(text, str) for text in (value.name, *(dim.dim_param for dim in dims))):
+            raise NanoexportError(f"{path} names an input or output (or one of its dimensions) in bytes that are "
+                                  f"not UTF-8; {FIX}")
     data_sizes: dict[Path, int] = {}
     for tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

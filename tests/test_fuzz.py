@@ -34,6 +34,7 @@ REPORTED = {
     ("nanoexport/capture/checkpoint.py", "_load_config"),  # transformers' StrictDataclass*Error and others
     ("nanoexport/capture/checkpoint.py", "load_checkpoint"),  # config.json that is not UTF-8
     ("nanoexport/capture/checkpoint.py", "check_architecture"),  # a model_type that is a list: unhashable
+    ("nanoexport/capture/checkpoint.py", "check_tokenizer"),  # a special token with half a surrogate pair
 }
 
 
@@ -326,6 +327,14 @@ def test_an_onnx_external_data_location_that_is_not_utf8_is_refused(artifact):
     one_line_error(lambda: open_runner(artifact), "which is not a file in the artifact")
 
 
+def test_an_onnx_dimension_name_that_is_not_utf8_is_refused(artifact):
+    # ONNX Runtime opened the model, then reading the output's shape raised UnicodeDecodeError (benchmarks/fuzz.py)
+    text = (artifact / "model.onnx").read_bytes()
+    damaged = text.replace(b"total_sequence_length", b"total_sequen\x9e\x9a\xa0\x93ength")
+    replace_file(artifact, "model.onnx", damaged)
+    one_line_error(lambda: open_runner(artifact), "in bytes that are not UTF-8")
+
+
 def test_a_truncated_onnx_model_is_refused(artifact):
     text = (artifact / "model.onnx").read_bytes()
     replace_file(artifact, "model.onnx", text[: len(text) // 2])  # was onnxruntime's InvalidProtobuf
@@ -373,7 +382,7 @@ def test_a_manifest_naming_another_target_is_refused_for_the_missing_files(artif
 REPORTED_CLI = pytest.mark.xfail(strict=True, reason="reported: cli.py prints manifest text and errors as rich "
                                  "markup and reads build.json unchecked")
 REPORTED_CHECKPOINT = pytest.mark.xfail(strict=True, reason="reported: checkpoint.py's _check_safetensors, "
-                                        "config.json reading and _load_config")
+                                        "config.json reading, _load_config and check_tokenizer")
 
 
 @REPORTED_CLI
@@ -429,3 +438,12 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(sources, tmp_path, change):
 
     folder = _damaged_checkpoint(sources, tmp_path, change)
     one_line_error(lambda: load_checkpoint(folder, lazy=True))
+
+
+@REPORTED_CHECKPOINT
+def test_a_special_token_that_is_not_utf8_is_refused_in_one_line(sources):
+    from nanoexport.capture.checkpoint import _load_config, check_tokenizer
+
+    files = {name: (sources[0] / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    files["tokenizer_config.json"] = b'{"bos_token": "\\ud800"}'  # UnicodeEncodeError in token_to_id
+    one_line_error(lambda: check_tokenizer(files, _load_config(sources[0]), sources[0]))
