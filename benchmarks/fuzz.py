@@ -103,8 +103,9 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
     row = json.loads(report_path.read_text()) if report_path.is_file() else {
         "loader": name, "inputs": 0, "seconds": time.monotonic() - started, "crashes": [], "stopped": ""}
-    if code != 0:  # libFuzzer's own end: a deadly signal, out of memory, or a failure to start
-        row["stopped"] = f"process ended with code {code}: {_libfuzzer_reason(log_path)}; see {log_path}"
+    if code != 0:  # a harness error (in the report), or libFuzzer's own end: a deadly signal, out of memory
+        reason = row["stopped"] if row["stopped"].startswith("harness error") else _libfuzzer_reason(log_path)
+        row["stopped"] = f"process ended with code {code}: {reason}; see {log_path}"
     row["inputs_per_second"] = row["inputs"] / row["seconds"] if row["seconds"] else 0.0
     return row
 
@@ -179,7 +180,12 @@ def fuzz_one(name: str, args: argparse.Namespace) -> None:
                    f"-rss_limit_mb={RSS_LIMIT_MB}", "-timeout=0", "-close_fd_mask=3",
                    f"-artifact_prefix={crash_folder}/", str(corpus)],
                   test_one_input, custom_mutator=custom_mutator)
-    atheris.Fuzz()
+    try:
+        atheris.Fuzz()
+    except BaseException as error:  # the harness itself failed (a mutator bug): say so in the report
+        write_report(f"harness error: {type(error).__name__}: {str(error)[:200]}")
+        # Leaving through Python's own exit deadlocks in atheris' clean-up (it takes the GIL after finalization).
+        os._exit(3)
 
 
 def _version(package: str) -> str:

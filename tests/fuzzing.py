@@ -23,6 +23,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 import signal
 import struct
@@ -349,8 +350,9 @@ def _mutate_tensor(tensor, choice: int, rng: random.Random) -> None:
     elif choice == 1:  # the offset and length of its external data
         key = rng.choice(("offset", "length"))
         entries = [entry for entry in tensor.external_data if entry.key == key]
-        value = str(_nudged(int(entries[0].value), rng)) if entries and entries[0].value.lstrip("-").isdigit() \
-            and rng.random() < 0.5 else rng.choice((str(rng.choice(INTERESTING_INTS)), "abc", "", "1e3", " 7"))
+        number = entries[0].value if entries and isinstance(entries[0].value, str) else ""  # bytes: not UTF-8
+        value = str(_nudged(int(number), rng)) if re.fullmatch(r"-?[0-9]+", number) and rng.random() < 0.5 \
+            else rng.choice((str(rng.choice(INTERESTING_INTS)), "abc", "", "1e3", " 7"))
         if entries:
             entries[0].value = value
         else:
