@@ -9,17 +9,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import threading
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from nanoexport.artifact import BUILD_LOG, Artifact
-from nanoexport.config import ValidationConfig, load_config
+from nanoexport.artifact import MANIFEST, Artifact, read_build_log
+from nanoexport.config import load_config, validation_config
 from nanoexport.errors import NanoexportError
 from nanoexport.interface import KV_CACHE_FORMS
 from nanoexport.interrupts import Interrupted, handling_signals
@@ -185,11 +186,11 @@ def _run(argv: list[str]) -> int:
                             format="%(levelname)s %(message)s")
         return {"export": _export, "validate": _validate, "inspect": _inspect, "targets": _targets}[verb](args)
     except NanoexportError as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {error}"), highlight=False, soft_wrap=True)
         return 2
     except Interrupted as interrupt:
-        Console(stderr=True).print(f"[red]interrupted[/] by {interrupt}: stopped, and nothing was left half-written",
-                                   highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("interrupted", "red"), f" by {interrupt}: stopped, and nothing was "
+                                                 "left half-written"), highlight=False, soft_wrap=True)
         return 128 + interrupt.signal_number
 
 
@@ -225,7 +226,8 @@ def _validate(args: argparse.Namespace) -> int:
     artifact = Artifact.load(args.artifact)
     thresholds = load_config(args.config).validate if args.config else None
     if args.eval is not None or args.eval_windows is not None:
-        thresholds = thresholds or ValidationConfig(**artifact.manifest["config"]["validate"])
+        thresholds = thresholds or validation_config(artifact.manifest["config"]["validate"],
+                                                     f"{artifact.path / MANIFEST} [config.validate]")
         thresholds.eval_text = str(args.eval) if args.eval is not None else thresholds.eval_text
         thresholds.eval_windows = args.eval_windows if args.eval_windows is not None else thresholds.eval_windows
     report = validate(artifact, reference=args.reference, config=thresholds)
@@ -236,16 +238,16 @@ def _validate(args: argparse.Namespace) -> int:
 def _summary_table(artifact: Artifact) -> Table:
     manifest = artifact.manifest
     source = manifest["source"]
-    table = Table(title=f"artifact {artifact.path}", show_header=False)
+    table = Table(title=escape(f"artifact {artifact.path}"), show_header=False)
     table.add_column("what")
     table.add_column("value")
-    table.add_row("model", f"{source['name']} ({source['family']}, {source['parameters']:,} parameters)")
-    table.add_row("target", manifest["target"])
+    table.add_row("model", escape(f"{source['name']} ({source['family']}, {source['parameters']:,} parameters)"))
+    table.add_row("target", escape(manifest["target"]))
     io = manifest["io"]
     table.add_row("inputs / outputs", f"{len(io['inputs'])} / {len(io['outputs'])} "
                   f"({io['kv_cache']['num_layers']} layers of KV cache)")
     for entry in manifest["files"]:
-        table.add_row(entry["path"], f"{entry['size']:,} bytes")
+        table.add_row(escape(entry["path"]), f"{entry['size']:,} bytes")
     return table
 
 
@@ -257,25 +259,24 @@ def _inspect(args: argparse.Namespace) -> int:
         io.add_column(column)
     for kind in ("inputs", "outputs"):
         for value in artifact.manifest["io"][kind]:
-            io.add_row(kind[:-1], value["name"], value["dtype"], str(value["shape"]))
+            io.add_row(kind[:-1], *(escape(str(value.get(key, "-"))) for key in ("name", "dtype", "shape")))
     console.print(io)
-    build_log = artifact.path / BUILD_LOG
-    build = json.loads(build_log.read_text()) if build_log.is_file() else {}
+    build = read_build_log(artifact.path)
     seconds = {entry["name"]: entry["seconds"] for entry in build.get("passes", [])}
     passes = Table(title="passes")
     for column in ("pass", "nodes before", "nodes after", "seconds"):
         passes.add_column(column)
     for entry in artifact.manifest["passes"]:
         took = f"{seconds[entry['name']]:.2f}" if entry["name"] in seconds else "-"
-        passes.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]), took)
+        passes.add_row(escape(entry["name"]), str(entry["nodes_before"]), str(entry["nodes_after"]), took)
     console.print(passes)
     if build.get("target_passes"):
-        lowering = Table(title=f"{artifact.target} lowering passes (build.json)")
+        lowering = Table(title=escape(f"{artifact.target} lowering passes (build.json)"))
         for column in ("pass", "nodes before", "nodes after", "seconds", "logits moved"):
             lowering.add_column(column)
         for entry in build["target_passes"]:
             moved = "-" if entry["logits_change"] is None else f"{entry['logits_change']:.2e}"
-            lowering.add_row(entry["name"], str(entry["nodes_before"]), str(entry["nodes_after"]),
+            lowering.add_row(escape(entry["name"]), str(entry["nodes_before"]), str(entry["nodes_after"]),
                              f"{entry['seconds']:.2f}", moved)
         console.print(lowering)
     quantization = artifact.manifest.get("quantization")
@@ -284,7 +285,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for column in ("layer", "weights"):
             layers.add_column(column)
         for name, kind in quantization["layers"].items():
-            layers.add_row(name, kind)
+            layers.add_row(escape(name), escape(kind))
         console.print(layers)
     return 0
 

@@ -377,35 +377,26 @@ def test_a_manifest_naming_another_target_is_refused_for_the_missing_files(artif
     one_line_error(lambda: open_runner(artifact), f"has no {missing}, which its {target} runtime needs")
 
 
-# Crashes fuzzing found in code its owner was rewriting as this was written: reported to them with the fix.
-# Strict xfails: each turns into a failure when fixed, to have its marker removed and become a regression test.
-REPORTED_CLI = pytest.mark.xfail(strict=True, reason="reported: cli.py prints manifest text and errors as rich "
-                                 "markup and reads build.json unchecked")
-REPORTED_CHECKPOINT = pytest.mark.xfail(strict=True, reason="reported: checkpoint.py's _check_safetensors, "
-                                        "config.json reading, _load_config and check_tokenizer")
+# Crashes fuzzing found in the command line and checkpoint loading, fixed there; each a regression test.
 
 
-@REPORTED_CLI
 def test_an_error_naming_a_path_with_brackets_is_printed_as_text(tmp_path):
     folder = tmp_path / "a[" / "b]"  # the path holds "[/b]", a closing markup tag: MarkupError
     folder.mkdir(parents=True)
     assert cli_outcome(["validate", str(folder)], allowed=(2,)) == 2
 
 
-@REPORTED_CLI
 @pytest.mark.parametrize("build_log", ["[]", '{"passes": [{"name": "fold_constants"}]}', "{"])
 def test_inspect_of_a_damaged_build_log_is_one_line(artifact, build_log):
     (artifact / "build.json").write_text(build_log)  # AttributeError, KeyError, JSONDecodeError
     assert cli_outcome(["inspect", str(artifact)], allowed=(2,)) == 2
 
 
-@REPORTED_CLI
 def test_inspect_shows_manifest_names_as_text(artifact):
     edit_manifest(artifact, _set("passes.0.name", "[/]"))  # MarkupError
     assert cli_outcome(["inspect", str(artifact)], allowed=(0,)) == 0
 
 
-@REPORTED_CLI
 def test_validate_with_eval_flags_checks_the_manifest_thresholds(artifact):
     edit_manifest(artifact, _set("config.validate", {"bogus": 1}))  # TypeError: ValidationConfig(**...)
     assert cli_outcome(["validate", str(artifact), "--eval-windows", "1"], allowed=(2,)) == 2
@@ -425,7 +416,6 @@ def _config(change):
     return apply
 
 
-@REPORTED_CHECKPOINT
 @pytest.mark.parametrize("change", [
     lambda folder: _safetensors(folder, lambda header: [header]).replace(folder / "model.safetensors"),
     lambda folder: (folder / "config.json").write_bytes(
@@ -440,7 +430,6 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(sources, tmp_path, change):
     one_line_error(lambda: load_checkpoint(folder, lazy=True))
 
 
-@REPORTED_CHECKPOINT
 def test_a_special_token_that_is_not_utf8_is_refused_in_one_line(sources):
     from nanoexport.capture.checkpoint import _load_config, check_tokenizer
 

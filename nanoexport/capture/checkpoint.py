@@ -11,14 +11,13 @@ import json
 import logging
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nanoexport.artifact import sha256_of
-from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
+from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model, safetensors_header
 from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,8 @@ class Checkpoint:
         return self.config.model_type
 
 
-def check_architecture(model_type: str | None) -> None:
-    if model_type not in SUPPORTED_FAMILIES:
+def check_architecture(model_type: object) -> None:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
         supported = ", ".join(sorted(SUPPORTED_FAMILIES))
         raise NanoexportError(f"unsupported architecture {model_type!r}; supported model_type values: {supported}")
 
@@ -98,9 +97,12 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
     if not config_path.is_file():
         raise NanoexportError(f"{folder} is not a Hugging Face checkpoint: config.json is missing")
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as error:
-        raise NanoexportError(f"{config_path} is not valid JSON ({error}); fix or re-download the checkpoint")
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, deep nesting
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NanoexportError(f"{config_path} is not valid JSON ({reason}); fix or re-download the checkpoint") \
+            from None
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
     check_architecture(model_type)
     weight_files = _weight_files(folder)
     weights = None
@@ -171,25 +173,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _check_safetensors(path: Path) -> None:
-    """Fail early, with the file's name, on a truncated or corrupt safetensors file."""
-    size = path.stat().st_size
-    fix = "re-download or re-save the checkpoint"
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise NanoexportError(f"corrupt safetensors file {path}: only {size} bytes; {fix}")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > size - 8:
-            raise NanoexportError(f"corrupt safetensors file {path}: header runs past the end of the file; {fix}")
-        try:
-            header = json.loads(handle.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise NanoexportError(f"corrupt safetensors file {path}: unreadable header; {fix}") from None
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_size + end > size:
-        raise NanoexportError(
-            f"corrupt safetensors file {path}: truncated ({size} bytes, header needs {8 + header_size + end}); {fix}"
-        )
+    """Fail early, with the file's name, on a truncated or corrupt safetensors file (its header checked as
+    the safetensors library checks it)."""
+    safetensors_header(path)
 
 
 def check_config_sizes(hf_config, weights: SafetensorsWeights, folder: Path) -> None:
@@ -250,9 +236,17 @@ def check_tokenizer(files: dict[str, bytes], hf_config, folder: Path) -> None:
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             token = settings.get(key)
             token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and tokenizer.token_to_id(token) is None:
+            if isinstance(token, str) and _token_id(tokenizer, token) is None:
                 raise NanoexportError(f"tokenizer_config.json in {folder} names {key} {token[:80]!r}, which "
                                       f"tokenizer.json does not hold; {fix}")
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` in ``tokenizer``, None when absent or not encodable text (a lone surrogate)."""
+    try:
+        return tokenizer.token_to_id(token)
+    except UnicodeEncodeError:
+        return None
 
 
 def _skeleton(hf_config, folder: Path) -> torch.nn.Module:
@@ -295,9 +289,10 @@ def _load_config(folder: Path):
 
     try:
         return AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # transformers checks the fields with many exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NanoexportError(f"could not read the config of the checkpoint in {folder}: {first_line}") from None
+        raise NanoexportError(f"could not read the config of the checkpoint in {folder}: {first_line[:300]}; fix "
+                              "config.json or re-download the checkpoint") from None
 
 
 def _load_model(folder: Path, use_safetensors: bool) -> torch.nn.Module:

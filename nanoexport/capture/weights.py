@@ -43,7 +43,7 @@ class SafetensorsWeights:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         self.byte_ranges: dict[str, tuple[int, int]] = {}  # where each tensor's bytes are in its file
         for path in files:
-            header, data_start = _header(path)
+            header, data_start = safetensors_header(path)
             for name, entry in header.items():
                 if name != "__metadata__":
                     self.entries[name] = (path, entry["dtype"], tuple(entry["shape"]))
@@ -107,7 +107,7 @@ def _transposed_digest(source_digest) -> str:
     return f"transposed:{source_digest()}"
 
 
-def _header(path: Path) -> tuple[dict, int]:
+def safetensors_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's JSON header, and where its tensor data starts (after the header's 8-byte size),
     checked as the safetensors library checks it before reading a tensor: every entry names a known dtype, a
     shape and the offsets of exactly as many bytes, the tensors lie back to back from the start of the data
