@@ -262,7 +262,7 @@ def _inspect(args: argparse.Namespace) -> int:
             io.add_row(kind[:-1], *(escape(str(value.get(key, "-"))) for key in ("name", "dtype", "shape")))
     console.print(io)
     build = read_build_log(artifact.path)
-    seconds = {entry["name"]: entry["seconds"] for entry in build.get("passes", [])}
+    seconds = {entry["name"]: entry["seconds"] for entry in build.get("passes") or []}  # read_build_log checked
     passes = Table(title="passes")
     for column in ("pass", "nodes before", "nodes after", "seconds"):
         passes.add_column(column)
@@ -275,7 +275,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for column in ("pass", "nodes before", "nodes after", "seconds", "logits moved"):
             lowering.add_column(column)
         for entry in build["target_passes"]:
-            moved = "-" if entry["logits_change"] is None else f"{entry['logits_change']:.2e}"
+            moved = "-" if entry.get("logits_change") is None else f"{entry['logits_change']:.2e}"
             lowering.add_row(escape(entry["name"]), str(entry["nodes_before"]), str(entry["nodes_after"]),
                              f"{entry['seconds']:.2f}", moved)
         console.print(lowering)
