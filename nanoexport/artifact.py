@@ -351,7 +351,7 @@ def _umask() -> int:
 
 
 def _replace(new: Path, out: Path) -> None:
-    os.chmod(new, 0o777 & ~_umask())  # mkdtemp made it private; an artifact is an ordinary folder
+    os.chmod(new, 0o777 & ~_umask())  # staged private (0o700); an artifact is an ordinary folder
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f"{_hidden_prefix(out)}old-", dir=out.parent))
         os.rename(out, retired / "artifact")

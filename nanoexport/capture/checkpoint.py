@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanoexport.artifact import sha256_of
-from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model, safetensors_header
+from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
 from nanoexport.errors import NanoexportError
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,9 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
         hf_config = _load_config(folder)
         check_config_sizes(hf_config, weights, folder)
         check_shapes(_skeleton(hf_config, folder), weights, folder)
-        model = meta_model(hf_config)
-        if not lazy:
+        if lazy:
+            model = meta_model(hf_config)
+        else:
             check_memory(weights, folder)
             model = _load_model(folder, use_safetensors=True)
             weights = None
@@ -160,9 +161,7 @@ def _download(hub_id: str) -> Path:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    safetensors = sorted(folder.glob("*.safetensors"))
-    for path in safetensors:
-        _check_safetensors(path)
+    safetensors = sorted(folder.glob("*.safetensors"))  # their headers are checked by SafetensorsWeights
     if safetensors:
         return safetensors
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -170,12 +169,6 @@ def _weight_files(folder: Path) -> list[Path]:
         log.warning("%s holds pickle weights; reading them with torch.load(weights_only=True)", folder)
         return pickles
     raise NanoexportError(f"no weights in {folder}: expected *.safetensors files")
-
-
-def _check_safetensors(path: Path) -> None:
-    """Fail early, with the file's name, on a truncated or corrupt safetensors file (its header checked as
-    the safetensors library checks it)."""
-    safetensors_header(path)
 
 
 def check_config_sizes(hf_config, weights: SafetensorsWeights, folder: Path) -> None:
