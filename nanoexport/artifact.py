@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoexport.errors import NanoexportError
+from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interrupts import uninterrupted
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Artifact:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a huge number, deep nesting
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise NanoexportError(f"{manifest_path} is not valid JSON ({reason}); re-export the artifact") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
@@ -164,7 +164,7 @@ def read_build_log(folder: Path) -> dict[str, Any]:
     try:
         build = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise NanoexportError(f"{path} is not valid JSON ({reason}); {fix}") from None
     _check_fields(build, BUILD_LOG_FIELDS, path, fix)
     return build

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nanoexport.errors import NanoexportError
+from nanoexport.errors import NanoexportError, first_line
 
 FIX = "the artifact is damaged or was not written by nanoexport: re-export it"
 BYTE_COUNT = re.compile(r"[0-9]+")
@@ -35,7 +35,7 @@ def check_onnx_file(path: Path, folder: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeWarning, OSError) as error:  # a truncated or damaged protobuf
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise NanoexportError(f"{path} is not a readable ONNX model ({reason}); {FIX}") from None
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
@@ -57,7 +57,7 @@ def open_session(path: Path, folder: Path, **options: Any):
     try:
         return cpu_session(path, **options)
     except Exception as error:  # the runtime's many exception types all mean "cannot load this file"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise NanoexportError(f"ONNX Runtime cannot load {path} ({reason[:400]}); {FIX}") from None
 
 

@@ -18,7 +18,7 @@ import torch
 
 from nanoexport.artifact import sha256_of
 from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
-from nanoexport.errors import NanoexportError
+from nanoexport.errors import NanoexportError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
     try:
         settings = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, deep nesting
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise NanoexportError(f"{config_path} is not valid JSON ({reason}); fix or re-download the checkpoint") \
             from None
     model_type = settings.get("model_type") if isinstance(settings, dict) else None
@@ -201,7 +201,7 @@ def check_tokenizer(files: dict[str, bytes], hf_config, folder: Path) -> None:
             try:
                 parsed[name] = json.loads(data)
             except (ValueError, RecursionError) as error:
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                reason = first_line(error)
                 raise NanoexportError(f"{name} in {folder} is not valid JSON ({reason}); {fix}") from None
     if "tokenizer.json" not in files:
         return  # the special tokens below are checked against tokenizer.json's vocabulary
@@ -211,7 +211,7 @@ def check_tokenizer(files: dict[str, bytes], hf_config, folder: Path) -> None:
         tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         tokenizer.encode("Hello, world! 123")
     except Exception as error:  # the library raises Exception itself for any problem it finds
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)[:200]
         raise NanoexportError(f"tokenizer.json in {folder} cannot be loaded by the tokenizers library ({reason}); "
                               f"{fix}") from None
     size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -252,7 +252,7 @@ def _skeleton(hf_config, folder: Path) -> torch.nn.Module:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     except Exception as error:  # a config transformers cannot build a model from, met with any exception type
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)[:200]
         raise NanoexportError(f"cannot build a {hf_config.model_type} model from config.json in {folder} "
                               f"({reason}); fix config.json or re-download the checkpoint") from None
 
@@ -283,9 +283,8 @@ def _load_config(folder: Path):
     try:
         return AutoConfig.from_pretrained(folder)
     except Exception as error:  # transformers checks the fields with many exception types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NanoexportError(f"could not read the config of the checkpoint in {folder}: {first_line[:300]}; fix "
-                              "config.json or re-download the checkpoint") from None
+        raise NanoexportError(f"could not read the config of the checkpoint in {folder}: "
+                              f"{first_line(error)[:300]}; fix config.json or re-download the checkpoint") from None
 
 
 def _load_model(folder: Path, use_safetensors: bool) -> torch.nn.Module:
@@ -305,8 +304,7 @@ def _load_model(folder: Path, use_safetensors: bool) -> torch.nn.Module:
             f"({str(error).splitlines()[0][:120]}); convert the checkpoint to safetensors"
         ) from None
     except (OSError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise NanoexportError(f"could not load the checkpoint in {folder}: {first_line}") from None
+        raise NanoexportError(f"could not load the checkpoint in {folder}: {first_line(error)}") from None
     return model.eval()
 
 
