@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoexport.config import ValidationConfig, validation_config
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interrupts import uninterrupted
 
@@ -81,6 +82,10 @@ class Artifact:
     @property
     def target(self) -> str:
         return self.manifest["target"]
+
+    def thresholds(self) -> ValidationConfig:
+        """The validation thresholds its export recorded in the manifest, checked as a config file's are."""
+        return validation_config(self.manifest["config"]["validate"], f"{self.path / MANIFEST} [config.validate]")
 
     def file(self, relative: str) -> Path:
         """The path of one of the artifact's files (or folders); refuses paths that escape the folder, and files

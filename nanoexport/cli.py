@@ -19,8 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from nanoexport.artifact import MANIFEST, Artifact, read_build_log
-from nanoexport.config import load_config, validation_config
+from nanoexport.artifact import Artifact, read_build_log
+from nanoexport.config import load_config
 from nanoexport.errors import NanoexportError
 from nanoexport.interface import KV_CACHE_FORMS
 from nanoexport.interrupts import Interrupted, handling_signals
@@ -226,8 +226,7 @@ def _validate(args: argparse.Namespace) -> int:
     artifact = Artifact.load(args.artifact)
     thresholds = load_config(args.config).validate if args.config else None
     if args.eval is not None or args.eval_windows is not None:
-        thresholds = thresholds or validation_config(artifact.manifest["config"]["validate"],
-                                                     f"{artifact.path / MANIFEST} [config.validate]")
+        thresholds = thresholds or artifact.thresholds()
         thresholds.eval_text = str(args.eval) if args.eval is not None else thresholds.eval_text
         thresholds.eval_windows = args.eval_windows if args.eval_windows is not None else thresholds.eval_windows
     report = validate(artifact, reference=args.reference, config=thresholds)

@@ -223,8 +223,7 @@ def prompts_for(artifact_folder: Path, vocab_size: int) -> list[list[int]]:
     if tokenizer_folder.is_dir():
         from nanoexport.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer(tokenizer_folder, f"the artifact's tokenizer in {tokenizer_folder}",
-                              "the artifact is damaged: re-export it")
+        tokenizer = Tokenizer.of_artifact(tokenizer_folder)
         prompts = [tokenizer.encode(text) for text in PROMPTS]
         if all(len(p) > 0 and max(p) < vocab_size for p in prompts):
             return prompts

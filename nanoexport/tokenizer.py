@@ -25,6 +25,12 @@ class Tokenizer:
         with self._failures("read"):
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
 
+    @classmethod
+    def of_artifact(cls, tokenizer_folder: Path) -> Tokenizer:
+        """The tokenizer an artifact carries in ``tokenizer_folder``."""
+        return cls(tokenizer_folder, f"the artifact's tokenizer in {tokenizer_folder}",
+                   "the artifact is damaged: re-export it")
+
     def encode(self, text: str) -> list[int]:
         """The token ids of ``text``, without special tokens; any length (longer texts are cut by the caller)."""
         with self._failures("encode text with"):

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoexport.artifact import MANIFEST, Artifact
+from nanoexport.artifact import Artifact
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
-from nanoexport.config import ValidationConfig, validation_config
+from nanoexport.config import ValidationConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import get_target
 from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
@@ -78,8 +78,7 @@ def validate(
     """
     if not isinstance(artifact, Artifact):
         artifact = Artifact.load(artifact)
-    config = config or validation_config(artifact.manifest["config"]["validate"],
-                                         f"{artifact.path / MANIFEST} [config.validate]")
+    config = config or artifact.thresholds()
     problems = artifact.verify()
     if problems:
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")

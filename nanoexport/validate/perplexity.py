@@ -22,8 +22,7 @@ def text_windows(text_file: str | Path, tokenizer_folder: str | Path, window: in
         raise NanoexportError(f"evaluation text {path} does not exist; pass a text file to --eval")
     if window < 2:
         raise NanoexportError(f"the evaluation window must be at least 2 tokens, not {window}")
-    tokenizer = Tokenizer(Path(tokenizer_folder), f"the artifact's tokenizer in {tokenizer_folder}",
-                          "the artifact is damaged: re-export it")
+    tokenizer = Tokenizer.of_artifact(Path(tokenizer_folder))
     ids = tokenizer.encode(path.read_text(encoding="utf-8"))
     count = len(ids) // window
     if count == 0:
