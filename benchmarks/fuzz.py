@@ -42,6 +42,7 @@ RSS_LIMIT_MB = 6144  # libFuzzer stops a loader whose process grows past this
 
 
 def main() -> None:
+    import fuzzing
     from fuzzing import LOADERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +63,8 @@ def main() -> None:
     unknown = sorted(set(loaders) - set(LOADERS))
     if unknown:
         parser.error(f"unknown loaders {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
-    artifact = export_demo(args.workdir)
+    targets = sorted({fuzzing.ARTIFACT_TARGETS[name] for name in loaders if name in fuzzing.ARTIFACT_TARGETS})
+    artifacts = [export_demo(args.workdir, target) for target in targets]
     rows = []
     for name in loaders:
         row = run_child(name, args)
@@ -74,15 +76,15 @@ def main() -> None:
             print(f"    {crash['count']:>6,} x {crash['kind']} at {crash['where']}  e.g. {crash['example']}",
                   flush=True)
     settings = {"iterations": args.iterations, "max_minutes": args.max_minutes, "seed": args.seed,
-                "engine": "atheris " + _version("atheris"), "seeds": str(artifact)}
+                "engine": "atheris " + _version("atheris"), "seeds": [str(path) for path in artifacts]}
     write_results(args.json, settings, rows)
 
 
-def export_demo(workdir: Path) -> Path:
-    """A fresh onnx-target export of the demo model under ``workdir``, the seeds' source."""
-    artifact = workdir / "demo-onnx"
+def export_demo(workdir: Path, target: str) -> Path:
+    """A fresh export of the demo model for ``target`` under ``workdir``, a source of seeds."""
+    artifact = workdir / f"demo-{target}"
     print(f"exporting the demo model to {artifact} for seeds", flush=True)
-    subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "onnx", "--out", str(artifact),
+    subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", target, "--out", str(artifact),
                     "--overwrite", "--no-validate"], check=True, stdout=subprocess.DEVNULL)
     return artifact
 
@@ -127,7 +129,7 @@ def fuzz_one(name: str, args: argparse.Namespace) -> None:
 
         for module in INSTRUMENTED:
             importlib.import_module(module)
-        loader = fuzzing.make_loader(name, args.workdir / "demo-onnx", fuzzing.DEMO_CHECKPOINT,
+        loader = fuzzing.make_loader(name, lambda target: args.workdir / f"demo-{target}", fuzzing.DEMO_CHECKPOINT,
                                      args.workdir / "scratch")
     corpus = args.workdir / "corpus" / name
     crash_folder = args.workdir / "crashes" / name

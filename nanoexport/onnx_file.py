@@ -26,7 +26,8 @@ BYTE_COUNT = re.compile(r"[0-9]+")
 def check_onnx_file(path: Path, folder: Path) -> None:
     """Refuse ``path`` unless it parses as an ONNX model whose inputs and outputs have UTF-8 names (ONNX
     Runtime opens others, then fails on reading them) and whose external data all lies inside ``folder``, each
-    tensor's bytes within its data file and as many as its shape and element type take."""
+    tensor's bytes within its data file and as many as its shape and element type take; the context binaries
+    its ``EPContext`` nodes name must be files inside ``folder`` too."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -46,6 +47,9 @@ def check_onnx_file(path: Path, folder: Path) -> None:
     for tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_external_data(tensor, path, folder, data_sizes)
+    for node in model.graph.node:
+        if node.op_type == "EPContext":
+            _check_context_binary(node, path, folder)
 
 
 def open_session(path: Path, folder: Path, **options: Any):
@@ -90,15 +94,7 @@ def _check_external_data(tensor, model_path: Path, folder: Path, data_sizes: dic
     location = entries.get("location", "")
     if not location:
         raise NanoexportError(f"{what} keeps its data in another file but does not name it; {FIX}")
-    try:
-        data_path = (model_path.parent / location).resolve()
-        os.fsencode(data_path)  # a NUL byte or a lone surrogate cannot name a file
-    except (ValueError, OSError):
-        raise NanoexportError(f"{what} reads its data from {location[:200]!r}, which is not a file name; {FIX}") \
-            from None
-    if Path(location).is_absolute() or not data_path.is_relative_to(folder.resolve()):
-        raise NanoexportError(f"{what} reads its data from {location[:200]!r}, outside the artifact folder "
-                              f"{folder}; refusing to open it: {FIX}")
+    data_path = _inside(location, model_path, folder, f"{what} reads its data from")
     if data_path not in data_sizes:
         try:
             data_sizes[data_path] = data_path.stat().st_size if data_path.is_file() else -1
@@ -116,6 +112,33 @@ def _check_external_data(tensor, model_path: Path, folder: Path, data_sizes: dic
     if offset + expected > data_sizes[data_path]:
         raise NanoexportError(f"{what} reads bytes {offset:,} to {offset + expected:,} of {location[:200]!r}, which "
                               f"holds {data_sizes[data_path]:,}; {FIX}")
+
+
+def _inside(location: str, model_path: Path, folder: Path, what: str) -> Path:
+    """The file ``location`` (relative to ``model_path``'s folder) names, refused unless it is a file name inside
+    ``folder``; ``what`` begins the error (e.g. "tensor 'w' of model.onnx reads its data from")."""
+    try:
+        path = (model_path.parent / location).resolve()
+        os.fsencode(path)  # a NUL byte or a lone surrogate cannot name a file
+    except (ValueError, OSError):
+        raise NanoexportError(f"{what} {location[:200]!r}, which is not a file name; {FIX}") from None
+    if Path(location).is_absolute() or not path.is_relative_to(folder.resolve()):
+        raise NanoexportError(f"{what} {location[:200]!r}, outside the artifact folder {folder}; refusing to open "
+                              f"it: {FIX}")
+    return path
+
+
+def _check_context_binary(node, model_path: Path, folder: Path) -> None:
+    """An ``EPContext`` node that keeps its compiled context in a file (``embed_mode`` 0) names it in
+    ``ep_cache_context``; the provider reads that file as it is named, so it must be one of the artifact's."""
+    attributes = {_text(attribute.name): attribute for attribute in node.attribute}
+    embedded = attributes["embed_mode"].i if "embed_mode" in attributes else 1
+    if embedded or "ep_cache_context" not in attributes:
+        return
+    location = _text(attributes["ep_cache_context"].s)
+    what = f"EPContext node {_text(node.name)[:200]!r} of {model_path} reads its compiled context from"
+    if not _inside(location, model_path, folder, what).is_file():
+        raise NanoexportError(f"{what} {location[:200]!r}, which is not a file in the artifact; {FIX}")
 
 
 def _text(value: str | bytes) -> str:

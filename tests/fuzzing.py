@@ -64,8 +64,8 @@ class BadOutcome(Exception):
 
 
 class Reached(BaseException):
-    """A damaged artifact was accepted up to where validation compares numbers: a pass, and where the input
-    stops (the comparisons cost seconds and read nothing more from the folder)."""
+    """A damaged artifact was accepted up to where validation writes its report: a pass, and where the input
+    stops."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Loader:
 
     name: str
     files: tuple[str, ...]
-    formats: tuple[str, ...]  # per file: json | toml | safetensors | onnx
+    formats: tuple[str, ...]  # per file: json | toml | safetensors | onnx | bytes
     originals: tuple[bytes, ...]
     run: Callable[[int, bytes], None]
 
@@ -151,7 +151,7 @@ def _where(error: BaseException) -> str:
 
 def mutate(contents: bytes, file_format: str, rng: random.Random) -> bytes:
     """One edit of ``contents``: aware of ``file_format`` most of the time, bytes otherwise."""
-    if rng.random() < 0.6:
+    if file_format != "bytes" and rng.random() < 0.6:
         edit = {"json": _mutate_json_text, "toml": _mutate_toml, "safetensors": _mutate_safetensors,
                 "onnx": _mutate_onnx}[file_format]
         edited = edit(contents, rng)
@@ -372,15 +372,20 @@ def _mutate_tensor(tensor, choice: int, rng: random.Random) -> None:
 
 # Loaders ---------------------------------------------------------------------------------------------------
 
-LOADERS = ("manifest", "inspect", "validate", "safetensors", "config", "toml", "tokenizer", "onnx")
+LOADERS = ("manifest", "inspect", "validate", "safetensors", "config", "toml", "tokenizer", "onnx", "openvino",
+           "coreml", "qnn")
+# The target whose artifact a loader damages; the others damage the checkpoint.
+ARTIFACT_TARGETS = {"manifest": "onnx", "inspect": "onnx", "validate": "onnx", "onnx": "onnx",
+                    "openvino": "openvino", "coreml": "coreml", "qnn": "qnn"}
 
 
-def make_loader(name: str, artifact: Path, checkpoint: Path, scratch: Path) -> Loader:
-    """Loader ``name`` over copies (under ``scratch``) of an onnx-target ``artifact`` exported from the
-    ``checkpoint`` folder, which holds safetensors weights and tokenizer files."""
+def make_loader(name: str, artifact_for: Callable[[str], Path], checkpoint: Path, scratch: Path) -> Loader:
+    """Loader ``name`` over copies (under ``scratch``) of the ``checkpoint`` folder, which holds safetensors
+    weights and tokenizer files, or of ``artifact_for(target)``, an export of it for that target."""
     folder = scratch / name
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(artifact if name in ("manifest", "inspect", "validate", "onnx") else checkpoint, folder)
+    target = ARTIFACT_TARGETS.get(name)
+    shutil.copytree(artifact_for(target) if target else checkpoint, folder)
     return globals()[f"_{name}_loader"](folder)
 
 
@@ -446,11 +451,41 @@ def _inspect_loader(folder: Path) -> Loader:
 
 def _validate_loader(folder: Path) -> Loader:
     """``nanoexport validate`` on a damaged manifest, or on a damaged tokenizer whose checksum the manifest
-    agrees with; up to the numbers' comparison (see ``Reached``), the reference model loaded once."""
-    validation = importlib.import_module("nanoexport.validate")  # the module; nanoexport.validate is the function
-
+    agrees with (see ``_validating_loader``)."""
     names = ("manifest.json", *(f"tokenizer/{name}" for name in ("tokenizer.json", "tokenizer_config.json")
                                 if (folder / "tokenizer" / name).is_file()))
+    return _validating_loader("validate", folder, names, ("json",) * len(names))
+
+
+def _openvino_loader(folder: Path) -> Loader:
+    """An openvino artifact's IR (``openvino_model.xml``), checksum recomputed, through ``nanoexport
+    validate``: OpenVINO reading and compiling it, then running the prompts."""
+    return _validating_loader("openvino", folder, ("openvino_model.xml",), ("bytes",))
+
+
+def _coreml_loader(folder: Path) -> Loader:
+    """A coreml artifact's program (the ``model.mlmodel`` protobuf), checksum recomputed, through ``nanoexport
+    validate``: the interpreter reading it and running the prompts."""
+    return _validating_loader("coreml", folder, ("model.mlpackage/Data/com.apple.CoreML/model.mlmodel",),
+                              ("bytes",))
+
+
+def _qnn_loader(folder: Path) -> Loader:
+    """A qnn artifact's parts list, decode QDQ graph and compiled decode graph, checksums recomputed, through
+    ``nanoexport validate``: the runner opening its sessions (HTP emulator when installed, CPU for the note
+    comparing the two) and running the prompts."""
+    return _validating_loader("qnn", folder, ("qnn_parts.json", "decode.onnx", "decode_ctx.onnx"),
+                              ("json", "onnx", "onnx"))
+
+
+def _validating_loader(name: str, folder: Path, names: tuple[str, ...], formats: tuple[str, ...]) -> Loader:
+    """``nanoexport validate`` on the artifact in ``folder`` with one of ``names`` damaged: the manifest as
+    written, any other file with its checksum recomputed in the manifest. Validation's measures are skipped
+    (they read nothing more from the folder and cost seconds), the target's notes run, and the input stops
+    where the report would be written (see ``Reached``); the reference model is loaded once."""
+    validation = importlib.import_module("nanoexport.validate")  # the module; nanoexport.validate is the function
+
+    manifest = (folder / "manifest.json").read_bytes()
     originals = _files(folder, names)
     references: dict[str, Any] = {}
 
@@ -459,20 +494,25 @@ def _validate_loader(folder: Path) -> Loader:
             references[str(source)] = real_load_checkpoint(source, lazy)
         return references[str(source)]
 
+    def skip(*args, **kwargs):
+        pass
+
     def stop(*args, **kwargs):
         raise Reached()
 
     real_load_checkpoint = validation.load_checkpoint
 
     def run(index: int, contents: bytes) -> None:
+        (folder / "manifest.json").write_bytes(manifest)
         _restore(folder, names, originals)
         (folder / names[index]).write_bytes(contents)
-        if index:
-            _rehash(folder, originals[0], names[index], contents)
-        with _patched(validation, load_checkpoint=load_reference_once, _compare_logits=stop):
+        if names[index] != "manifest.json":
+            _rehash(folder, manifest, names[index], contents)
+        with _patched(validation, load_checkpoint=load_reference_once, _compare_logits=skip, _kv_consistency=skip,
+                      _greedy_agreement=skip, _perplexity=skip, write_report=stop):
             cli_outcome(["validate", str(folder)], allowed=(0, 1, 2))
 
-    return Loader("validate", names, ("json",) * len(names), originals, run)
+    return Loader(name, names, formats, originals, run)
 
 
 @contextlib.contextmanager

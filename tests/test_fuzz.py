@@ -11,24 +11,30 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fuzzing import DEMO_CHECKPOINT, LOADERS, cli_outcome, fuzz, make_loader
+from nanoexport.calibration import DEFAULT_CALIBRATION_FILE
+from nanoexport.config import ExportConfig, QuantConfig
 from nanoexport.errors import NanoexportError
 
-# Inputs per loader, sized so the file runs in about 40 s on one core: loaders that build a model, run ONNX
-# Runtime or a tokenizer per input take hundreds, the others thousands.
+# Inputs per loader, sized so the file runs in about 2 minutes on one core: loaders that build a model, run ONNX
+# Runtime or a tokenizer per input take hundreds, the others thousands; the target runtimes' loaders run the
+# prompts per input (the qnn one on the HTP emulator and on CPU, about 4 s), so they take tens.
 INPUTS = {"manifest": 3000, "inspect": 600, "validate": 200, "safetensors": 3000, "config": 300, "toml": 3000,
-          "tokenizer": 300, "onnx": 600}
+          "tokenizer": 300, "onnx": 600, "openvino": 60, "coreml": 60, "qnn": 15}
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """(checkpoint, artifact, scratch): a tiny llama with the demo's tokenizer (a vocabulary as large as it
-    holds), exported for the onnx target without validation."""
+    """(checkpoint, artifact, scratch, artifact_for): a tiny llama with the demo's tokenizer (a vocabulary as
+    large as it holds), exported for the onnx target without validation; ``artifact_for(target)`` exports it
+    for another target on first use."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import nanoexport
@@ -39,15 +45,24 @@ def sources(tmp_path_factory):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **dict(COMMON, vocab_size=4096)))
     model.save_pretrained(checkpoint)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", DEFAULT_CALIBRATION_FILE):  # text for QNN's QDQ
         shutil.copyfile(DEMO_CHECKPOINT / name, checkpoint / name)
-    artifact = nanoexport.export(checkpoint, out=root / "artifact", progress=False)
-    return checkpoint, artifact.path, root / "scratch"
+    artifacts = {"onnx": nanoexport.export(checkpoint, out=root / "artifact", progress=False).path}
+
+    def artifact_for(target: str) -> Path:
+        if target not in artifacts:
+            settings = {"quant": QuantConfig(calib_samples=4)} if target == "qnn" else {}
+            config = ExportConfig(target=target, **settings)
+            artifacts[target] = nanoexport.export(checkpoint, config=config, out=root / f"artifact-{target}",
+                                                  progress=False).path
+        return artifacts[target]
+
+    return checkpoint, artifacts["onnx"], root / "scratch", artifact_for
 
 
 @pytest.mark.parametrize("name", LOADERS)
 def test_a_fuzzed_loader_refuses_damage_in_one_line(name, sources):
-    loader = make_loader(name, sources[1], sources[0], sources[2])
+    loader = make_loader(name, sources[3], sources[0], sources[2])
     crashes = fuzz(loader, INPUTS[name], seed=0)
     for number, (crash, data) in enumerate(crashes.items()):
         kept = sources[2] / f"{name}-crash-{number}"
@@ -356,6 +371,57 @@ def test_a_manifest_naming_another_target_is_refused_for_the_missing_files(artif
     # was onnxruntime's NoSuchFile, OpenVINO's RuntimeError, FileNotFoundError
     edit_manifest(artifact, _set("target", target))
     one_line_error(lambda: open_runner(artifact), f"has no {missing}, which its {target} runtime needs")
+
+
+COREML_FILES = "model.mlpackage/Data/com.apple.CoreML/"
+
+
+@pytest.mark.parametrize("target, damaged, phrase", [
+    ("openvino", "openvino_model.bin", "Incorrect weights in bin file"),  # was a traceback from compile_model
+    ("openvino", "openvino_model.xml", "at offset"),  # the XML parser names where it stopped
+    ("coreml", COREML_FILES + "model.mlmodel", "Wire format was corrupt"),  # protobuf's DecodeError
+    ("coreml", COREML_FILES + "weights/weight.bin", "cannot reshape array"),  # at the first prediction
+    ("qnn", "decode.onnx", "is not a readable ONNX model"),  # read by the CPU runner of the HTP note
+])
+def test_a_target_runtime_refusing_a_damaged_file_is_one_line(sources, tmp_path, target, damaged, phrase):
+    """A file cut in half with its checksum recomputed (so the manifest check passes): the runtime's
+    failure, when it loads the artifact or first runs it, becomes one line naming the reason."""
+    folder = Path(shutil.copytree(sources[3](target), tmp_path / target))
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    rehash(folder, damaged)
+    errors = validate_errors(folder)
+    assert phrase in errors[-1] and "re-export it" in errors[-1], errors
+
+
+def test_a_compiled_qnn_graph_naming_a_context_outside_the_artifact_is_refused(sources, tmp_path):
+    import onnx
+
+    folder = Path(shutil.copytree(sources[3]("qnn"), tmp_path / "qnn"))
+    model = onnx.load(folder / "decode_ctx.onnx", load_external_data=False)
+    (context,) = [attribute for attribute in model.graph.node[0].attribute if attribute.name == "ep_cache_context"]
+    context.s = b"../../../etc/passwd"  # the QNN provider would read it as the compiled graph
+    onnx.save(model, folder / "decode_ctx.onnx")
+    rehash(folder, "decode_ctx.onnx")
+    errors = validate_errors(folder)
+    assert "reads its compiled context from '../../../etc/passwd', outside the artifact folder" in errors[-1]
+
+
+def rehash(folder: Path, changed: str) -> None:
+    """Make the manifest agree with the damaged file, as a forged artifact would."""
+    contents = (folder / changed).read_bytes()
+    edit_manifest(folder, lambda manifest: [entry.update(size=len(contents),
+                                                        sha256=hashlib.sha256(contents).hexdigest())
+                                           for entry in manifest["files"] if entry["path"] == changed])
+
+
+def validate_errors(folder: Path) -> list[str]:
+    """The ``error:`` lines of ``nanoexport validate FOLDER``, which must exit 2."""
+    process = subprocess.run([sys.executable, "-m", "nanoexport.cli", "validate", str(folder)],
+                             capture_output=True, text=True, timeout=600)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 2 and len(errors) == 1, process.stderr[-3000:]
+    return errors
 
 
 # Crashes fuzzing found in the command line and checkpoint loading, fixed there; each a regression test.

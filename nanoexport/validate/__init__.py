@@ -9,8 +9,10 @@ Each measure has a threshold from ``ValidationConfig``; artifacts with quantized
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 from nanoexport.artifact import Artifact
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint
 from nanoexport.config import ValidationConfig
-from nanoexport.errors import NanoexportError
+from nanoexport.errors import NanoexportError, first_line
 from nanoexport.targets import get_target
 from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
 from nanoexport.validate.perplexity import perplexity, text_windows
@@ -84,8 +86,8 @@ def validate(
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
     checkpoint = _reference(artifact, reference)
     target = get_target(artifact.target)
-    runner = target.runner(artifact)
-    decoder = ArtifactDecoder(runner, artifact.manifest["io"]["kv_cache"])
+    with _runtime_refusals(artifact):
+        decoder = ArtifactDecoder(target.runner(artifact), artifact.manifest["io"]["kv_cache"])
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
 
@@ -98,15 +100,34 @@ def validate(
         )
 
     report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
-    full_logits = [decoder.full_logits(prompt) for prompt in prompts]
+    with _runtime_refusals(artifact):
+        full_logits = [decoder.full_logits(prompt) for prompt in prompts]
     _compare_logits(report, full_logits, torch_model, prompts, config, gate_max_abs=not quantized)
     _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
     _perplexity(report, artifact, decoder, torch_model, config)
-    report.notes = target.notes(artifact)
+    with _runtime_refusals(artifact):  # a target's notes may run the artifact another way (QNN: HTP and CPU)
+        report.notes = target.notes(artifact)
     if write:
         write_report(artifact.path, report.to_dict())
     return report
+
+
+@contextlib.contextmanager
+def _runtime_refusals(artifact: Artifact) -> Iterator[None]:
+    """Report the target runtime failing to load or run ``artifact`` in one line. Its files passed the
+    manifest's checksums, so they were damaged with a manifest written to match, or the runtime cannot run
+    what we wrote; either way the fix is a fresh export (the traceback is logged, shown with -v)."""
+    try:
+        yield
+    except NanoexportError:
+        raise
+    except Exception as error:  # each runtime raises its own types for a model it cannot load or run
+        log.info("the %s runtime failed on %s", artifact.target, artifact.path, exc_info=True)
+        raise NanoexportError(
+            f"the {artifact.target} runtime cannot run {artifact.path} ({first_line(error)[:300]}); re-export it "
+            "(run with -v for the traceback)"
+        ) from None
 
 
 def _reference(artifact: Artifact, reference: Any) -> Checkpoint:

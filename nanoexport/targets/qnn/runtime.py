@@ -9,7 +9,7 @@ import numpy as np
 
 from nanoexport.artifact import Artifact
 from nanoexport.interface import ArtifactDecoder, prompts_for
-from nanoexport.runtime import cpu_session
+from nanoexport.onnx_file import check_onnx_file, open_session
 from nanoexport.targets.qnn.compile import context_file, qnn_session_options
 from nanoexport.targets.qnn.options import QnnOptions
 from nanoexport.targets.qnn.parts import parts_of
@@ -50,9 +50,11 @@ class Runner:
                     # The emulator cannot load a weight-shared binary: compile the same QDQ graph in the session.
                     loadable = compiled in files and not settings.share_weights
                     path = artifact.file(compiled if loadable else file_name)
+                    check_onnx_file(path, artifact.path)
                     sessions[name] = ort.InferenceSession(str(path), qnn_session_options(settings))
                 else:
-                    sessions[name] = cpu_session(artifact.file(file_name), session_config=QDQ_AS_FLOAT)
+                    sessions[name] = open_session(artifact.file(file_name), artifact.path,
+                                                  session_config=QDQ_AS_FLOAT)
             self.parts.append(sessions)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
