@@ -134,9 +134,11 @@ def segments(model: ir.Model, linears: list[Linear]) -> list[Segment]:
     return result
 
 
-def _session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value]):
+def _session(model: ir.Model, inputs: list[ir.Value], outputs: list[ir.Value],
+             session_config: dict[str, str] | None = None):
     graph = ir.convenience.extract(model.graph, inputs=inputs, outputs=outputs)
-    return cpu_session(ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values())))
+    return cpu_session(ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values())),
+                       session_config=session_config)
 
 
 def _feeds(values: list[ir.Value], window: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,3 +188,82 @@ def capture_layers(
                 window_feed[part.end.name] = session.run([part.end.name], _feeds(part.inputs, window_feed))[0]
                 del window_feed[part.start.name]
             del session
+
+
+@dataclass
+class Stage:
+    """One session of a layer-wise observation: it reads ``inputs`` (``start``, the residual stream, among
+    them; None for the prelude), computes the ``observed`` values lying in it and ``carried``, what later
+    stages read (the next residual stream, and for the prelude its values the segments read)."""
+
+    start: ir.Value | None
+    inputs: list[ir.Value]
+    observed: list[ir.Value]
+    carried: list[ir.Value]
+
+
+def observation_stages(model: ir.Model, values: list[ir.Value]) -> list[Stage]:
+    """The prelude, then each segment up to the last one holding one of ``values``, each with the values it
+    computes (none at all for no ``values``); raises ``NotLayered`` if the graph cannot be cut or a segment
+    reads an earlier layer's value."""
+    cuts = residual_cuts(model)
+    runtime = _downstream(list(model.graph.inputs))
+    reach = [_downstream([cut]) for cut in cuts]  # nested: each cut is computed from the one before
+    observed: list[list[ir.Value]] = [[] for _ in range(len(cuts) + 1)]  # the prelude's, then each segment's
+    if not values:
+        return []
+    for value in values:
+        # Its segment is the last one whose residual stream it is computed from; none: the prelude.
+        observed[sum(1 for reached in reach if value.producer() in reached)].append(value)
+    stages = []
+    for index in range(1, max(index for index, found in enumerate(observed) if found) + 1):
+        cut = cuts[index - 1]
+        end = [cuts[index]] if index < len(cuts) else []
+        inside = reach[index - 1] - reach[index] if index < len(cuts) else reach[index - 1]
+        inputs = _frontier(_unique(end + observed[index]), {cut}, runtime, inside)
+        leaks = [value.name for value in inputs if value is not cut and value.producer() in reach[0]]
+        if leaks:
+            raise NotLayered(f"segment {index - 1} reads {leaks[0]} from an earlier layer")
+        stages.append(Stage(cut, inputs, observed[index], end))
+    graph_inputs = {id(value) for value in model.graph.inputs}
+    read = [value for stage in stages for value in stage.inputs
+            if value is not stage.start and id(value) not in graph_inputs]
+    carried = _unique([cuts[0], *read])  # never nothing to compute, even for observed graph inputs only
+    outputs = _unique(carried + [value for value in observed[0] if id(value) not in graph_inputs])
+    prelude = Stage(None, _frontier(outputs, set(), set(), None), observed[0], carried)
+    return [prelude, *stages]
+
+
+def _unique(values: list[ir.Value]) -> list[ir.Value]:
+    """``values`` in order, each once."""
+    return list({id(value): value for value in values}.values())
+
+
+def observe_layers(model: ir.Model, values: list[ir.Value], feeds: list[dict[str, np.ndarray]],
+                   session_config: dict[str, str] | None = None) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """``values`` computed on each window's graph inputs ``feeds``, stage by stage (``observation_stages``):
+    for each stage in order and each window in order, the names of the values the stage computes and their
+    arrays. Only one stage's session (its weights and activations) is alive at a time; ``session_config``
+    goes to every session. Raises ``NotLayered`` at once, before running anything, if the graph cannot be
+    cut (call ``observation_stages`` first to tell that apart from a failure while running)."""
+    return _run_stages(model, observation_stages(model, values), [dict(feed) for feed in feeds], session_config)
+
+
+def _run_stages(model: ir.Model, stages: list[Stage], windows: list[dict[str, np.ndarray]],
+                session_config: dict[str, str] | None) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    graph_inputs = {id(value) for value in model.graph.inputs}
+    for index, stage in enumerate(stages):
+        # An observed graph input is in the window's feeds already; what is observed but not carried is
+        # dropped after its window, so only the carried values accumulate over the windows.
+        outputs = _unique(stage.carried + [value for value in stage.observed if id(value) not in graph_inputs])
+        names = [value.name for value in outputs]
+        observed = [value.name for value in stage.observed]
+        session = _session(model, stage.inputs, outputs, session_config)
+        for window in windows:
+            computed = dict(zip(names, session.run(names, _feeds(stage.inputs, window))))
+            if stage.start is not None:
+                del window[stage.start.name]  # read by this stage alone (``observation_stages`` checked)
+            window.update((value.name, computed[value.name]) for value in stage.carried)
+            yield observed, [computed[name] if name in computed else window[name] for name in observed]
+        del session
+        log.info("observed %d values in stage %d of %d", len(observed), index, len(stages))
