@@ -10,11 +10,13 @@ attention by default: their inputs need the range float gives them).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from nanoexport.calibration.activations import ModelSession
+from nanoexport.calibration.activations import ModelSession, cache_inputs, window_feeds
+from nanoexport.calibration.layerwise import NotLayered, observe_layers
 from nanoexport.passes.initializers import new_initializer
 
 log = logging.getLogger(__name__)
@@ -58,30 +60,60 @@ def _is_weight(value: ir.Value) -> bool:
 
 def observe(model: ir.Model, values: list[ir.Value], windows: np.ndarray, observer: str,
             seed: int) -> dict[str, tuple[float, float]]:
-    """The (low, high) range each value is quantized over, from ``observer`` on ``windows``."""
+    """The (low, high) range each value is quantized over, from ``observer`` on ``windows``: computed layer by
+    layer (``layerwise.observe_layers``), or on the whole graph at once when it cannot be cut; the ranges
+    are the same either way."""
+    if not values:
+        return {}
+    caches = cache_inputs(model)
+    try:
+        outputs = observe_layers(model, values, [window_feeds(caches, tokens) for tokens in windows])
+    except NotLayered as reason:
+        log.info("observing activations on the whole graph at once: %s", reason)
+        outputs = _whole_graph_outputs(model, values, windows)
+    # Each value samples from its own stream, so the order the values are computed in does not matter.
+    observers = {value.name: RangeObserver(observer, np.random.default_rng([seed, index]))
+                 for index, value in enumerate(values)}
+    for names, arrays in outputs:
+        for name, array in zip(names, arrays, strict=True):
+            observers[name].add(array)
+    return {name: value_observer.range() for name, value_observer in observers.items()}
+
+
+def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],
+                         windows: np.ndarray) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Per window: the names of ``values`` and their arrays, from one session on the whole graph."""
     session = ModelSession(model, values)
     names = [value.name for value in values]
-    minimum = {name: np.inf for name in names}
-    maximum = {name: -np.inf for name in names}
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    generator = np.random.default_rng(seed)
     for window in windows:
-        for name, output in zip(names, session.run(window, names)):
-            flat = output.reshape(-1)
-            minimum[name] = min(minimum[name], float(flat.min()))
-            maximum[name] = max(maximum[name], float(flat.max()))
-            if observer != "minmax":
-                samples[name].append(generator.choice(flat, min(SAMPLE_PER_WINDOW, flat.size), replace=False))
-    ranges = {}
-    for name in names:
-        low, high = minimum[name], maximum[name]
-        if observer == "percentile":
-            sample = np.concatenate(samples[name])
+        yield names, session.run(window, names)
+
+
+class RangeObserver:
+    """One value's range over the windows it is shown: min/max, or the percentile or MSE range of a sample
+    of ``SAMPLE_PER_WINDOW`` values per window drawn from ``generator``."""
+
+    def __init__(self, observer: str, generator: np.random.Generator):
+        self.observer, self.generator = observer, generator
+        self.low, self.high = np.inf, -np.inf
+        self.samples: list[np.ndarray] = []
+
+    def add(self, array: np.ndarray) -> None:
+        """One window's array."""
+        flat = array.reshape(-1)
+        self.low, self.high = min(self.low, float(flat.min())), max(self.high, float(flat.max()))
+        if self.observer != "minmax":
+            self.samples.append(self.generator.choice(flat, min(SAMPLE_PER_WINDOW, flat.size), replace=False))
+
+    def range(self) -> tuple[float, float]:
+        """(low, high), widened to hold zero: zero must be exact (padding, masked positions)."""
+        low, high = self.low, self.high
+        if self.observer == "percentile":
+            sample = np.concatenate(self.samples)
             low, high = float(np.percentile(sample, 100 - PERCENTILE)), float(np.percentile(sample, PERCENTILE))
-        elif observer == "mse":
-            low, high = _mse_range(np.concatenate(samples[name]), low, high)
-        ranges[name] = (min(low, 0.0), max(high, 0.0))  # zero must be exact (padding, masked positions)
-    return ranges
+        elif self.observer == "mse":
+            low, high = _mse_range(np.concatenate(self.samples), low, high)
+        return min(low, 0.0), max(high, 0.0)
 
 
 def _mse_range(sample: np.ndarray, low: float, high: float, levels: int = 256, grid: int = 40):
