@@ -8,6 +8,8 @@ calibration text quantization read, and the Q -> DQ pairs are calibration's own 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,15 @@ import onnx_ir as ir
 
 from nanoexport.calibration import calibration_path
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
+from nanoexport.calibration.layerwise import NotLayered, observe_layers
 from nanoexport.calibration.qdq import qdq_pair
 from nanoexport.interface import call_feeds
 from nanoexport.passes import GraphPass, lossy
 from nanoexport.runtime import cpu_session
 from nanoexport.targets import Build
 from nanoexport.targets.qnn.runtime import QDQ_AS_FLOAT
+
+log = logging.getLogger(__name__)
 
 
 def prefill_windows(build: Build) -> np.ndarray:
@@ -33,28 +38,49 @@ def prefill_windows(build: Build) -> np.ndarray:
 
 
 def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Min/max of each weight MatMul output that calibration left float, over prefill calls on ``windows``."""
+    """Min/max of each weight MatMul output that calibration left float, over prefill calls on ``windows``:
+    computed layer by layer (``layerwise.observe_layers``), or on the whole graph at once when it cannot be
+    cut; the ranges are the same either way."""
     values = [node.outputs[0] for node in model.graph
               if _reads_quantized_weight(node) and not _is_quantized(node.outputs[0])]
+    if not values:
+        return {}
+    feeds = _first_chunk_feeds(model, windows)
+    try:
+        # QDQ_AS_FLOAT: observed on the graph as ONNX Runtime CPU runs the artifact's QDQ graphs.
+        outputs = observe_layers(model, values, feeds, QDQ_AS_FLOAT)
+    except NotLayered as reason:
+        log.info("observing weight outputs on the whole graph at once: %s", reason)
+        outputs = _whole_graph_outputs(model, values, feeds)
+    low, high = {value.name: np.inf for value in values}, {value.name: -np.inf for value in values}
+    for names, arrays in outputs:
+        for name, array in zip(names, arrays, strict=True):
+            low[name], high[name] = min(low[name], array.min()), max(high[name], array.max())
+    return {name: (min(float(low[name]), 0.0), max(float(high[name]), 0.0)) for name in low}
+
+
+def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],
+                         feeds: list[dict[str, np.ndarray]]) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Per window: the names of ``values`` and their arrays, from one session on the whole graph."""
+    kept = len(model.graph.outputs)
     model.graph.outputs.extend(values)
     try:
         session = cpu_session(model, session_config=QDQ_AS_FLOAT)
     finally:
-        del model.graph.outputs[-len(values):]
+        del model.graph.outputs[kept:]
     names = [value.name for value in values]
-    low, high = np.full(len(names), np.inf), np.full(len(names), -np.inf)
-    for window in windows:
-        for index, output in enumerate(session.run(names, _first_chunk_feeds(session, window))):
-            low[index], high[index] = min(low[index], output.min()), max(high[index], output.max())
-    return {name: (min(float(lo), 0.0), max(float(hi), 0.0)) for name, lo, hi in zip(names, low, high)}
+    for feed in feeds:
+        yield names, session.run(names, feed)
 
 
-def _first_chunk_feeds(session, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """A prefill call on ``tokens`` with an empty cache."""
-    inputs = {value.name: value for value in session.get_inputs()}
-    feeds = {name: np.zeros(value.shape, np.float32) for name, value in inputs.items()
-             if name.startswith("past_key_values.")}
-    return feeds | call_feeds(tokens, 0, len(tokens), capacity=inputs["attention_mask"].shape[1])
+def _first_chunk_feeds(model: ir.Model, windows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Per window ``tokens``: a prefill call on them with an empty cache (one zero buffer per cache input,
+    shared by the windows: ONNX Runtime does not write its inputs)."""
+    inputs = {value.name: value for value in model.graph.inputs}
+    caches = {name: np.zeros(tuple(value.shape), np.float32) for name, value in inputs.items()
+              if name.startswith("past_key_values.")}
+    capacity = inputs["attention_mask"].shape[1]
+    return [caches | call_feeds(tokens, 0, len(tokens), capacity=capacity) for tokens in windows]
 
 
 def _reads_quantized_weight(node: ir.Node) -> bool:
