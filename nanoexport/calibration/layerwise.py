@@ -13,6 +13,9 @@ weights are read from the checkpoint as the session is built, and dropped with i
 its linear layers; the caller quantizes them; a second session on the segment, now quantized, computes the
 residual stream the next segment sees. A graph that cannot be cut this way (no such norms, or a value that
 skips a layer) is calibrated whole, as ``activations.capture_groups`` does.
+
+Activation observers (``observe_layers``) take the same cuts for any values, wherever they lie: the prelude,
+then one session per segment computing its observed values and the next residual stream.
 """
 
 from __future__ import annotations
