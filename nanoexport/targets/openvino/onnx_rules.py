@@ -150,9 +150,13 @@ class OutputMajorWeight(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, weight, product, dequantized=None, cast=None, **_):
         def output_major(value: ir.Value) -> ir.Value:  # per-channel 1-D scales stay as they are
-            array = value.const_value.numpy()
-            array = array.T if array.ndim == 2 else array
-            return op.initializer(ir.tensor(np.ascontiguousarray(array)), name=f"{value.name}.output_major")
+            source = value.const_value
+            if len(source.shape) != 2:
+                return op.initializer(ir.tensor(source.numpy()), name=f"{value.name}.output_major")
+            # Transposed as it is written: done now, a packed int4 weight would be held unpacked, a byte each.
+            transposed = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(source.numpy().T)), dtype=source.dtype,
+                                       shape=ir.Shape(list(reversed(source.shape))), name=f"{value.name}.output_major")
+            return op.initializer(transposed, name=transposed.name)
 
         axis = None if dequantized is None else 1 - dequantized.producer().attributes.get_int("axis", 1) % 2
         stored = rebuilt_weight(op, weight, dequantized, cast, output_major, axis)
