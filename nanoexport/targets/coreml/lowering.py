@@ -31,6 +31,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, Var, types
 
 from nanoexport.errors import NanoexportError
+from nanoexport.targets.coreml.weights import WeightStore
 
 CACHE_PREFIX = "past_key_values."
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -51,10 +52,11 @@ def state_name(cache_input: str) -> str:
     return f"{kind}_cache_{layer}"
 
 
-def lower_graph(model: ir.Model) -> Program:
+def lower_graph(model: ir.Model, store: WeightStore | None = None) -> Program:
     """A one-function MIL program (function ``main``) computing ``model``'s logits; the KV cache in states.
 
-    ``model`` must be specialized: every shape static.
+    ``model`` must be specialized: every shape static. With a ``store``, large constants go to it and the
+    program holds its placeholders (save it with ``package.write_package`` and the same store).
     """
     graph = model.graph
     specs = {}
@@ -67,7 +69,7 @@ def lower_graph(model: ir.Model) -> Program:
     # twice in one process gives the same names, and so the same bytes.
     mb.name_count.clear()
     with Function(specs, opset_version=ct.target.iOS18) as function:
-        lowering = _Lowering(graph, function.inputs)
+        lowering = _Lowering(graph, function.inputs, store.hold if store is not None else np.asarray)
         function.set_outputs([lowering.run()])
     program = Program()
     program.add_function("main", function)
@@ -87,8 +89,9 @@ def _mil_dtype(dtype: ir.DataType):
 class _Lowering:
     """Lowers one graph's nodes in order, mapping each ONNX value to its MIL var."""
 
-    def __init__(self, graph: ir.Graph, inputs: dict[str, Var]):
+    def __init__(self, graph: ir.Graph, inputs: dict[str, Var], hold: Callable[[np.ndarray], np.ndarray]):
         self.graph = graph
+        self.hold = hold  # every array the program keeps passes through it (see weights.WeightStore)
         self.vars: dict[ir.Value, Var] = {}
         self.states: dict[ir.Value, Var] = {}
         # Outputs of nodes whose inputs are all constant (weight transposes, dequantization): lowered only
@@ -125,14 +128,26 @@ class _Lowering:
     # --- values -------------------------------------------------------------------------------------------
 
     def is_constant(self, value: ir.Value) -> bool:
-        return value in self.deferred or self.constant(value) is not None
+        if value in self.deferred or value.const_value is not None:
+            return True
+        node = value.producer()
+        return node is not None and node.op_type == "Constant" and "value" in node.attributes
 
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
-        """The value's array when it is an initializer or a Constant node's output."""
+        """The value's array when it is an initializer or a Constant node's output.
+
+        A weight on disk is read afresh at each call and not kept: an external tensor caches what it loaded
+        (int4 unpacked to a byte per element, or mapped file pages) for as long as the graph lives.
+        """
         if value is None:
             return None
-        if value.const_value is not None:
-            return value.const_value.numpy()
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            array = np.array(tensor.numpy())
+            tensor.release()
+            return array
+        if tensor is not None:
+            return tensor.numpy()
         node = value.producer()
         if node is not None and node.op_type == "Constant" and "value" in node.attributes:
             return node.attributes["value"].as_tensor().numpy()
@@ -166,7 +181,7 @@ class _Lowering:
         if dtype is None:
             dtype = types.fp16 if np.issubdtype(array.dtype, np.floating) else _numpy_mil_dtype(array.dtype)
         numpy_dtype = {types.fp16: np.float16, types.fp32: np.float32, types.int32: np.int32, types.bool: bool}
-        return self.once(("const", key, dtype), lambda: mb.const(val=array.astype(numpy_dtype[dtype])))
+        return self.once(("const", key, dtype), lambda: mb.const(val=self.hold(array.astype(numpy_dtype[dtype]))))
 
     def once(self, key: tuple, build: Callable[[], Var]) -> Var:
         if key not in self.memo:
@@ -268,10 +283,11 @@ class _Lowering:
         table = np.zeros(16, np.float16)
         table[: levels.size] = levels
         levels_per_weight = mb.constexpr_lut_to_dense(
-            indices=laid_out(indices.astype(np.uint8)).astype(types.np_uint4_dtype),
+            indices=self.hold(laid_out(indices.astype(np.uint8)).astype(types.np_uint4_dtype)),
             lut=table.reshape(1, 1, 16, 1),
         )
-        return mb.constexpr_blockwise_shift_scale(data=levels_per_weight, scale=laid_out(scales).astype(np.float16))
+        return mb.constexpr_blockwise_shift_scale(data=levels_per_weight,
+                                                  scale=self.hold(laid_out(scales).astype(np.float16)))
 
     def blockwise_weight(self, node: ir.Node, transpose: bool) -> Var:
         """``DequantizeLinear(q, scale, zero_point, block_size=B)`` of a matrix -> ``constexpr_blockwise_shift_scale``
@@ -291,9 +307,9 @@ class _Lowering:
 
         # Scales in fp16, the precision the weight is computed in (the canonical graph stores fp16 scales).
         return mb.constexpr_blockwise_shift_scale(
-            data=laid_out(q.astype(np.int16)).astype(integers),
-            scale=laid_out(scale).astype(np.float16),
-            offset=None if zero_point is None else laid_out(zero_point.astype(np.int16)).astype(integers),
+            data=self.hold(laid_out(q.astype(np.int16)).astype(integers)),
+            scale=self.hold(laid_out(scale).astype(np.float16)),
+            offset=None if zero_point is None else self.hold(laid_out(zero_point.astype(np.int16)).astype(integers)),
         )
 
 

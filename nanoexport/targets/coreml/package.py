@@ -25,12 +25,16 @@ logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 import coremltools as ct  # noqa: E402
 from coremltools.converters.mil.mil import Program  # noqa: E402
-from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction  # noqa: E402
+from coremltools.converters.mil.backend.mil.load import CoreMLProtoExporter  # noqa: E402
+from coremltools.converters.mil.converter import _construct_other_pipelines  # noqa: E402
+from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager  # noqa: E402
+from coremltools.models.utils import _create_mlpackage  # noqa: E402
 from coremltools.proto import Model_pb2  # noqa: E402
 
 from nanoexport.targets.coreml.interpreter import MODEL_FILE, Interpreter  # noqa: E402
 from nanoexport.targets.coreml.lowering import CACHE_PREFIX, lower_graph, state_name  # noqa: E402
 from nanoexport.targets.coreml.neural_engine import REPORT_FILE, neural_engine_report  # noqa: E402
+from nanoexport.targets.coreml.weights import StreamingExporter, WeightStore, deduplicate  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ PACKAGE = "model.mlpackage"
 FUNCTIONS = ("prefill", "decode")
 INPUTS = ("input_ids", "position_ids", "attention_mask", "cache_position")
 CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"
+SPECIFICATION_VERSION = ct.target.iOS18.value  # multifunction packages need iOS 18 / macOS 15
+# The backend passes ct.convert runs on a MIL program when no optional pass is asked for.
+_, BACKEND_PIPELINE = _construct_other_pipelines(ct.PassPipeline.EMPTY, "milinternal", "mlprogram")
 
 
 def lower(model: ir.Model, build: Build) -> list[str]:
@@ -45,17 +52,19 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     files."""
     folder = build.folder
     with tempfile.TemporaryDirectory() as scratch:
-        # Each function specializes its own copy; reloaded copies leave the weights on disk until lowered.
+        # Each function specializes its own copy; reloaded copies leave the weights on disk until lowered, and
+        # lowered weights wait in the store's file, not in memory, until the package is written.
         canonical = Path(scratch) / "canonical.onnx"
         build.save_onnx(model, canonical, external_data="canonical.onnx.data")
+        with WeightStore(Path(scratch) / "constants.bin") as store:
 
-        def functions() -> Iterator[tuple[str, Program]]:
-            for function, length in zip(FUNCTIONS, (build.cache.prefill_chunk, 1)):
-                graph = ir.load(canonical)
-                specialize(graph, length)
-                yield function, lower_graph(graph)
+            def functions() -> Iterator[tuple[str, Program]]:
+                for function, length in zip(FUNCTIONS, (build.cache.prefill_chunk, 1)):
+                    graph = ir.load(canonical)
+                    specialize(graph, length)
+                    yield function, lower_graph(graph, store)
 
-        write_package(functions(), folder / PACKAGE)
+            write_package(functions(), folder / PACKAGE, store)
     findings = neural_engine_report(folder / PACKAGE)
     write_json(folder / REPORT_FILE, findings)
     if findings:
@@ -64,30 +73,54 @@ def lower(model: ir.Model, build: Build) -> list[str]:
     return [PACKAGE, REPORT_FILE]
 
 
-def write_package(functions: Iterable[tuple[str, Program]], package: Path) -> None:
-    """Save MIL programs as the named functions of one ``.mlpackage`` (the last is the default one).
+def write_package(functions: Iterable[tuple[str, Program]], package: Path, store: WeightStore | None = None) -> None:
+    """Save MIL programs as the named functions of one ``.mlpackage`` (the last is the default one); ``store``
+    holds the real arrays of the programs' placeholders, if they were lowered with one.
 
-    Constants that the functions share are stored once, and the bytes depend only on the programs.
+    Constants that the functions share are stored once, and the bytes depend only on the programs: they are
+    the bytes coremltools' ``convert`` of each program and ``save_multifunction`` of the results give, written
+    without the two intermediate packages and their in-memory reloads.
     """
-    descriptor = MultiFunctionDescriptor()
+    if store is None:
+        with tempfile.TemporaryDirectory() as scratch, WeightStore(Path(scratch) / "constants.bin") as store:
+            return write_package(functions, package, store)
     with tempfile.TemporaryDirectory() as scratch, _quiet():
-        for name, program in functions:
-            path = str(Path(scratch) / f"{name}.mlpackage")
-            # The program is typed already (fp16, fp32 rotary angles): FLOAT32 here means "insert no casts",
-            # and no optional passes, so the package holds what the lowering built.
-            ct.convert(
-                program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True,
-            ).save(path)
-            descriptor.add_function(path, "main", name)
-            descriptor.default_function_name = name
-        save_multifunction(descriptor, str(package))  # deduplicates the constants across functions
+        program = Program()
+        for name, function_program in functions:
+            # What convert runs with no optional passes: the backend's own rewrites (names, IO types).
+            PassPipelineManager.apply_pipeline(function_program, BACKEND_PIPELINE)
+            program.add_function(name, function_program.functions["main"])
+            program.default_function_name = name
+        deduplicate(program, store)
+        _number_state_writes(program)
+        program.export_as_multifunction = True
+        weights = Path(scratch) / "weights"
+        weights.mkdir()
+        exporter = StreamingExporter(program, str(weights), SPECIFICATION_VERSION, store)
+        mil = exporter.export()
+        exporter.close()
+        spec = CoreMLProtoExporter(
+            program, mil, None, None, classifier_config=None, convert_to="mlprogram", convert_from="milinternal",
+            specification_version=SPECIFICATION_VERSION,
+        ).export(SPECIFICATION_VERSION)
+        _create_mlpackage(spec, str(weights), str(package))
     _make_reproducible(package)
+
+
+def _number_state_writes(program: Program) -> None:
+    """Name the state writes with one count over all functions, as coremltools named them when it reloaded
+    each function's package to merge them (how packages were written before): the same programs keep giving
+    the same bytes."""
+    writes = (op for function in program.functions.values() for op in function.operations
+              if op.op_type == "coreml_update_state")
+    for index, op in enumerate(writes):
+        op.name = f"coreml_update_state_{index}"
+        op.outputs[0].set_name(op.name)
 
 
 @contextlib.contextmanager
 def _quiet():
-    """coremltools draws progress bars on stderr for every conversion; errors still raise."""
+    """coremltools draws progress bars on stderr for every pass pipeline it runs; errors still raise."""
     with contextlib.redirect_stderr(io.StringIO()):
         yield
 
