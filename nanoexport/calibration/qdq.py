@@ -91,9 +91,9 @@ def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],
 
 class RangeObserver:
     """One value's range over the windows it is shown: min/max, or the percentile or MSE range of a sample
-    of ``SAMPLE_PER_WINDOW`` values per window drawn from ``generator``."""
+    of ``SAMPLE_PER_WINDOW`` values per window drawn from ``generator`` (which min/max does not need)."""
 
-    def __init__(self, observer: str, generator: np.random.Generator):
+    def __init__(self, observer: str, generator: np.random.Generator | None = None):
         self.observer, self.generator = observer, generator
         self.low, self.high = np.inf, -np.inf
         self.samples: list[np.ndarray] = []

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from nanoexport.calibration import calibration_path
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.layerwise import NotLayered, observe_layers
-from nanoexport.calibration.qdq import qdq_pair
+from nanoexport.calibration.qdq import RangeObserver, qdq_pair
 from nanoexport.interface import call_feeds
 from nanoexport.passes import GraphPass, lossy
 from nanoexport.runtime import cpu_session
@@ -52,11 +52,11 @@ def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tu
     except NotLayered as reason:
         log.info("observing weight outputs on the whole graph at once: %s", reason)
         outputs = _whole_graph_outputs(model, values, feeds)
-    low, high = {value.name: np.inf for value in values}, {value.name: -np.inf for value in values}
+    observers = {value.name: RangeObserver("minmax") for value in values}
     for names, arrays in outputs:
         for name, array in zip(names, arrays, strict=True):
-            low[name], high[name] = min(low[name], array.min()), max(high[name], array.max())
-    return {name: (min(float(low[name]), 0.0), max(float(high[name]), 0.0)) for name in low}
+            observers[name].add(array)
+    return {name: observer.range() for name, observer in observers.items()}
 
 
 def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],
