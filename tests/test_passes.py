@@ -162,6 +162,27 @@ def test_duplicate_initializers_are_merged_within_a_layer_only():
     assert before > len(graph.graph.initializers)
 
 
+def test_gpt2_layers_equal_weight_for_weight_keep_their_own_weights():
+    """GPT-2 names its layers ``transformer.h.N``: two identical layers still keep a tensor each."""
+    import torch
+
+    from nanoexport.passes.initializers import layer_of
+    from tiny_models import tiny_model
+
+    model = tiny_model("gpt2")
+    blocks = model.transformer.h
+    with torch.no_grad():
+        for name, parameter in blocks[1].named_parameters():
+            parameter.copy_(dict(blocks[0].named_parameters())[name])
+    graph = export_onnx(load_checkpoint(model))
+    run_passes(graph, PASSES, verify=False)
+    layers = {layer_of(name) for name in graph.graph.initializers}
+    assert {0, 1} <= layers, f"layer 1's weights were merged into layer 0's: {sorted(layers - {None})}"
+    for node in graph.graph:
+        named = {layer_of(value.name) for value in node.inputs if value is not None and value.is_initializer()}
+        assert len(named - {None}) <= 1, f"{node.name} reads weights of several layers: {named}"
+
+
 def test_a_duplicate_initializer_that_is_a_graph_output_keeps_its_name():
     import numpy as np
 

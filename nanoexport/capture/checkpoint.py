@@ -19,6 +19,7 @@ import torch
 from nanoexport.artifact import sha256_of
 from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
 from nanoexport.errors import NanoexportError, first_line
+from nanoexport.passes.initializers import layer_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ TOKENIZER_FILES = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # The token embedding's name in each family's checkpoint (gpt2: wte), and a decoder layer's index.
 EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight")
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
@@ -183,7 +183,7 @@ def check_config_sizes(hf_config, weights: SafetensorsWeights, folder: Path) -> 
     if weights.shape(embedding) != claimed:
         raise NanoexportError(f"config.json in {folder} says vocab_size {claimed[0]:,} and hidden_size {claimed[1]:,}, "
                               f"but the embedding {embedding} is {list(weights.shape(embedding))}; {fix}")
-    layers = {int(match.group(1)) for name in weights.entries if (match := LAYER_INDEX.search(name))}
+    layers = {layer_of(name) for name in weights.entries} - {None}
     if len(layers) != hf_config.num_hidden_layers:
         raise NanoexportError(f"config.json in {folder} says num_hidden_layers {hf_config.num_hidden_layers:,}, but "
                               f"the weights hold {len(layers)} layers; {fix}")

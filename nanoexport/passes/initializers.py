@@ -13,7 +13,8 @@ import onnx_ir as ir
 # Tensor metadata (``tensor.meta``, never serialized): a function giving a digest of the tensor's bytes without
 # materializing them as float32, set where weights are bound to a checkpoint (see capture/weights.py).
 FINGERPRINT = "nanoexport.fingerprint"
-LAYER_OF_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # model.layers.3.mlp.down_proj.weight -> 3
+# model.layers.3.mlp.down_proj.weight -> 3; GPT-2's transformer.h.3.attn.c_attn.weight -> 3
+LAYER_OF_NAME = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 def layer_of(name: str) -> int | None:

@@ -21,13 +21,13 @@ import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.initializers import layer_of as initializer_layer
 
 log = logging.getLogger(__name__)
 
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 WEIGHTS_FILE = "model.onnx.data"
 PARTS_FILE = "qnn_parts.json"
-LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # model.layers.3.mlp.down_proj.weight -> 3
 CACHE_NAME = re.compile(r"^past_key_values\.(\d+)\.")
 # Ops the QNN HTP backend accepts as the lowering emits them (checked before writing).
 HTP_OPS = frozenset({
@@ -53,8 +53,8 @@ def layer_labels(graph: ir.Graph) -> dict[ir.Node, int]:
         if match := CACHE_NAME.match(value.name):
             layer_of[value] = int(match[1])
     for name, value in graph.initializers.items():
-        if match := LAYER_NAME.search(name):
-            layer_of[value] = int(match[1])
+        if (layer := initializer_layer(name)) is not None:
+            layer_of[value] = layer
     labels = {}
     for node in graph:
         label = max((layer_of.get(value, -1) for value in node.inputs if value is not None), default=-1)
@@ -80,8 +80,8 @@ def plan_parts(model: ir.Model, limit: int, limit_text: str) -> list[range]:
         for value in node.inputs:
             if value is None or not value.is_initializer() or not isinstance(value.const_value, ir.ExternalTensor):
                 continue
-            match = LAYER_NAME.search(value.name)
-            slot = int(match[1]) if match else -1 if labels[node] < 0 else layers
+            layer = initializer_layer(value.name)
+            slot = layer if layer is not None else -1 if labels[node] < 0 else layers
             slots.setdefault(value, set()).add(slot)
 
     def size(first: int, last: int) -> int:
