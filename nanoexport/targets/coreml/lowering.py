@@ -136,16 +136,13 @@ class _Lowering:
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's array when it is an initializer or a Constant node's output.
 
-        A weight on disk is read afresh at each call and not kept: an external tensor caches what it loaded
-        (int4 unpacked to a byte per element, or mapped file pages) for as long as the graph lives.
+        A weight on disk is read afresh at each call and not kept (see ``_read``).
         """
         if value is None:
             return None
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
-            array = np.array(tensor.numpy())
-            tensor.release()
-            return array
+            return _read(tensor)
         if tensor is not None:
             return tensor.numpy()
         node = value.producer()
@@ -311,6 +308,19 @@ class _Lowering:
             scale=self.hold(laid_out(scale).astype(np.float16)),
             offset=None if zero_point is None else self.hold(laid_out(zero_point.astype(np.int16)).astype(integers)),
         )
+
+
+def _read(tensor: ir.ExternalTensor) -> np.ndarray:
+    """An external tensor's array in memory of its own. ``tensor.numpy()`` would cache what it loads for as
+    long as the graph lives (4-bit integers unpacked to a byte each) and map the file, whose pages then count
+    in this process's memory on top of any copy."""
+    if tensor.dtype.bitwidth < 8:
+        array = tensor.numpy()  # unpacked into a new array, which outlives the mapping
+        tensor.release()
+        return array
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+    return array.reshape(tensor.shape.numpy())
 
 
 def _numpy_mil_dtype(dtype: np.dtype):
