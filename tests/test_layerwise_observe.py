@@ -65,11 +65,15 @@ def _refuse_cuts(monkeypatch) -> None:
 
 
 def test_values_in_the_prelude_every_layer_and_the_head_are_placed(canonical):
-    """The demo's observed values lie in the prelude, its 4 layers and the head: all are covered."""
+    """The demo's observed values lie in the prelude, its 4 layers and the head: all are covered, and a segment
+    reads nothing kept from earlier sessions but its residual stream."""
     values = qdq.activation_inputs(canonical, EXCLUDE)
     stages = layerwise.observation_stages(canonical, values)
     assert len(stages) == 6 and all(stage.observed for stage in stages)
     assert sorted(value.name for stage in stages for value in stage.observed) == sorted(v.name for v in values)
+    graph_inputs = set(canonical.graph.inputs)
+    for stage in stages[1:]:
+        assert {value for value in stage.inputs if value not in graph_inputs} == {stage.start}
 
 
 @pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])

@@ -15,7 +15,8 @@ residual stream the next segment sees. A graph that cannot be cut this way (no s
 skips a layer) is calibrated whole, as ``activations.capture_groups`` does.
 
 Activation observers (``observe_layers``) take the same cuts for any values, wherever they lie: the prelude,
-then one session per segment computing its observed values and the next residual stream.
+then one session per segment computing its observed values and the next residual stream. Only the residual
+stream is kept between sessions: each segment computes again the prelude values it reads.
 """
 
 from __future__ import annotations
@@ -195,9 +196,9 @@ def capture_layers(
 
 @dataclass
 class Stage:
-    """One session of a layer-wise observation: it reads ``inputs`` (``start``, the residual stream, among
-    them; None for the prelude), computes the ``observed`` values lying in it and ``carried``, what later
-    stages read (the next residual stream, and for the prelude its values the segments read)."""
+    """One session of a layer-wise observation: it reads ``inputs`` (graph inputs, and ``start``, the
+    residual stream; None for the prelude), computes the ``observed`` values lying in it and ``carried``, the
+    residual stream the next stage reads (none after the last)."""
 
     start: ir.Value | None
     inputs: list[ir.Value]
@@ -223,17 +224,17 @@ def observation_stages(model: ir.Model, values: list[ir.Value]) -> list[Stage]:
         cut = cuts[index - 1]
         end = [cuts[index]] if index < len(cuts) else []
         inside = reach[index - 1] - reach[index] if index < len(cuts) else reach[index - 1]
-        inputs = _frontier(_unique(end + observed[index]), {cut}, runtime, inside)
-        leaks = [value.name for value in inputs if value is not cut and value.producer() in reach[0]]
+        outputs = _unique(end + observed[index])
+        leaks = [value.name for value in _frontier(outputs, {cut}, runtime, inside)
+                 if value is not cut and value.producer() in reach[0]]
         if leaks:
             raise NotLayered(f"segment {index - 1} reads {leaks[0]} from an earlier layer")
-        stages.append(Stage(cut, inputs, observed[index], end))
+        # The prelude values it reads (masks, rotary tables) are computed again from the graph inputs: kept
+        # for every window they would outweigh a layer (a static cache's attention biases, one per layer).
+        stages.append(Stage(cut, _frontier(outputs, {cut}, set(), None), observed[index], end))
     graph_inputs = {id(value) for value in model.graph.inputs}
-    read = [value for stage in stages for value in stage.inputs
-            if value is not stage.start and id(value) not in graph_inputs]
-    carried = _unique([cuts[0], *read])  # never nothing to compute, even for observed graph inputs only
-    outputs = _unique(carried + [value for value in observed[0] if id(value) not in graph_inputs])
-    prelude = Stage(None, _frontier(outputs, set(), set(), None), observed[0], carried)
+    outputs = _unique([cuts[0]] + [value for value in observed[0] if id(value) not in graph_inputs])
+    prelude = Stage(None, _frontier(outputs, set(), set(), None), observed[0], [cuts[0]])
     return [prelude, *stages]
 
 
@@ -257,7 +258,7 @@ def _run_stages(model: ir.Model, stages: list[Stage], windows: list[dict[str, np
     graph_inputs = {id(value) for value in model.graph.inputs}
     for index, stage in enumerate(stages):
         # An observed graph input is in the window's feeds already; what is observed but not carried is
-        # dropped after its window, so only the carried values accumulate over the windows.
+        # dropped after its window, so only the residual stream is kept for every window.
         outputs = _unique(stage.carried + [value for value in stage.observed if id(value) not in graph_inputs])
         names = [value.name for value in outputs]
         observed = [value.name for value in stage.observed]
