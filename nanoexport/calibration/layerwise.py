@@ -249,7 +249,7 @@ def observe_layers(model: ir.Model, values: list[ir.Value], feeds: list[dict[str
     for each stage in order and each window in order, the names of the values the stage computes and their
     arrays. Only one stage's session (its weights and activations) is alive at a time; ``session_config``
     goes to every session. Raises ``NotLayered`` at once, before running anything, if the graph cannot be
-    cut (call ``observation_stages`` first to tell that apart from a failure while running)."""
+    cut: the caller can still observe it whole."""
     return _run_stages(model, observation_stages(model, values), [dict(feed) for feed in feeds], session_config)
 
 
