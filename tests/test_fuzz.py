@@ -377,8 +377,9 @@ COREML_FILES = "model.mlpackage/Data/com.apple.CoreML/"
 
 
 @pytest.mark.parametrize("target, damaged, phrase", [
-    ("openvino", "openvino_model.bin", "Incorrect weights in bin file"),  # was a traceback from compile_model
-    ("openvino", "openvino_model.xml", "at offset"),  # the XML parser names where it stopped
+    ("openvino", "openvino_model.bin", "of a weights file of"),  # was a traceback from compile_model
+    ("openvino", "openvino_model.xml", "is not readable XML"),
+    ("qnn", "decode_ctx_qnn.bin", "Failed to load from EpContext model"),  # the HTP provider's refusal
     ("coreml", COREML_FILES + "model.mlmodel", "Wire format was corrupt"),  # protobuf's DecodeError
     ("coreml", COREML_FILES + "weights/weight.bin", "cannot reshape array"),  # at the first prediction
     ("qnn", "decode.onnx", "is not a readable ONNX model"),  # read by the CPU runner of the HTP note
@@ -405,6 +406,26 @@ def test_a_compiled_qnn_graph_naming_a_context_outside_the_artifact_is_refused(s
     rehash(folder, "decode_ctx.onnx")
     errors = validate_errors(folder)
     assert "reads its compiled context from '../../../etc/passwd', outside the artifact folder" in errors[-1]
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    # OpenVINO's reader dereferences the missing variable: the process died with SIGSEGV (fuzzing found it)
+    (lambda xml: xml.replace('type="Assign" version="opset6">\n\t\t\t<data variable_id=',
+                             'type="Assign" version="opset6">\n\t\t\t<data variable_name=', 1),
+     "names no variable_id"),
+    (lambda xml: xml.replace('<edge from-layer="0" from-port="0"', '<edge from-layer="0" from-port="7"', 1),
+     "which do not exist"),
+    (lambda xml: xml.replace('offset="0" size="4"', 'offset="0" size="40"', 1), "but says 40"),
+])
+def test_an_openvino_ir_openvino_would_crash_on_is_refused_first(sources, tmp_path, edit, phrase):
+    folder = Path(shutil.copytree(sources[3]("openvino"), tmp_path / "openvino"))
+    xml = (folder / "openvino_model.xml").read_text()
+    damaged = edit(xml)
+    assert damaged != xml
+    (folder / "openvino_model.xml").write_text(damaged)
+    rehash(folder, "openvino_model.xml")
+    errors = validate_errors(folder)
+    assert phrase in errors[-1], errors
 
 
 def rehash(folder: Path, changed: str) -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import openvino as ov
 
 from nanoexport.artifact import Artifact
-from nanoexport.targets.openvino.files import MODEL_FILE
+from nanoexport.targets.openvino.files import MODEL_FILE, WEIGHTS_FILE
+from nanoexport.targets.openvino.ir_check import check_ir
 from nanoexport.targets.openvino.onnx_rules import PAST_PREFIX
 from nanoexport.targets.openvino.ov_passes import present_name
 
@@ -30,6 +31,7 @@ class Runner:
     """
 
     def __init__(self, artifact: Artifact):
+        check_ir(artifact.file(MODEL_FILE), artifact.file(WEIGHTS_FILE))  # OpenVINO crashes on some damage
         compiled = ov.Core().compile_model(artifact.file(MODEL_FILE), "CPU", VALIDATION_PROPERTIES)
         self.request = compiled.create_infer_request()
         # apply_make_stateful_transformation names each state after its input and output, concatenated.
