@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,24 @@ def test_checkpoint_weights_are_deduplicated_by_their_stored_bytes(tmp_path, mon
     # b repeats a's bytes; d has a's values but stored as fp16 (other bytes), so it stays, as does c.
     assert sorted(graph.initializers) == ["a", "c", "d"]
     assert [node.inputs[0].name for node in graph] == ["a", "a", "c", "d"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_weight_read_in_pieces_equals_the_stored_tensor_widened(tmp_path, dtype, monkeypatch):
+    """Rows read and widened a piece at a time (pieces of a few rows here, so every shape spans several)
+    give the tensor safetensors stores, widened to float32 exactly."""
+    from safetensors.torch import save_file
+
+    from nanoexport.capture import weights
+
+    monkeypatch.setattr(weights, "READ_PIECE", 64)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(), (7,), (3, 5), (2, 3, 4), (0, 4), (4, 0), (50, 9)]
+    tensors = {f"t{index}": (torch.randn(shape, generator=generator) * 3).to(dtype) for index, shape in
+               enumerate(shapes)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    stored = weights.SafetensorsWeights([tmp_path / "model.safetensors"])
+    for name, tensor in tensors.items():
+        read = stored.read(name)
+        assert read.dtype == np.float32 and read.shape == tuple(tensor.shape), name
+        assert np.array_equal(read, tensor.to(torch.float32).numpy()), name
