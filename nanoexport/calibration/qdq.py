@@ -72,12 +72,17 @@ def observe(model: ir.Model, values: list[ir.Value], windows: np.ndarray, observ
         log.info("observing activations on the whole graph at once: %s", reason)
         outputs = _whole_graph_outputs(model, values, windows)
     # Each value samples from its own stream, so the order the values are computed in does not matter.
-    observers = {value.name: RangeObserver(observer, np.random.default_rng([seed, index]))
-                 for index, value in enumerate(values)}
+    return collect_ranges(outputs, {value.name: RangeObserver(observer, np.random.default_rng([seed, index]))
+                                    for index, value in enumerate(values)})
+
+
+def collect_ranges(outputs: Iterator[tuple[list[str], list[np.ndarray]]],
+                   observers: dict[str, RangeObserver]) -> dict[str, tuple[float, float]]:
+    """Each named array of ``outputs`` shown to its value's observer; then every observer's range."""
     for names, arrays in outputs:
         for name, array in zip(names, arrays, strict=True):
             observers[name].add(array)
-    return {name: value_observer.range() for name, value_observer in observers.items()}
+    return {name: observer.range() for name, observer in observers.items()}
 
 
 def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],

@@ -31,7 +31,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, Var, types
 
 from nanoexport.errors import NanoexportError
-from nanoexport.targets.coreml.weights import WeightStore
+from nanoexport.targets.coreml.weights import WeightStore, read_external
 
 CACHE_PREFIX = "past_key_values."
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -128,25 +128,22 @@ class _Lowering:
     # --- values -------------------------------------------------------------------------------------------
 
     def is_constant(self, value: ir.Value) -> bool:
-        if value in self.deferred or value.const_value is not None:
-            return True
-        node = value.producer()
-        return node is not None and node.op_type == "Constant" and "value" in node.attributes
+        return value in self.deferred or value.const_value is not None or _constant_node(value) is not None
 
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's array when it is an initializer or a Constant node's output.
 
-        A weight on disk is read afresh at each call and not kept (see ``_read``).
+        A weight on disk is read afresh at each call and not kept (see ``weights.read_external``).
         """
         if value is None:
             return None
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
-            return _read(tensor)
+            return read_external(tensor)
         if tensor is not None:
             return tensor.numpy()
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        node = _constant_node(value)
+        if node is not None:
             return node.attributes["value"].as_tensor().numpy()
         return None
 
@@ -310,17 +307,10 @@ class _Lowering:
         )
 
 
-def _read(tensor: ir.ExternalTensor) -> np.ndarray:
-    """An external tensor's array in memory of its own. ``tensor.numpy()`` would cache what it loads for as
-    long as the graph lives (4-bit integers unpacked to a byte each) and map the file, whose pages then count
-    in this process's memory on top of any copy."""
-    if tensor.dtype.bitwidth < 8:
-        array = tensor.numpy()  # unpacked into a new array, which outlives the mapping
-        tensor.release()
-        return array
-    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-    array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
-    return array.reshape(tensor.shape.numpy())
+def _constant_node(value: ir.Value) -> ir.Node | None:
+    """The Constant node (with a tensor ``value``) that produces ``value``, if one does."""
+    node = value.producer()
+    return node if node is not None and node.op_type == "Constant" and "value" in node.attributes else None
 
 
 def _numpy_mil_dtype(dtype: np.dtype):

@@ -20,6 +20,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 from coremltools.converters.mil.backend.mil.load import MILProtoExporter
 from coremltools.converters.mil.mil import Block, Program, Var
 
@@ -169,3 +170,16 @@ def _replace(block: Block, duplicate: Var, unique: Var, force: bool) -> None:
     block.replace_uses_of_var_after_op(anchor_op=duplicate.op, old_var=duplicate, new_var=unique,
                                        force_replace=force)
     block.remove_ops([duplicate.op])
+
+
+def read_external(tensor: ir.ExternalTensor) -> np.ndarray:
+    """An external tensor's array in memory of its own. ``tensor.numpy()`` would cache what it loads for as
+    long as the graph lives (4-bit integers unpacked to a byte each) and map the file, whose pages then count
+    in this process's memory on top of any copy."""
+    if tensor.dtype.bitwidth < 8:
+        array = tensor.numpy()  # unpacked into a new array, which outlives the mapping
+        tensor.release()
+        return array
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+    return array.reshape(tensor.shape.numpy())

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from nanoexport.calibration import calibration_path
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
 from nanoexport.calibration.layerwise import NotLayered, observe_layers
-from nanoexport.calibration.qdq import RangeObserver, qdq_pair
+from nanoexport.calibration.qdq import RangeObserver, collect_ranges, qdq_pair
 from nanoexport.interface import call_feeds
 from nanoexport.passes import GraphPass, lossy
 from nanoexport.runtime import cpu_session
@@ -52,11 +52,7 @@ def observe_weight_outputs(model: ir.Model, windows: np.ndarray) -> dict[str, tu
     except NotLayered as reason:
         log.info("observing weight outputs on the whole graph at once: %s", reason)
         outputs = _whole_graph_outputs(model, values, feeds)
-    observers = {value.name: RangeObserver("minmax") for value in values}
-    for names, arrays in outputs:
-        for name, array in zip(names, arrays, strict=True):
-            observers[name].add(array)
-    return {name: observer.range() for name, observer in observers.items()}
+    return collect_ranges(outputs, {value.name: RangeObserver("minmax") for value in values})
 
 
 def _whole_graph_outputs(model: ir.Model, values: list[ir.Value],
