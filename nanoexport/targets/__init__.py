@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from nanoexport.artifact import Artifact
     from nanoexport.capture.checkpoint import Checkpoint
     from nanoexport.config import ExportConfig
+    from nanoexport.digests import QuantizedWeight
     from nanoexport.interface import KvCache
     from nanoexport.passes import GraphPass, PassStats
 
@@ -130,6 +131,9 @@ class Target:
     check: Callable[[ExportConfig], None] = _no_check  # refuses settings it cannot build, before capture
     notes: Callable[[Artifact], list[str]] = _no_notes  # structural findings for the validation report
     options: type | None = None  # a dataclass of the target's settings: the config's [name] table and flags
+    # Reads back the quantized weights the writer stored in an artifact folder, as (canonical layer name,
+    # integers and scales) in any layout (see ``nanoexport.digests``): the manifest's stored-weight digests.
+    stored_weights: Callable[[Path], Iterator[tuple[str, QuantizedWeight]]] | None = None
 
     @property
     def installed(self) -> bool:
