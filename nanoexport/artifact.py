@@ -138,6 +138,7 @@ def _shown(text: str) -> str:
 # tuple a choice, where None also allows the key to be missing. Validation reads its thresholds through
 # ``ValidationConfig``, which checks them itself.
 _IO_VALUE = {"name": str, "dtype": str, "shape": (None, [(int, str)])}
+_DIGESTS = {"layers": {str: str}, "digest": str}
 MANIFEST_FIELDS = {
     "target": str,
     "model_files": [str],
@@ -152,6 +153,8 @@ MANIFEST_FIELDS = {
     },
     "passes": [{"name": str, "nodes_before": int, "nodes_after": int}],
     "quantization": (None, {"layers": {str: str}, "bits_per_weight": (None, int, float)}),
+    # Digests of the quantized layers: as the canonical graph held them, and as the target stored them.
+    "weight_digests": (None, {"canonical": _DIGESTS, "stored": (None, {**_DIGESTS, "equals_canonical": bool})}),
 }
 BUILD_LOG_FIELDS = {
     "passes": (None, [{"name": str, "seconds": float}]),
@@ -219,7 +222,7 @@ def _describe(schema: Any) -> str:
         return "a list"
     if isinstance(schema, dict) or schema is dict:
         return "a table"
-    return {int: "an integer", float: "a number", str: "a string"}[schema]
+    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[schema]
 
 
 def _json_type(value: Any) -> str:

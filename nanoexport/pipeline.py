@@ -7,6 +7,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.config import ExportConfig, ValidationConfig
-from nanoexport.passes import run_passes, select_passes, static_kv_cache_pass
-from nanoexport.progress import Steps
+from nanoexport.digests import CanonicalWeights, stored_digests
 from nanoexport.interface import KvCache, kv_shape
+from nanoexport.passes import PassStats, run_passes, select_passes, static_kv_cache_pass
+from nanoexport.progress import Steps
 from nanoexport.targets import Build, Target, get_target
 
 log = logging.getLogger(__name__)
@@ -50,66 +52,126 @@ def export(
     config = copy.deepcopy(config) if config else ExportConfig()
     if target is not None:
         config.target = target
+    model = model_argument(model, config)
+    plan = plan_target(config)
+    passes = select_passes(config.passes, config.skip_passes)
+    destination = Path(out or config.out or default_out(model_name(model), config.target))
+
+    with Steps(progress) as steps, staging(destination, overwrite) as folder:
+        canonical = canonical_graph(model, config, passes, steps)
+        lower_into(folder, canonical, canonical.graph, plan, canonical.quantization, steps)
+    artifact = Artifact.load(destination)
+    # Validation's reference: a checkpoint read lazily has no weights in memory, so validation loads it.
+    artifact.checkpoint = None if canonical.checkpoint.lazy else canonical.checkpoint
+    return artifact
+
+
+def model_argument(model: Any, config: ExportConfig) -> Any:
+    """The model to export: ``model``, else the config's, else the bundled demo; recorded in ``config``."""
     if model is None:
         model = config.model or str(DEMO_MODEL)
     if isinstance(model, (str, Path)):
         config.model = str(model)
+    return model
+
+
+@dataclass
+class TargetPlan:
+    """One target's settings (its declared defaults applied), the target, and the KV cache it builds."""
+
+    config: ExportConfig
+    target: Target
+    cache: KvCache
+
+
+def plan_target(config: ExportConfig) -> TargetPlan:
+    """Apply ``config.target``'s defaults to ``config`` and check it: before capture, so a bad setting costs
+    nothing (the attention windows come with the checkpoint, in ``lower_into``)."""
     target = get_target(config.target)
     _apply_target_defaults(config, target)
     check_config(config.quant)
     target.check(config)
-    # Before capture, so a bad setting costs nothing; the attention windows come with the checkpoint.
     cache = KvCache.resolve(config.kv_cache, target.kv_cache_forms, config.split_prefill_decode,
                             config.max_context, config.prefill_chunk, config.target)
     config.kv_cache = cache.form
-    passes = select_passes(config.passes, config.skip_passes)
-    name = _model_name(model)
-    destination = Path(out or config.out or default_out(name, config.target))
+    return TargetPlan(config, target, cache)
 
-    with Steps(progress) as steps, staging(destination, overwrite) as folder:
-        with steps.step("capture: load checkpoint"):
-            checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
-        with steps.step("capture: torch -> ONNX"):
-            graph = export_onnx(checkpoint)
-        with steps.step("passes") as detail:
-            pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
-        quantization, quantize_seconds = None, None
-        if config.quant.weights != "none" or config.quant.activations != "none":
-            with steps.step(f"quantize: {config.quant.weights}, {config.quant.algo}") as detail:
-                started = time.perf_counter()
-                quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, _folder_of(checkpoint),
-                                        detail)
-                quantize_seconds = time.perf_counter() - started
-        cache = cache.for_model(checkpoint.config)
-        if cache.fixed:
-            # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
-            kv_pass = static_kv_cache_pass(cache.capacity, list(cache.windows), cache.circular)
-            with steps.step("passes: KV-cache rewrite") as detail:
-                pass_stats += run_passes(graph, [kv_pass], on_pass=detail, verify=config.verify_passes)
-        build = Build(config, checkpoint, cache, folder, config.verify_passes)
-        with steps.step(f"passes: {config.target} lowering") as detail:
-            build.detail = detail
-            build.run_passes(graph, target.passes(build))
-        with steps.step(f"write: {config.target}") as detail:
-            build.detail = detail
-            _write_tokenizer(checkpoint, folder)
-            model_files = target.lower(graph, build)
-            write_manifest(folder, _manifest_fields(graph, checkpoint, config, cache, model_files, pass_stats,
-                                                    quantization))
-            write_json(folder / BUILD_LOG, {
-                "passes": [dataclasses.asdict(stat) for stat in pass_stats],
-                "target_passes": [dataclasses.asdict(stat) for stat in build.stats],
-                "quantize_seconds": quantize_seconds,
-                "target_seconds": build.seconds,
-            })
+
+@dataclass
+class Canonical:
+    """The quantized canonical graph and what made it: the stages every target shares."""
+
+    checkpoint: Checkpoint
+    graph: ir.Model
+    pass_stats: list[PassStats]
+    quantization: dict[str, Any] | None
+    quantize_seconds: float | None
+    weights: CanonicalWeights  # its quantized layers, for the manifests' digests
+
+
+def canonical_graph(model: Any, config: ExportConfig, passes: list, steps: Steps) -> Canonical:
+    """Capture ``model``, run the canonical ``passes`` and quantize as ``config.quant`` says."""
+    with steps.step("capture: load checkpoint"):
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
+    with steps.step("capture: torch -> ONNX"):
+        graph = export_onnx(checkpoint)
+    with steps.step("passes") as detail:
+        pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
+    quantization, quantize_seconds = None, None
+    if config.quant.weights != "none" or config.quant.activations != "none":
+        with steps.step(f"quantize: {config.quant.weights}, {config.quant.algo}") as detail:
+            started = time.perf_counter()
+            quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, checkpoint_folder(checkpoint),
+                                    detail)
+            quantize_seconds = time.perf_counter() - started
+    return Canonical(checkpoint, graph, pass_stats, quantization, quantize_seconds, CanonicalWeights(graph))
+
+
+def lower_into(folder: Path, canonical: Canonical, graph: ir.Model, plan: TargetPlan,
+               quantization: dict[str, Any] | None, steps: Steps) -> None:
+    """Lower ``graph`` (the canonical graph or a copy of it) for ``plan``'s target and write the artifact's
+    files, manifest and build log into ``folder``; ``quantization``: the manifest's quantization record."""
+    config, target, checkpoint = plan.config, plan.target, canonical.checkpoint
+    pass_stats = list(canonical.pass_stats)
+    cache = plan.cache.for_model(checkpoint.config)
+    if cache.fixed:
+        # After quantization: calibration feeds whole windows, which the growing cache takes at any length.
+        kv_pass = static_kv_cache_pass(cache.capacity, list(cache.windows), cache.circular)
+        with steps.step(f"passes: {config.target} KV-cache rewrite") as detail:
+            pass_stats += run_passes(graph, [kv_pass], on_pass=detail, verify=config.verify_passes)
+    build = Build(config, checkpoint, cache, folder, config.verify_passes)
+    with steps.step(f"passes: {config.target} lowering") as detail:
+        build.detail = detail
+        build.run_passes(graph, target.passes(build))
+    with steps.step(f"write: {config.target}") as detail:
+        build.detail = detail
+        _write_tokenizer(checkpoint, folder)
+        model_files = target.lower(graph, build)
+        fields = _manifest_fields(graph, checkpoint, config, cache, model_files, pass_stats, quantization)
+        fields["weight_digests"] = _weight_digests(canonical.weights, target, folder)
+        write_manifest(folder, fields)
+        write_json(folder / BUILD_LOG, {
+            "passes": [dataclasses.asdict(stat) for stat in pass_stats],
+            "target_passes": [dataclasses.asdict(stat) for stat in build.stats],
+            "quantize_seconds": canonical.quantize_seconds,
+            "target_seconds": build.seconds,
+        })
     for stat in [*pass_stats, *build.stats]:
         change = "" if stat.logits_change is None else f", logits moved {stat.logits_change:.2e}"
         log.info("pass %s: %.2fs, %d -> %d nodes%s", stat.name, stat.seconds, stat.nodes_before, stat.nodes_after,
                  change)
-    artifact = Artifact.load(destination)
-    # Validation's reference: a checkpoint read lazily has no weights in memory, so validation loads it.
-    artifact.checkpoint = None if checkpoint.lazy else checkpoint
-    return artifact
+
+
+def _weight_digests(weights: CanonicalWeights, target: Target, folder: Path) -> dict[str, Any] | None:
+    """Digests of the canonical graph's quantized layers and of what the target stored in ``folder``
+    (None without quantized layers); the target's stored record is None when it cannot read its files back."""
+    if not weights.tensors:
+        return None
+    canonical = weights.record()
+    stored = None
+    if target.stored_weights is not None:
+        stored = stored_digests(target.stored_weights(folder), canonical, weights)
+    return {"canonical": canonical, "stored": stored}
 
 
 def _manifest_fields(graph: ir.Model, checkpoint: Checkpoint, config: ExportConfig, cache: KvCache,
@@ -136,7 +198,7 @@ def _manifest_fields(graph: ir.Model, checkpoint: Checkpoint, config: ExportConf
     }
 
 
-def _model_name(model: Any) -> str:
+def model_name(model: Any) -> str:
     if isinstance(model, Checkpoint):
         return model.name
     if isinstance(model, torch.nn.Module):
@@ -144,7 +206,7 @@ def _model_name(model: Any) -> str:
     return Path(str(model)).name or "model"
 
 
-def _folder_of(checkpoint: Checkpoint) -> Path | None:
+def checkpoint_folder(checkpoint: Checkpoint) -> Path | None:
     folder = Path(checkpoint.source) if checkpoint.source else None
     return folder if folder is not None and folder.is_dir() else None
 

@@ -32,6 +32,13 @@ def _package():
     return package
 
 
+def _stored():
+    # Imported when used: the manifest's digests read the weights back with the runtime's own reader.
+    from nanoexport.targets.coreml import stored
+
+    return stored
+
+
 TARGET = Target(
     name="coreml",
     runtime="coremltools",
@@ -42,4 +49,5 @@ TARGET = Target(
     runner=lambda artifact: _package().Runner(artifact),
     validation_defaults=lambda config: dict(FP16_THRESHOLDS),
     notes=lambda artifact: _package().validation_notes(artifact),
+    stored_weights=lambda folder: _stored().stored_weights(folder),
 )

@@ -84,6 +84,11 @@ class Interpreter:
             self.constants[function_name] = {name: _widen(value) for name, value in env.items()}
         return self.constants[function_name]
 
+    def immediate_inputs(self, op) -> dict[str, np.ndarray]:
+        """The inputs of ``op`` given as values in the program (a constexpr op's weights), as stored."""
+        return {name: self._value(argument.arguments[0].value) for name, argument in op.inputs.items()
+                if argument.arguments and argument.arguments[0].WhichOneof("binding") == "value"}
+
     def _run_op(self, op, env: dict[str, Any]) -> None:
         if op.type == "const":
             env[op.outputs[0].name] = self._value(op.attributes["val"])

@@ -31,7 +31,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, Var, types
 
 from nanoexport.errors import NanoexportError
-from nanoexport.targets.coreml.weights import WeightStore, read_external
+from nanoexport.targets.coreml.weights import WeightStore, mil_weight_name, read_external
 
 CACHE_PREFIX = "past_key_values."
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -299,8 +299,10 @@ class _Lowering:
         def laid_out(array: np.ndarray) -> np.ndarray:
             return array.T if transpose else array
 
-        # Scales in fp16, the precision the weight is computed in (the canonical graph stores fp16 scales).
+        # Scales in fp16, the precision the weight is computed in (the canonical graph stores fp16 scales). Named
+        # after the canonical integers, so that the manifest's digests can tell which layer the package stores.
         return mb.constexpr_blockwise_shift_scale(
+            name=mil_weight_name(node.inputs[0].name + (".transposed" if transpose else "")),
             data=self.hold(laid_out(q.astype(np.int16)).astype(integers)),
             scale=self.hold(laid_out(scale).astype(np.float16)),
             offset=None if zero_point is None else self.hold(laid_out(zero_point.astype(np.int16)).astype(integers)),

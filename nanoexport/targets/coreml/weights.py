@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,19 @@ class WeightStore:
         count = placeholder.size
         array = np.fromfile(self.path, dtype=placeholder.dtype, count=count, offset=offset)
         return array.reshape(placeholder.shape)
+
+
+def mil_weight_name(name: str) -> str:
+    """``name`` as a MIL op name that keeps it: coremltools turns every character but letters, digits and ``_``
+    into ``_``, so each byte of those (and of ``_`` itself) is written as ``_`` and two hex digits."""
+    return "".join(char if char.isascii() and char.isalnum() else "".join(f"_{byte:02x}" for byte in char.encode())
+                   for char in name)
+
+
+def name_of_mil_weight(mil_name: str) -> str:
+    """The name ``mil_weight_name`` was given."""
+    return re.sub(r"(?:_[0-9a-f]{2})+", lambda match: bytes.fromhex(match[0].replace("_", "")).decode(errors="replace"),
+                  mil_name)
 
 
 def content_key(array: np.ndarray | np.generic) -> tuple:

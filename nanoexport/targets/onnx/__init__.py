@@ -37,6 +37,13 @@ def _runtime():
     return runtime
 
 
+def _stored():
+    # Imported when used: the manifest's digests read the weights back with the runtime's own reader.
+    from nanoexport.targets.onnx import stored
+
+    return stored
+
+
 TARGET = Target(
     name="onnx",
     runtime="onnxruntime",
@@ -46,4 +53,5 @@ TARGET = Target(
     lower=lambda model, build: _lowering().lower(model, build),
     runner=lambda artifact: _runtime().Runner(artifact),
     options=OnnxOptions,
+    stored_weights=lambda folder: _stored().stored_weights(folder),
 )

@@ -39,6 +39,13 @@ def _runtime():
     return runtime
 
 
+def _stored():
+    # Imported when used: the manifest's digests read the weights back with the runtime's own reader.
+    from nanoexport.targets.openvino import stored
+
+    return stored
+
+
 TARGET = Target(
     name="openvino",
     runtime="openvino",
@@ -47,4 +54,5 @@ TARGET = Target(
     passes=lambda build: _lowering().lowering_passes(build),
     lower=lambda model, build: _lowering().lower(model, build),
     runner=lambda artifact: _runtime().Runner(artifact),
+    stored_weights=lambda folder: _stored().stored_weights(folder),
 )

@@ -78,6 +78,13 @@ def _runtime():
     return runtime
 
 
+def _stored():
+    # Imported when used: the manifest's digests read the weights back with the runtime's own reader.
+    from nanoexport.targets.qnn import stored
+
+    return stored
+
+
 TARGET = Target(
     name="qnn",
     runtime="onnxruntime",  # the CPU path; the HTP path needs onnxruntime-qnn (extra "qnn")
@@ -92,4 +99,5 @@ TARGET = Target(
     runner=lambda artifact: _runtime().Runner(artifact),
     notes=lambda artifact: _runtime().validation_notes(artifact),
     options=QnnOptions,
+    stored_weights=lambda folder: _stored().stored_weights(folder),
 )
