@@ -294,7 +294,7 @@ def _targets(args: argparse.Namespace) -> int:
     for column in ("target", "runtime", "installed", "KV cache forms (first: default)"):
         table.add_column(column)
     for name, target in sorted(TARGETS.items()):
-        installed = "yes" if target.installed else f"no: {target.install}"
+        installed = "yes" if target.installed else escape(f"no: {target.install}")  # [extra] is not markup
         table.add_row(name, target.runtime, installed, ", ".join(target.kv_cache_forms))
     console.print(table)
     return 0

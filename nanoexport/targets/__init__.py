@@ -140,10 +140,10 @@ class Target:
         return importlib.util.find_spec(self.runtime) is not None
 
 
-from nanoexport.targets import coreml, onnx, openvino, qnn  # noqa: E402 (they import Target from above)
+from nanoexport.targets import coreml, onnx, openvino, qnn, tvm  # noqa: E402 (they import Target from above)
 
 TARGETS: dict[str, Target] = {target.name: target for target in (onnx.TARGET, coreml.TARGET, openvino.TARGET,
-                                                                   qnn.TARGET)}
+                                                                   qnn.TARGET, tvm.TARGET)}
 
 
 def get_target(name: str) -> Target:

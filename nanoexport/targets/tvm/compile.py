@@ -1,0 +1,157 @@
+"""The compiled module: the prefill and decode graphs as two Relax functions over one parameter list,
+compiled by TVM for one device, and the artifact's files (the library, the parameters, the signatures).
+
+Both functions take their graph's inputs and then every parameter, in the same order, so one set of
+weights serves both. Parameters are the graph's weights as the canonical graph stores them: packed
+INT4/UINT4 as their raw bytes (two elements a byte, flat), INT8 as they are, scales in their type. What is
+small (shape constants, rotary frequencies) is compiled into the library as constants.
+
+Schedules: the kernels as TVM legalizes them, then TVM's default CPU rules (dlight's GEMV and reduction),
+after the tuned schedules of a meta-schedule database when ``--tvm-database`` names one.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import tvm
+from tvm import relax
+
+from nanoexport.errors import NanoexportError
+from nanoexport.targets.tvm.relax_graph import DTYPES, QUANTIZED, GraphConverter
+
+LIBRARY = "model.so"  # a shared library for this machine, which validation loads
+ARCHIVE = "model.tar"  # object files for another device, linked there (TVM's exportable archive)
+PARAMS = "params.safetensors"
+SIGNATURES = "signatures.json"
+CONSTANT_ELEMENTS = 64  # float initializers this small are compiled in as constants, not parameters
+
+
+def is_parameter(value: ir.Value) -> bool:
+    """Weights and what dequantizes them are parameters; shape constants and small tables are compiled in."""
+    if value.const_value is None:
+        return False
+    if any(use.node.op_type == "DequantizeLinear" for use in value.uses()):
+        return True
+    return value.dtype.is_floating_point() and value.const_value.size > CONSTANT_ELEMENTS
+
+
+def parameter_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A parameter's data as the function takes it: 4-bit integers as their packed bytes, flat."""
+    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return np.frombuffer(tensor.tobytes(), np.uint8)
+    if tensor.dtype in (ir.DataType.INT8, ir.DataType.UINT8):
+        return tensor.numpy().reshape(-1)
+    return tensor.numpy()
+
+
+def _parameter_type(value: ir.Value) -> tuple[list[int], str]:
+    count = int(np.prod([int(d) for d in value.shape]))
+    if value.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return [(count + 1) // 2], "uint8"
+    if value.dtype in (ir.DataType.INT8, ir.DataType.UINT8):
+        return [count], DTYPES[value.dtype]
+    return [int(d) for d in value.shape], DTYPES[value.dtype]
+
+
+def _describe(value: ir.Value) -> dict:
+    return {"name": value.name, "shape": [int(d) for d in value.shape], "dtype": DTYPES[value.dtype]}
+
+
+def build_module(graphs: dict[str, ir.Model]) -> tuple[tvm.IRModule, dict[str, ir.Value], dict]:
+    """The Relax module of ``graphs`` (function name -> static graph), its parameters by name, and the
+    functions' signatures."""
+    parameters: dict[str, ir.Value] = {}
+    for graph in graphs.values():
+        for name, value in graph.graph.initializers.items():
+            if is_parameter(value):
+                known = parameters.setdefault(name, value)
+                if _parameter_type(known) != _parameter_type(value):
+                    raise NanoexportError(f"the prefill and decode graphs disagree on the weight {name}; report "
+                                          "the model")
+    names = sorted(parameters)
+    quantized = {name for name in names if parameters[name].dtype in QUANTIZED}
+    bb = relax.BlockBuilder()
+    signatures = {}
+    for function, model in graphs.items():
+        inputs = {value.name: relax.Var(value.name, relax.TensorType([int(d) for d in value.shape],
+                                                                          DTYPES[value.dtype]))
+                  for value in model.graph.inputs}
+        params = {name: relax.Var(name, relax.TensorType(*_parameter_type(parameters[name])))
+                  for name in names}
+        with bb.function(function, [*inputs.values(), *params.values()]):
+            with bb.dataflow():
+                graph_params = {name: params[name] for name in model.graph.initializers if name in params}
+                outputs = GraphConverter(bb, graph_params, quantized).convert(model.graph, inputs)
+                result = bb.emit_output(relax.Tuple(outputs))
+            bb.emit_func_output(result)
+        signatures[function] = {"inputs": [_describe(value) for value in model.graph.inputs],
+                                "outputs": [_describe(value) for value in model.graph.outputs]}
+    return bb.get(), parameters, {"params": names, "functions": signatures}
+
+
+def compile_module(module: tvm.IRModule, target: tvm.target.Target, database: str = "") -> relax.VMExecutable:
+    """``module`` compiled for ``target``: legalized kernels, tuned schedules from ``database`` if given,
+    then TVM's default CPU schedule rules."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+
+    passes = [*cpu_generic.library_dispatch_passes(target), *cpu_generic.legalize_passes(target)]
+    if database:
+        if not Path(database).is_dir():
+            raise NanoexportError(f"--tvm-database {database} is not a folder; give a meta-schedule database "
+                                  "folder (with database_workload.json and database_tuning_record.json)")
+        passes.append(relax.transform.MetaScheduleApplyDatabase(database))
+    passes.append(dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()))
+    passes += [*cpu_generic.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: tvm.IRModule, _context) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return tvm.compile(module, target, relax_pipeline=pipeline)
+
+
+def _deterministic_tar(output: str, files: list[str], options=None, **_) -> None:
+    """TVM's archive of object files, without the timestamps and owners a plain ``tar`` records."""
+    with tarfile.open(output, "w") as archive:
+        for path in sorted(files):
+            info = archive.gettarinfo(path, arcname=Path(path).name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(path, "rb") as data:
+                archive.addfile(info, data)
+
+
+_deterministic_tar.output_format = "tar"
+
+
+def write_library(executable: relax.VMExecutable, folder: Path, host: bool) -> str:
+    """The shared library for this machine, or the archive of object files for another device."""
+    if host:
+        executable.export_library(str(folder / LIBRARY))
+        return LIBRARY
+    executable.export_library(str(folder / ARCHIVE), fcompile=_deterministic_tar)
+    return ARCHIVE
+
+
+def write_parameters(parameters: dict[str, ir.Value], folder: Path) -> str:
+    """The parameters as one safetensors file, each as the functions take it."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(parameter_array(value.const_value))
+               for name, value in sorted(parameters.items())}, str(folder / PARAMS))
+    (folder / PARAMS).chmod(0o644)  # safetensors writes it owner-only, unlike the artifact's other files
+    return PARAMS
+
+
+def write_signatures(signatures: dict, target: tvm.target.Target, library: str, folder: Path) -> str:
+    """Which file holds what, the device compiled for, and each function's inputs and outputs (the parameters
+    follow the inputs, in the order of ``params``)."""
+    description = {"library": library, "params_file": PARAMS, "target": json.loads(str(target)), **signatures}
+    (folder / SIGNATURES).write_text(json.dumps(description, indent=1, sort_keys=True) + "\n")
+    return SIGNATURES

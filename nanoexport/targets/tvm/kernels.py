@@ -1,0 +1,127 @@
+"""The tvm target's own kernels, written in TVM's tensor expressions: a matmul that reads quantized weights
+packed as the canonical graph stores them and dequantizes each element inside its loop, and the KV-cache
+write at ``cache_position``.
+
+Packed weights are the raw bytes of the canonical initializer, flat: INT4/UINT4 two elements a byte, the
+first in the low nibble (ONNX's packing), INT8/UINT8 one a byte. A weight element is dequantized as the
+canonical ``DequantizeLinear`` does, ``(q - zero_point) * scale`` rounded to the scale's type, then widened
+to the activations' type, so the kernel multiplies by the very values the canonical graph computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+QUANT_TYPES = {"INT4": (4, True), "UINT4": (4, False), "INT8": (8, True), "UINT8": (8, False)}
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """How a 2-D quantized weight is laid out: its shape, element type and the axis its scale blocks run along."""
+
+    rows: int
+    cols: int
+    quant_type: str  # a key of QUANT_TYPES
+    axis: int  # 0: a scale per block of ``block_size`` rows and per column; 1: per row and block of columns
+    block_size: int
+
+    @property
+    def bits(self) -> int:
+        return QUANT_TYPES[self.quant_type][0]
+
+    @property
+    def signed(self) -> bool:
+        return QUANT_TYPES[self.quant_type][1]
+
+    @property
+    def scale_cols(self) -> int:
+        return self.cols if self.axis == 0 else -(-self.cols // self.block_size)
+
+
+def _integer(packed: te.Tensor, flat, bits: int, signed: bool):
+    """Element ``flat`` of a flat packed integer tensor, as int32."""
+    if bits == 8:
+        return packed[flat].astype("int32")
+    nibble = (packed[flat // 2].astype("int32") >> ((flat % 2) * 4)) & 15
+    return (nibble ^ 8) - 8 if signed else nibble
+
+
+def weight_element(blocking: Blocking, packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None, row, col,
+                   dtype: str):
+    """The dequantized weight at ``(row, col)``, as the canonical graph computes it, in ``dtype``."""
+    value = _integer(packed, row * blocking.cols + col, blocking.bits, blocking.signed)
+    size = blocking.block_size
+    block_row, block_col = (row // size, col) if blocking.axis == 0 else (row, col // size)
+    if zero is not None:
+        value = value - _integer(zero, block_row * blocking.scale_cols + block_col, blocking.bits, blocking.signed)
+    step = scale[block_row, block_col]
+    product = (value.astype("float32") * step.astype("float32")).astype(scale.dtype)
+    return product.astype(dtype)
+
+
+def quantized_matmul(x: te.Tensor, packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None, *,
+                     blocking: Blocking, transposed: bool) -> te.Tensor:
+    """``x @ W`` (or ``x @ W.T`` when ``transposed``) for the packed weight ``W``, dequantized in the loop."""
+    reduced = blocking.cols if transposed else blocking.rows
+    outputs = blocking.rows if transposed else blocking.cols
+    k = te.reduce_axis((0, reduced), "k")
+
+    def element(*index):
+        row, col = (index[-1], k) if transposed else (k, index[-1])
+        weight = weight_element(blocking, packed, scale, zero, row, col, x.dtype)
+        return te.sum(x[(*index[:-1], k)] * weight, axis=k)
+
+    return te.compute((*x.shape[:-1], outputs), element, name="dequantize_matmul")
+
+
+def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None, *, blocking: Blocking,
+               dtype: str) -> te.Tensor:
+    """The whole weight dequantized (for the rare weight read by something else than a MatMul: a Gather)."""
+    return te.compute((blocking.rows, blocking.cols),
+                      lambda row, col: weight_element(blocking, packed, scale, zero, row, col, dtype),
+                      name="dequantize")
+
+
+def transposed_matmul(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """``x @ weight.T`` reading ``weight`` ``[N, K]`` in place (a tied embedding as the output projection)."""
+    k = te.reduce_axis((0, weight.shape[1]), "k")
+    return te.compute((*x.shape[:-1], weight.shape[0]),
+                      lambda *index: te.sum(x[(*index[:-1], k)] * weight[index[-1], k], axis=k),
+                      name="matmul_transposed")
+
+
+def cache_write(past: te.Tensor, update: te.Tensor, position: te.Tensor, circular: bool) -> te.Tensor:
+    """``past`` ``[batch, heads, slots, dim]`` with the rows of ``update`` written from ``position[batch]`` on,
+    wrapping round the slots when ``circular`` (ONNX ``TensorScatter`` on axis 2, linear or circular)."""
+    slots, rows = past.shape[2], update.shape[2]
+
+    def element(b, h, s, d):
+        offset = s.astype("int64") - position[b]
+        if circular:
+            offset = tirx.floormod(offset, slots)
+        inside = tirx.all(offset >= 0, offset < rows)
+        return tirx.if_then_else(inside, update[b, h, tirx.max(tirx.min(offset, rows - 1), 0), d], past[b, h, s, d])
+
+    return te.compute(past.shape, element, name="cache_write")
+
+
+def quantized_gather(indices: te.Tensor, packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None, *,
+                     blocking: Blocking, dtype: str) -> te.Tensor:
+    """Rows ``indices`` of the packed weight, dequantized (a quantized embedding read by token ids)."""
+    return te.compute((*indices.shape, blocking.cols),
+                      lambda *index: weight_element(blocking, packed, scale, zero, indices[index[:-1]], index[-1],
+                                                    dtype),
+                      name="dequantize_gather")
+
+
+def bind(kernel, **settings):
+    """``kernel`` with its Python settings fixed, for ``BlockBuilder.emit_te`` (which takes tensors only) and
+    named after the kernel."""
+
+    def bound(*tensors):
+        return kernel(*tensors, **settings)
+
+    bound.__name__ = kernel.__name__
+    return bound
