@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nanoexport.artifact import Artifact, read_build_log
-from nanoexport.config import load_config
+from nanoexport.config import ExportConfig, load_config
 from nanoexport.errors import NanoexportError
 from nanoexport.interface import KV_CACHE_FORMS
 from nanoexport.interrupts import Interrupted, handling_signals
@@ -46,6 +47,8 @@ examples:
   nanoexport --quant int4 --no-padded-batches  for onnxruntime-genai, which feeds unpadded masks: no padding bias
 
 other verbs:
+  nanoexport build --targets onnx,qnn   quantize once, lower for several targets into one output root
+  nanoexport compare DIR DIR...         run artifacts of one model side by side and compare them
   nanoexport validate DIR     validate an artifact against its reference model
   nanoexport inspect DIR      show an artifact's manifest: files, inputs/outputs, passes
   nanoexport targets          list targets and whether their runtimes are installed
@@ -66,7 +69,28 @@ TARGETS_EXAMPLES = """\
 examples:
   nanoexport targets
 """
-VERBS = ("export", "validate", "inspect", "targets")
+BUILD_EXAMPLES = """\
+examples:
+  nanoexport build --targets onnx,openvino,coreml,qnn --quant int4 --block-size 32
+                                      the demo model for four targets from one quantization, then compared
+  nanoexport build --config build.toml    targets = [...] and every other setting from a file
+  nanoexport build --model ./my-llama --targets onnx,openvino --quant int4 --algo gptq --calib data.jsonl
+  nanoexport build --targets onnx,qnn --quant int4 --no-compare --out build/demo
+Each target's artifact is written to OUT/<target> (default OUT: ./nanoexport-out/<model>-build), the
+comparison to OUT/report.json. A target that fails does not stop the others.
+exit codes: 0 every target built (and the comparison passed), 1 a target failed or the comparison failed,
+2 bad input.
+"""
+COMPARE_EXAMPLES = """\
+examples:
+  nanoexport compare nanoexport-out/demo-build/onnx nanoexport-out/demo-build/qnn
+  nanoexport compare out/* --eval wiki.txt --eval-windows 8 --report parity.json
+  nanoexport compare out/* --config ci.toml    thresholds from its [compare] table, workload from [validate]
+Gates: artifacts with quantized weights must have perplexities within 0.5% of each other, float ones agree on
+99% of top-1 tokens, and each artifact's stored integers must still have the digest its build recorded.
+exit codes: 0 all pairs agree, 1 a pair disagrees or an artifact's weights changed, 2 bad input.
+"""
+VERBS = ("export", "build", "compare", "validate", "inspect", "targets")
 
 console = Console()
 log = logging.getLogger("nanoexport")
@@ -77,6 +101,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         "export": ("nanoexport", "Export a decoder LM to a validated artifact for one target.", EXPORT_EXAMPLES),
         "validate": ("nanoexport validate", "Run an artifact beside its PyTorch reference and check the numbers.",
                      VALIDATE_EXAMPLES),
+        "build": ("nanoexport build", "Quantize a decoder LM once and lower it for several targets.", BUILD_EXAMPLES),
+        "compare": ("nanoexport compare", "Run artifacts of one model side by side against its PyTorch reference.",
+                    COMPARE_EXAMPLES),
         "inspect": ("nanoexport inspect", "Show an artifact's manifest.", INSPECT_EXAMPLES),
         "targets": ("nanoexport targets", "List the targets and whether each one's runtime is installed.",
                     TARGETS_EXAMPLES),
@@ -87,47 +114,26 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     if verb == "export":
-        parser.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
         parser.add_argument("--target", help="target backend (default: onnx); see `nanoexport targets`")
         parser.add_argument("--out", help="artifact folder (default: ./nanoexport-out/<model>-<target>)")
-        parser.add_argument("--config", type=Path, help="settings file (default: ./nanoexport.toml if present)")
-        parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
-        parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
-        parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
-        parser.add_argument("--kv-cache", choices=KV_CACHE_FORMS,
-                            help="KV cache form: growing (dynamic), growing inside the runtime's state "
-                                 "(stateful), fixed capacity (static), or fixed capacity written round-robin "
-                                 "so generation runs past it (sliding); default per target")
-        parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
-        parser.add_argument("--split-prefill-decode", action="store_true", default=None,
-                            help="write a prefill graph (--prefill-chunk tokens) and a one-token decode graph, "
-                                 "all shapes static, sharing one weights file (implies --kv-cache static)")
-        parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill call (default: 128)")
-        parser.add_argument("--verify-passes", action="store_true", default=None,
-                            help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
-        quant = parser.add_argument_group("quantization")
-        quant.add_argument("--quant", choices=["none", "fp16", "int4", "uint4", "int8", "nf4"],
-                           help="weight type of the linear layers (default: none, fp32)")
-        quant.add_argument("--block-size", type=int, help="input rows per scale, 16 to 256 (default: 32)")
-        quant.add_argument("--algo", choices=["rtn", "gptq", "awq"], help="quantizer (default: rtn)")
-        quant.add_argument("--calib", help="calibration text, JSONL, folder or saved dataset (default: "
-                                           "calibration.txt in the checkpoint folder)")
-        quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")
-        quant.add_argument("--pad-blocks", action="store_true", default=None,
-                           help="allow a last partial block where the block size does not divide a dimension")
-        quant.add_argument("--keep-float", type=_names, metavar="PATTERNS",
-                           help="layers left in float, comma-separated name patterns; '' quantizes every layer "
-                                "(default: lm_head,*embed_tokens)")
-        quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
-                           help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
-                                "(ONNX Runtime's accuracy_level 4, OpenVINO CPU's dynamic quantization; "
-                                "default: on)")
-        quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
-        quant.add_argument("--activations", choices=["none", "a16", "a8"],
-                           help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
-        for target in TARGETS.values():
-            _add_option_flags(parser, target)
+        _add_export_flags(parser)
+    elif verb == "build":
+        parser.add_argument("--targets", type=_names, help="comma-separated targets, e.g. onnx,openvino,coreml,qnn "
+                                                           "(default: the config's targets)")
+        parser.add_argument("--out", help="output root, one folder per target (default: "
+                                          "./nanoexport-out/<model>-build)")
+        parser.add_argument("--no-compare", action="store_true", help="skip comparing the artifacts after the build")
+        _add_export_flags(parser)
+    elif verb == "compare":
+        parser.add_argument("artifacts", type=Path, nargs="+", help="artifact folders of one model")
+        parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifests)")
+        parser.add_argument("--config", type=Path, help="settings file: thresholds from [compare], prompts and "
+                                                        "evaluation text from [validate]")
+        parser.add_argument("--eval", type=Path, help="text for perplexity (default: the demo's held-out plays)")
+        parser.add_argument("--eval-windows", type=int, help="windows of the text to score; 0: all (default: 16)")
+        parser.add_argument("--report", type=Path, help="where to write the JSON report (default: report.json in "
+                                                        "the artifacts' common parent folder)")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")
@@ -138,6 +144,49 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     elif verb == "inspect":
         parser.add_argument("artifact", type=Path, help="artifact folder")
     return parser
+
+
+def _add_export_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags export and build share: the model, settings file, passes, KV cache, quantization, and each
+    target's options."""
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+    parser.add_argument("--config", type=Path, help="settings file (default: ./nanoexport.toml if present)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
+    parser.add_argument("--skip-passes", type=_names, help="comma-separated passes not to run")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_FORMS,
+                        help="KV cache form: growing (dynamic), growing inside the runtime's state "
+                             "(stateful), fixed capacity (static), or fixed capacity written round-robin "
+                             "so generation runs past it (sliding); default per target")
+    parser.add_argument("--max-context", type=int, help="capacity of the static KV cache (default: 2048)")
+    parser.add_argument("--split-prefill-decode", action="store_true", default=None,
+                        help="write a prefill graph (--prefill-chunk tokens) and a one-token decode graph, "
+                             "all shapes static, sharing one weights file (implies --kv-cache static)")
+    parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill call (default: 128)")
+    parser.add_argument("--verify-passes", action="store_true", default=None,
+                        help="run ONNX Runtime before and after each pass; stop at one that moves the logits")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--quant", choices=["none", "fp16", "int4", "uint4", "int8", "nf4"],
+                       help="weight type of the linear layers (default: none, fp32)")
+    quant.add_argument("--block-size", type=int, help="input rows per scale, 16 to 256 (default: 32)")
+    quant.add_argument("--algo", choices=["rtn", "gptq", "awq"], help="quantizer (default: rtn)")
+    quant.add_argument("--calib", help="calibration text, JSONL, folder or saved dataset (default: "
+                                       "calibration.txt in the checkpoint folder)")
+    quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")
+    quant.add_argument("--pad-blocks", action="store_true", default=None,
+                       help="allow a last partial block where the block size does not divide a dimension")
+    quant.add_argument("--keep-float", type=_names, metavar="PATTERNS",
+                       help="layers left in float, comma-separated name patterns; '' quantizes every layer "
+                            "(default: lm_head,*embed_tokens)")
+    quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
+                       help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
+                            "(ONNX Runtime's accuracy_level 4, OpenVINO CPU's dynamic quantization; "
+                            "default: on)")
+    quant.add_argument("--size-budget", help="fit the weights in this size (e.g. 2.2GB), int4/int8 per layer")
+    quant.add_argument("--activations", choices=["none", "a16", "a8"],
+                       help="QuantizeLinear/DequantizeLinear on activations for QDQ targets (default: none)")
+    for target in TARGETS.values():
+        _add_option_flags(parser, target)
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, target: Target) -> None:
@@ -184,7 +233,8 @@ def _run(argv: list[str]) -> int:
         args = _parser(verb).parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(message)s")
-        return {"export": _export, "validate": _validate, "inspect": _inspect, "targets": _targets}[verb](args)
+        return {"export": _export, "build": _build, "compare": _compare, "validate": _validate, "inspect": _inspect,
+                "targets": _targets}[verb](args)
     except NanoexportError as error:
         Console(stderr=True).print(Text.assemble(("error:", "red"), f" {error}"), highlight=False, soft_wrap=True)
         return 2
@@ -199,8 +249,19 @@ def _export(args: argparse.Namespace) -> int:
     from nanoexport.validate import validate
     from nanoexport.validate.report import report_table
 
-    config = load_config(args.config, {
-        "model": args.model, "target": args.target, "out": args.out, "passes": args.passes,
+    artifact = export(config=_export_config(args, target=args.target), overwrite=args.overwrite)
+    console.print(_summary_table(artifact))
+    if args.no_validate:
+        return 0
+    report = validate(artifact)
+    console.print(report_table(report.to_dict()))
+    return 0 if report.passed else 1
+
+
+def _export_config(args: argparse.Namespace, **settings: object) -> ExportConfig:
+    """The settings file (or ./nanoexport.toml), then the flags export and build share, then ``settings``."""
+    return load_config(args.config, {
+        "model": args.model, "out": args.out, "passes": args.passes, **settings,
         "skip_passes": args.skip_passes, "verify_passes": args.verify_passes, "kv_cache": args.kv_cache,
         "max_context": args.max_context, "split_prefill_decode": args.split_prefill_decode,
         "prefill_chunk": args.prefill_chunk,
@@ -210,13 +271,58 @@ def _export(args: argparse.Namespace) -> int:
                   "dynamic_int8": args.dynamic_int8},
         **_option_overrides(args),
     })
-    artifact = export(config=config, overwrite=args.overwrite)
-    console.print(_summary_table(artifact))
-    if args.no_validate:
-        return 0
-    report = validate(artifact)
-    console.print(report_table(report.to_dict()))
-    return 0 if report.passed else 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    from nanoexport.build import build
+    from nanoexport.validate.compare import compare
+    from nanoexport.validate.report import compare_tables
+
+    config = _export_config(args, targets=args.targets)
+    result = build(config=config, overwrite=args.overwrite)
+    table = Table(title=escape(f"build {result.out}"))
+    for column in ("target", "result", "folder", "integers"):
+        table.add_column(column)
+    for name in config.targets:
+        if name in result.failures:
+            table.add_row(name, "[red]failed[/]", "-", escape(result.failures[name]))
+            continue
+        stored = (result.artifacts[name].manifest.get("weight_digests") or {}).get("stored")
+        integers = "-" if stored is None else "canonical" if stored["equals_canonical"] else \
+            f"re-rounded by the target (relative RMS {stored.get('weight_error', {}).get('relative_rms', '-')})"
+        table.add_row(name, "[green]written[/]", escape(str(result.artifacts[name].path)), integers)
+    console.print(table)
+    passed = True
+    if not args.no_compare and len(result.artifacts) > 1:
+        report = compare(list(result.artifacts.values()), validation=config.validate, thresholds=config.compare,
+                         report_path=result.out / "report.json")
+        for table in compare_tables(report):
+            console.print(table)
+        passed = report["passed"]
+    for name, reason in result.failures.items():
+        written = f"; written: {', '.join(result.artifacts)}" if result.artifacts else ""
+        Console(stderr=True).print(Text.assemble(("failed:", "red"), f" {name}: {reason}{written}"),
+                                   highlight=False, soft_wrap=True)
+    return 0 if passed and not result.failures else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from nanoexport.validate.compare import compare
+    from nanoexport.validate.report import compare_tables
+
+    artifacts = [Artifact.load(path) for path in args.artifacts]
+    config = load_config(args.config) if args.config else None
+    validation = config.validate if config else artifacts[0].thresholds()
+    if args.eval is not None:
+        validation.eval_text = str(args.eval)
+    if args.eval_windows is not None:
+        validation.eval_windows = args.eval_windows
+    report_path = args.report or Path(os.path.commonpath([path.resolve() for path in args.artifacts])) / "report.json"
+    report = compare(artifacts, reference=args.reference, validation=validation,
+                     thresholds=config.compare if config else None, report_path=report_path)
+    for table in compare_tables(report):
+        console.print(table)
+    return 0 if report["passed"] else 1
 
 
 def _validate(args: argparse.Namespace) -> int:

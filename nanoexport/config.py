@@ -4,6 +4,7 @@ Example ``nanoexport.toml``::
 
     model = "path/to/checkpoint"
     target = "onnx"
+    targets = ["onnx", "openvino", "coreml", "qnn"]   # for `nanoexport build`
 
     [quant]
     weights = "int4"
@@ -14,6 +15,9 @@ Example ``nanoexport.toml``::
     [validate]
     logits_max_abs = 1e-4
     greedy_tokens = 32
+
+    [compare]
+    quantized_perplexity_spread = 0.005
 
     [onnx]
     padded_batches = false
@@ -99,6 +103,16 @@ class QuantConfig:
 
 
 @dataclass
+class CompareConfig:
+    """When ``nanoexport compare`` calls two artifacts of one model apart."""
+
+    # Both with quantized weights: |perplexity a / perplexity b - 1| at most this.
+    quantized_perplexity_spread: float = 0.005
+    # Both float: the share of prompt positions where their top-1 tokens agree, at least this.
+    float_top1_agreement: float = 0.99
+
+
+@dataclass
 class ExportConfig:
     """Everything that decides what an export produces. ``out`` only decides where it goes."""
 
@@ -114,6 +128,8 @@ class ExportConfig:
     prefill_chunk: int = 128  # tokens per call of the prefill graph
     quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
+    targets: list[str] = field(default_factory=list)  # what `nanoexport build` lowers the one quantization for
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # Target name -> that target's settings (its ``Target.options`` dataclass): the ``[onnx]``, ``[qnn]``...
     # tables of the config file, each checked by the target that declares it.
     options: dict[str, Any] = field(default_factory=lambda: target_options())
@@ -122,7 +138,8 @@ class ExportConfig:
         """The settings that shape the artifact's bytes, without where it was written; each target's
         settings as a table of its own name, as in the config file."""
         view = dataclasses.asdict(self)
-        view.pop("out")
+        for elsewhere in ("out", "targets", "compare"):  # where it goes, its siblings, how they are compared
+            view.pop(elsewhere)
         view.update(view.pop("options"))
         return view
 

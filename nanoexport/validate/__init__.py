@@ -84,9 +84,9 @@ def validate(
     problems = artifact.verify()
     if problems:
         raise NanoexportError(f"artifact {artifact.path} is damaged ({problems[0]}); re-export it")
-    checkpoint = _reference(artifact, reference)
+    checkpoint = reference_checkpoint(artifact, reference)
     target = get_target(artifact.target)
-    with _runtime_refusals(artifact):
+    with runtime_refusals(artifact):
         decoder = ArtifactDecoder(target.runner(artifact), artifact.manifest["io"]["kv_cache"])
     torch_model = TorchReference(checkpoint.model)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
@@ -100,13 +100,13 @@ def validate(
         )
 
     report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
-    with _runtime_refusals(artifact):
+    with runtime_refusals(artifact):
         full_logits = [decoder.full_logits(prompt) for prompt in prompts]
     _compare_logits(report, full_logits, torch_model, prompts, config, gate_max_abs=not quantized)
     _kv_consistency(report, full_logits, decoder, prompts, config)
     _greedy_agreement(report, decoder, torch_model, prompts, config)
     _perplexity(report, artifact, decoder, torch_model, config)
-    with _runtime_refusals(artifact):  # a target's notes may run the artifact another way (QNN: HTP and CPU)
+    with runtime_refusals(artifact):  # a target's notes may run the artifact another way (QNN: HTP and CPU)
         report.notes = target.notes(artifact)
     if write:
         write_report(artifact.path, report.to_dict())
@@ -114,7 +114,7 @@ def validate(
 
 
 @contextlib.contextmanager
-def _runtime_refusals(artifact: Artifact) -> Iterator[None]:
+def runtime_refusals(artifact: Artifact) -> Iterator[None]:
     """Report the target runtime failing to load or run ``artifact`` in one line. Its files passed the
     manifest's checksums, so they were damaged with a manifest written to match, or the runtime cannot run
     what we wrote; either way the fix is a fresh export (the traceback is logged, shown with -v)."""
@@ -130,7 +130,9 @@ def _runtime_refusals(artifact: Artifact) -> Iterator[None]:
         ) from None
 
 
-def _reference(artifact: Artifact, reference: Any) -> Checkpoint:
+def reference_checkpoint(artifact: Artifact, reference: Any) -> Checkpoint:
+    """The reference model of ``artifact``: ``reference`` when given, else the one it was exported from (checked
+    against the weights digest its manifest recorded)."""
     if isinstance(reference, Checkpoint):
         return reference
     if reference is not None:

@@ -60,3 +60,53 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         + "".join(f"<p>{html.escape(note)}</p>" for note in report.get("notes", [])) + "\n",
         encoding="utf-8",
     )
+
+
+def compare_tables(report: dict[str, Any]) -> list[Table]:
+    """``nanoexport compare``'s report for the terminal: one row per artifact, one per pair."""
+    status = "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]"
+    reference = report["reference"]["perplexity"]
+    artifacts = Table(title=f"compare {report['model']}: {status} ({report['workload']}; reference perplexity "
+                            f"{_shown(reference)})")
+    for column in ("artifact", "perplexity", "change", "top-1", "min cosine", "greedy", "KV max-abs", "integers",
+                   "seconds"):
+        artifacts.add_column(column)
+    for row in report["artifacts"]:
+        artifacts.add_row(row["artifact"], _shown(row["perplexity"]), _percent(row["perplexity_change"]),
+                          _percent(row["top1_agreement"], signed=False), _shown(row["logits_min_cosine"]),
+                          _percent(row["greedy_agreement"], signed=False), _shown(row["kv_max_abs"]),
+                          _integers(row), f"{row['seconds']['total']:.1f}")
+    pairs = Table(title="pairs")
+    for column in ("pair", "perplexity change", "top-1", "min cosine", "greedy", "same canonical integers",
+                   "same stored integers", "gate", "result"):
+        pairs.add_column(column)
+    for pair in report["pairs"]:
+        pairs.add_row(f"{pair['a']} / {pair['b']}", _percent(pair["perplexity_change"]),
+                      _percent(pair["top1_agreement"], signed=False), _shown(pair["logits_min_cosine"]),
+                      _percent(pair["greedy_agreement"], signed=False), _yes_no(pair["canonical_digests_equal"]),
+                      _yes_no(pair["stored_digests_equal"]), pair["gate"],
+                      "[green]pass[/]" if pair["passed"] else "[red]fail[/]")
+    if report["failures"]:
+        pairs.caption = "\n".join(report["failures"])
+    return [artifacts, pairs]
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else format_value(value)
+
+
+def _percent(value: float | None, signed: bool = True) -> str:
+    return "-" if value is None else f"{value:+.3%}" if signed else f"{value:.1%}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "[red]no[/]"
+
+
+def _integers(row: dict[str, Any]) -> str:
+    """The artifact's stored integers: as canonical, changed by the target by design, or changed since its build."""
+    if row["weights_intact"] is False:
+        return "[red]changed since build[/]"
+    if row["stored_equals_canonical"] is None:
+        return "-"
+    return "canonical" if row["stored_equals_canonical"] else "re-rounded by target"

@@ -1,0 +1,136 @@
+"""One quantization lowered for every target (``nanoexport build``), and the artifacts compared side by side
+(``nanoexport compare``): equal canonical integers in every manifest, and a damaged artifact named."""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from filelock import FileLock
+
+from nanoexport.artifact import MANIFEST, sha256_of
+from nanoexport.cli import main
+from nanoexport.targets import TARGETS as TARGETS_BY_NAME
+
+TARGETS = ("onnx", "openvino", "coreml", "qnn")
+# Small on purpose: a short cache and prefill chunk, few calibration and evaluation windows.
+CONFIG = """\
+max_context = 64
+prefill_chunk = 16
+
+[quant]
+calib_samples = 4
+calib_window = 64
+
+[validate]
+greedy_tokens = 8
+eval_window = 32
+eval_windows = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The demo model built for four targets from one int4 quantization and compared (``report.json``), once
+    for all test workers."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    root = root / "build-compare"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "out" / "report.json").is_file():
+            root.mkdir(exist_ok=True)
+            (root / "build.toml").write_text(CONFIG)
+            code = main(["build", "--targets", ",".join(TARGETS), "--quant", "int4", "--block-size", "32",
+                         "--config", str(root / "build.toml"), "--out", str(root / "out"), "--overwrite"])
+            report = root / "out" / "report.json"
+            assert code == 0, json.loads(report.read_text())["failures"] if report.is_file() else code
+    return root / "out"
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def test_four_targets_share_one_quantization_and_agree(built):
+    manifests = {name: _manifest(built / name) for name in TARGETS}
+    canonical = {name: manifest["weight_digests"]["canonical"] for name, manifest in manifests.items()}
+    # Every quantized linear of the demo model (4 layers x qkv, o, gate/up, down), the same integers everywhere.
+    assert len(canonical["onnx"]["layers"]) == 16
+    assert all(record == canonical["onnx"] for record in canonical.values())
+    for name in ("onnx", "openvino", "coreml"):  # stored in their own layouts, the same numbers
+        stored = manifests[name]["weight_digests"]["stored"]
+        assert stored["equals_canonical"] and stored["layers"] == canonical[name]["layers"], name
+    qnn = manifests["qnn"]["weight_digests"]["stored"]  # LPBQ re-rounds every int4 layer, and says by how much
+    assert not qnn["equals_canonical"] and sorted(qnn["changed_layers"]) == sorted(canonical["qnn"]["layers"])
+    assert 0 < qnn["weight_error"]["relative_rms"] < 0.5 and qnn["weight_error"]["layers"] == 16
+    assert manifests["qnn"]["quantization"]["activations"]["type"] == "a16"
+    assert "activations" not in manifests["onnx"]["quantization"]
+
+    report = json.loads((built / "report.json").read_text())
+    assert report["passed"] and report["failures"] == []
+    assert [row["artifact"] for row in report["artifacts"]] == list(TARGETS)
+    assert len(report["pairs"]) == 6 and all(pair["canonical_digests_equal"] for pair in report["pairs"])
+    for row in report["artifacts"]:
+        assert row["weights_intact"] and row["perplexity"] > 1 and row["top1_agreement"] > 0.5, row
+        assert row["seconds"]["total"] > 0
+    for pair in report["pairs"]:
+        assert abs(pair["perplexity_change"]) <= report["thresholds"]["quantized_perplexity_spread"], pair
+
+
+def test_compare_names_an_artifact_whose_weights_changed(built, tmp_path, capsys):
+    for name in ("onnx", "openvino"):
+        shutil.copytree(built / name, tmp_path / name)
+    damaged = tmp_path / "onnx"
+    # Invert the bytes of one layer's packed integers where they lie in the weights file...
+    model = ir.load(damaged / "model.onnx")
+    packed = model.graph.initializers["model.layers.1.mlp.down_proj.weight.T.quant.nbits"].const_value
+    with open(damaged / "model.onnx.data", "r+b") as data:
+        data.seek(packed.offset)
+        inverted = bytes(255 - byte for byte in data.read(packed.length))
+        data.seek(packed.offset)
+        data.write(inverted)
+    # ...and rewrite the manifest's checksum to match, so that the artifact loads and runs.
+    manifest = _manifest(damaged)
+    entry = next(entry for entry in manifest["files"] if entry["path"] == "model.onnx.data")
+    entry["sha256"] = sha256_of(damaged / "model.onnx.data")
+    (damaged / MANIFEST).write_text(json.dumps(manifest))
+
+    config = tmp_path / "compare.toml"
+    config.write_text(CONFIG)
+    assert main(["compare", str(damaged), str(tmp_path / "openvino"), "--config", str(config)]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # the tables wrap to the terminal's width
+    assert "FAIL" in out and "onnx: its stored weights no longer match the digest its manifest recorded" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["passed"]
+    onnx_row, openvino_row = report["artifacts"]
+    assert onnx_row["weights_intact"] is False and openvino_row["weights_intact"] is True
+    assert onnx_row["weights_changed_layers"] == ["model.layers.1.mlp.down_proj.weight.T"]
+    assert any(failure.startswith("onnx:") for failure in report["failures"])
+    assert not report["pairs"][0]["stored_digests_equal"] and report["pairs"][0]["canonical_digests_equal"]
+    assert np.isfinite(onnx_row["perplexity"])
+
+
+def test_build_refuses_targets_that_would_quantize_differently(tmp_path, capsys):
+    # qnn needs int4 weights, onnx defaults to float: one quantization cannot serve both.
+    assert main(["build", "--targets", "onnx,qnn", "--out", str(tmp_path / "out")]) == 2
+    assert "quantize weights differently" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_target_does_not_lose_the_others(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    def broken_writer(model, build):
+        raise RuntimeError("the backend's compiler crashed")
+
+    monkeypatch.setitem(TARGETS_BY_NAME, "openvino", dataclasses.replace(TARGETS_BY_NAME["openvino"],
+                                                                         lower=broken_writer))
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(tiny_checkpoint("qwen2")), "--targets", "onnx,openvino", "--out", str(out),
+                 "--no-compare"]) == 1
+    assert "failed: openvino: RuntimeError: the backend's compiler crashed" in capsys.readouterr().err
+    assert (out / "onnx" / MANIFEST).is_file() and not (out / "openvino").exists()
+    assert sorted(path.name for path in out.iterdir()) == ["onnx"]  # no staging or scratch folder left behind
