@@ -41,6 +41,12 @@ def _lowering():
     return lowering
 
 
+def _stored():
+    from nanoexport.targets.tvm import stored
+
+    return stored
+
+
 def _runtime():
     # Imported when used, so that listing targets and building the command line import no runtime.
     from nanoexport.targets.tvm import runtime
@@ -58,4 +64,5 @@ TARGET = Target(
     lower=lambda model, build: _lowering().lower(model, build),
     runner=lambda artifact: _runtime().Runner(artifact),
     options=TvmOptions,
+    stored_weights=lambda folder: _stored().stored_weights(folder),
 )

@@ -91,7 +91,21 @@ def build_module(graphs: dict[str, ir.Model]) -> tuple[tvm.IRModule, dict[str, i
             bb.emit_func_output(result)
         signatures[function] = {"inputs": [_describe(value) for value in model.graph.inputs],
                                 "outputs": [_describe(value) for value in model.graph.outputs]}
-    return bb.get(), parameters, {"params": names, "functions": signatures}
+    return bb.get(), parameters, {"params": names, "functions": signatures, "quantized": _quantized(graphs)}
+
+
+def _quantized(graphs: dict[str, ir.Model]) -> dict[str, dict]:
+    """Per packed parameter, what reading it back needs: its logical shape and type, its scale and zero point."""
+    described = {}
+    for model in graphs.values():
+        for node in model.graph:
+            if node.op_type == "DequantizeLinear" and is_parameter(node.inputs[0]) and \
+                    node.inputs[0].dtype in QUANTIZED:
+                zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+                described[node.inputs[0].name] = {
+                    "shape": [int(d) for d in node.inputs[0].shape], "type": QUANTIZED[node.inputs[0].dtype],
+                    "scale": node.inputs[1].name, "zero_point": zero.name if zero is not None else None}
+    return dict(sorted(described.items()))
 
 
 def compile_module(module: tvm.IRModule, target: tvm.target.Target, database: str = "") -> relax.VMExecutable:

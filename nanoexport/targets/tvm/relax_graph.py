@@ -236,6 +236,8 @@ OPS: dict[str, Callable[[GraphConverter, ir.Node], list]] = {
     "Greater": _elementwise(op.greater), "GreaterOrEqual": _elementwise(op.greater_equal),
     "And": _elementwise(op.logical_and), "Or": _elementwise(op.logical_or),
     "Max": _elementwise(op.maximum), "Min": _elementwise(op.minimum),
+    "Mod": lambda c, node: c.emit((op.mod if _attr(node, "fmod", 0) else op.floor_mod)(
+        c.expr(node.inputs[0]), c.expr(node.inputs[1]))),
     "Not": _unary(op.logical_not), "Neg": _unary(op.negative), "Sqrt": _unary(op.sqrt), "Exp": _unary(op.exp),
     "Cos": _unary(op.cos), "Sin": _unary(op.sin), "Tanh": _unary(op.tanh), "Sigmoid": _unary(op.sigmoid),
     "Erf": _unary(op.erf), "Abs": _unary(op.abs), "Identity": lambda c, node: [c.value(node.inputs[0])],
