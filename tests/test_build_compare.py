@@ -78,6 +78,9 @@ def test_four_targets_share_one_quantization_and_agree(built):
     for row in report["artifacts"]:
         assert row["weights_intact"] and row["perplexity"] > 1 and row["top1_agreement"] > 0.5, row
         assert row["seconds"]["total"] > 0
+        # qnn scores perplexity on ONNX Runtime CPU, and says how that agrees with its runner on the prompts.
+        assert (row["scoring_runner_agreement"] is not None) == (row["target"] == "qnn")
+    assert report["artifacts"][3]["scoring_runner_agreement"]["top1_agreement"] > 0.9
     for pair in report["pairs"]:
         assert abs(pair["perplexity_change"]) <= report["thresholds"]["quantized_perplexity_spread"], pair
 

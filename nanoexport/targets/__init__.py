@@ -134,6 +134,9 @@ class Target:
     # Reads back the quantized weights the writer stored in an artifact folder, as (canonical layer name,
     # integers and scales) in any layout (see ``nanoexport.digests``): the manifest's stored-weight digests.
     stored_weights: Callable[[Path], Iterator[tuple[str, QuantizedWeight]]] | None = None
+    # Runs the long scoring (perplexity over many windows) where that is much faster and computes what ``runner``
+    # does (qnn: its QDQ graphs on ONNX Runtime CPU rather than the HTP emulator); None: ``runner`` scores.
+    scoring_runner: Callable[[Artifact], Runner] | None = None
 
     @property
     def installed(self) -> bool:

@@ -5,7 +5,9 @@ same windows of evaluation text; the PyTorch reference runs them once. Per artif
 from the reference's, top-1 agreement and the lowest logits cosine against the reference, greedy agreement,
 KV consistency, the weight digests recomputed from its files, and the seconds it took. Per pair: the change of
 perplexity from one to the other, their top-1 agreement and lowest logits cosine, their greedy agreement, and
-whether their canonical and stored integers are equal.
+whether their canonical and stored integers are equal. A target that scores perplexity with a faster runner
+(qnn: ONNX Runtime CPU on the QDQ graphs instead of the HTP emulator) runs the prompts on both, and the
+report gives their agreement.
 
 It fails (``passed`` false, exit 1) when a pair of artifacts with quantized weights differs in perplexity by
 more than ``quantized_perplexity_spread``, a pair of float ones agrees on fewer top-1 tokens than
@@ -30,7 +32,7 @@ from nanoexport.config import CompareConfig, ValidationConfig
 from nanoexport.digests import stored_digests
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import get_target
-from nanoexport.validate import reference_checkpoint, runtime_refusals
+from nanoexport.validate import reference_checkpoint, runtime_refusals, scoring_decoder
 from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
 from nanoexport.validate.perplexity import perplexity, text_windows
 
@@ -46,6 +48,8 @@ class Outputs:
     perplexity: float | None
     kv_max_abs: float | None = None  # prefill then decode steps against one full forward (artifacts only)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Where the target scores perplexity with another runner: how the two agree on the prompts.
+    scoring_agreement: dict[str, float] | None = None
 
 
 @dataclass
@@ -178,10 +182,17 @@ def _run_artifact(artifact: Artifact, workload: Workload) -> Outputs:
         tokens = [greedy(decoder.next_token_stream(prompt), workload.greedy_tokens) for prompt in workload.prompts]
         seconds["prompts"] = time.perf_counter() - started
         started = time.perf_counter()
-        score = perplexity(decoder.full_logits, workload.windows) if workload.windows else None
+        scorer = scoring_decoder(artifact, decoder)
+        agreement = None
+        if scorer is not decoder:  # the prompts on both: how faithful the faster scoring is
+            scored = [scorer.full_logits(prompt) for prompt in workload.prompts]
+            agreement = {"top1_agreement": float(np.mean(np.concatenate(
+                             [a.argmax(-1) == b.argmax(-1) for a, b in zip(logits, scored)]))),
+                         "logits_max_abs": max(float(np.abs(a - b).max()) for a, b in zip(logits, scored))}
+        score = perplexity(scorer.full_logits, workload.windows) if workload.windows else None
         seconds["perplexity"] = time.perf_counter() - started
     seconds["total"] = sum(seconds.values())
-    return Outputs(logits, tokens, score, kv_max_abs, seconds)
+    return Outputs(logits, tokens, score, kv_max_abs, seconds, agreement)
 
 
 def _agreement(ours: Outputs, theirs: Outputs) -> dict[str, float]:
@@ -218,6 +229,7 @@ def _artifact_row(label: str, artifact: Artifact, outputs: Outputs, reference: O
         "perplexity_change": _change(outputs.perplexity, reference.perplexity),
         **_agreement(outputs, reference),
         "kv_max_abs": outputs.kv_max_abs,
+        "scoring_runner_agreement": outputs.scoring_agreement,  # None: perplexity by the runner itself
         "canonical_digest": (digests.get("canonical") or {}).get("digest"),
         "stored_digest": None,
         "stored_equals_canonical": None,

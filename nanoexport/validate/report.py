@@ -76,6 +76,11 @@ def compare_tables(report: dict[str, Any]) -> list[Table]:
                           _percent(row["top1_agreement"], signed=False), _shown(row["logits_min_cosine"]),
                           _percent(row["greedy_agreement"], signed=False), _shown(row["kv_max_abs"]),
                           _integers(row), f"{row['seconds']['total']:.1f}")
+    scored_apart = [row for row in report["artifacts"] if row.get("scoring_runner_agreement")]
+    artifacts.caption = "\n".join(
+        f"{row['artifact']}: perplexity scored by the target's scoring runner, which agreed with its runner on "
+        f"{row['scoring_runner_agreement']['top1_agreement']:.1%} of the prompts' top-1 tokens (logits max-abs "
+        f"{format_value(row['scoring_runner_agreement']['logits_max_abs'])})" for row in scored_apart) or None
     pairs = Table(title="pairs")
     for column in ("pair", "perplexity change", "top-1", "min cosine", "greedy", "same canonical integers",
                    "same stored integers", "gate", "result"):
