@@ -17,6 +17,11 @@ the benchmark creates a virtual environment for it in ~/.cache/nanoexport/optimu
 (``--system-site-packages``, reusing the installed CPU torch, OpenVINO, NNCF and openvino-tokenizers) and
 runs ``optimum-cli`` from there.
 
+TVM (``--runtimes tvm``): ``nanoexport --target tvm`` (compiled for this machine's CPU, a static cache of
+prompt + new tokens rounded up to 64 slots, prefill in one 128-token chunk) beside our own onnx artifact of the
+same model and quantization run by onnxruntime-genai, taking turns run by run; ours/theirs is TVM/ONNX Runtime.
+TVM generates through ``nanoexport.targets.tvm.runtime.Generator``, the cache kept in TVM tensors.
+
 Each measurement: a 128-token prompt (time to first token), then greedy decoding of --new-tokens tokens
 (tokens/s). The median of several runs is reported, with ours/theirs speed ratios (above 1: ours faster),
 each the median of the run-by-run ratios. Peak memory: the peak resident set of a fresh process that loads
@@ -27,6 +32,7 @@ Examples:
     python benchmarks/decode_bench.py --models demo --runs 5 --new-tokens 128
     python benchmarks/decode_bench.py --runtimes onnxruntime --padded-batches
     python benchmarks/decode_bench.py --runtimes openvino --runs 10 --json benchmarks/results/decode_bench_openvino.json
+    python benchmarks/decode_bench.py --runtimes tvm --json benchmarks/results/decode_bench_tvm.json
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ log = logging.getLogger("decode_bench")
 
 PROMPT_TOKENS = 128
 PRECISIONS = ("fp32", "int4")
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "tvm")
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 OPTIMUM_VENV = Path.home() / ".cache" / "nanoexport" / "optimum-venv"
 # The newest optimum-intel and the versions it resolved to that import and export here: optimum-intel 2.2
@@ -205,6 +211,10 @@ def _load_and_generate(runtime: str, folder: str, vocab: int, new_tokens: int) -
         import openvino_genai as og
 
         generate_openvino(og.LLMPipeline(folder, "CPU"), vocab, 0, new_tokens)
+    elif runtime == "tvm":
+        from nanoexport.targets.tvm.runtime import Generator
+
+        generate_tvm(Generator(folder), prompt_tokens(vocab, 0), new_tokens)
     else:
         import onnxruntime_genai as og
 
@@ -231,11 +241,60 @@ def figures_openvino(name: str, model: Path, precision: str, vocab: int, scratch
     return measure_openvino(folders, vocab, args.new_tokens, args.runs), memory("openvino", folders, vocab, args)
 
 
+def tvm_context(new_tokens: int) -> int:
+    """Static-cache slots of the benchmark's tvm artifacts: the prompt and the new tokens, rounded up to 64."""
+    return -(-(PROMPT_TOKENS + new_tokens) // 64) * 64
+
+
+def generate_tvm(generator, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """Greedy generation of ``new_tokens`` after ``prompt``; (time to first token in s, decode tokens/s)."""
+    marks = []
+    started = time.perf_counter()
+    generator.generate(prompt.tolist(), new_tokens, first_token=lambda: marks.append(time.perf_counter()))
+    finished = time.perf_counter()
+    return marks[0] - started, (new_tokens - 1) / max(finished - marks[0], 1e-9)
+
+
+def measure_tvm(folders: dict[str, Path], vocab: int, new_tokens: int,
+                runs: int) -> dict[str, list[tuple[float, float]]]:
+    """(time to first token in s, decode tokens/s) of our tvm and onnx artifacts, taking turns run by run, each
+    run on a freshly loaded model warmed up first."""
+    import onnxruntime_genai as og
+
+    from nanoexport.targets.tvm.runtime import Generator
+
+    prompt = prompt_tokens(vocab, 0)
+    samples = {tool: [] for tool in folders}
+    for run in range(runs):
+        for tool in (folders if run % 2 else reversed(folders)):
+            if tool == "nanoexport":
+                generator = Generator(folders[tool])
+                generate_tvm(generator, prompt, 4)
+                samples[tool].append(generate_tvm(generator, prompt, new_tokens))
+            else:
+                generator = og.Model(str(folders[tool]))
+                generate_onnxruntime(generator, prompt, len(prompt) + 4)
+                samples[tool].append(generate_onnxruntime(generator, prompt, len(prompt) + new_tokens))
+            del generator
+    return samples
+
+
+def figures_tvm(name: str, model: Path, precision: str, vocab: int, scratch: Path,
+                args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    folders = {tool: scratch / f"{name}-{precision}-tvm-{tool}" for tool in ("nanoexport", "nanoexport-onnx")}
+    export_ours(model, folders["nanoexport"], precision, target="tvm",
+                flags=("--max-context", str(tvm_context(args.new_tokens))))
+    export_ours(model, folders["nanoexport-onnx"], precision, flags=("--no-padded-batches",))
+    peak = {"nanoexport": peak_memory_mib("tvm", folders["nanoexport"], vocab, args.new_tokens),
+            "nanoexport-onnx": peak_memory_mib("onnxruntime", folders["nanoexport-onnx"], vocab, args.new_tokens)}
+    return measure_tvm(folders, vocab, args.new_tokens, args.runs), peak
+
+
 def memory(runtime: str, folders: dict[str, Path], vocab: int, args: argparse.Namespace) -> dict[str, float]:
     return {tool: peak_memory_mib(runtime, folder, vocab, args.new_tokens) for tool, folder in folders.items()}
 
 
-FIGURES = {"onnxruntime": figures_onnxruntime, "openvino": figures_openvino}
+FIGURES = {"onnxruntime": figures_onnxruntime, "openvino": figures_openvino, "tvm": figures_tvm}
 
 
 def compare(name: str, runtime: str, model: Path, precision: str, scratch: Path, args: argparse.Namespace) -> dict:

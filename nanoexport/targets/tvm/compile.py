@@ -23,6 +23,7 @@ from tvm import relax
 
 from nanoexport.errors import NanoexportError
 from nanoexport.targets.tvm.relax_graph import DTYPES, QUANTIZED, GraphConverter
+from nanoexport.targets.tvm.schedules import schedule_weight_matmuls
 
 LIBRARY = "model.so"  # a shared library for this machine, which validation loads
 ARCHIVE = "model.tar"  # object files for another device, linked there (TVM's exportable archive)
@@ -120,6 +121,7 @@ def compile_module(module: tvm.IRModule, target: tvm.target.Target, database: st
             raise NanoexportError(f"--tvm-database {database} is not a folder; give a meta-schedule database "
                                   "folder (with database_workload.json and database_tuning_record.json)")
         passes.append(relax.transform.MetaScheduleApplyDatabase(database))
+    passes.append(schedule_weight_matmuls)
     passes.append(dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()))
     passes += [*cpu_generic.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
+WEIGHT_MATMULS = ("dequantize_matmul", "weight_matmul")  # blocks of x @ W, W [K, N] (scheduled by ``schedules``)
+TRANSPOSED_MATMULS = ("dequantize_matmul_transposed", "matmul_transposed")  # x @ W.T, W [N, K]
 QUANT_TYPES = {"INT4": (4, True), "UINT4": (4, False), "INT8": (8, True), "UINT8": (8, False)}
 
 
@@ -73,7 +75,8 @@ def quantized_matmul(x: te.Tensor, packed: te.Tensor, scale: te.Tensor, zero: te
         weight = weight_element(blocking, packed, scale, zero, row, col, x.dtype)
         return te.sum(x[(*index[:-1], k)] * weight, axis=k)
 
-    return te.compute((*x.shape[:-1], outputs), element, name="dequantize_matmul")
+    name = "dequantize_matmul_transposed" if transposed else "dequantize_matmul"
+    return te.compute((*x.shape[:-1], outputs), element, name=name)
 
 
 def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None, *, blocking: Blocking,
@@ -82,6 +85,14 @@ def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = Non
     return te.compute((blocking.rows, blocking.cols),
                       lambda row, col: weight_element(blocking, packed, scale, zero, row, col, dtype),
                       name="dequantize")
+
+
+def weight_matmul(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """``x @ weight`` for a float weight ``[K, N]`` (our block, so that ``schedules`` finds it)."""
+    k = te.reduce_axis((0, weight.shape[0]), "k")
+    return te.compute((*x.shape[:-1], weight.shape[1]),
+                      lambda *index: te.sum(x[(*index[:-1], k)] * weight[k, index[-1]], axis=k),
+                      name="weight_matmul")
 
 
 def transposed_matmul(x: te.Tensor, weight: te.Tensor) -> te.Tensor:

@@ -178,6 +178,8 @@ def _product(c: GraphConverter, x: relax.Expr, weight) -> relax.Expr:
                             x, *c._weight_args(inner))
     if transposed:
         return c.bb.emit_te(kernels.transposed_matmul, x, inner)
+    if isinstance(weight, relax.Var) and weight in c.params.values() and len(weight.ty.shape) == 2:
+        return c.bb.emit_te(kernels.weight_matmul, x, weight)
     return c.bb.emit(op.matmul(x, c.materialize(weight)))
 
 
