@@ -84,8 +84,8 @@ exit codes: 0 every target built (and the comparison passed), 1 a target failed 
 COMPARE_EXAMPLES = """\
 examples:
   nanoexport compare nanoexport-out/demo-build/onnx nanoexport-out/demo-build/qnn
-  nanoexport compare out/* --eval wiki.txt --eval-windows 8 --report parity.json
-  nanoexport compare out/* --config ci.toml    thresholds from its [compare] table, workload from [validate]
+  nanoexport compare out/*/ --eval wiki.txt --eval-windows 8 --report parity.json
+  nanoexport compare out/*/ --config ci.toml   thresholds from its [compare] table, workload from [validate]
 Gates: artifacts with quantized weights must have perplexities within 0.5% of each other, float ones agree on
 99% of top-1 tokens, and each artifact's stored integers must still have the digest its build recorded.
 exit codes: 0 all pairs agree, 1 a pair disagrees or an artifact's weights changed, 2 bad input.

@@ -261,7 +261,8 @@ def _pair_row(a: _Named, b: _Named, ours: Outputs, theirs: Outputs, workload: Wo
         **_agreement(ours, theirs),
         "canonical_digests_equal": _equal(a.row["canonical_digest"], b.row["canonical_digest"]),
         "stored_digests_equal": _equal(a.row["stored_digest"], b.row["stored_digest"]),
-        "gate": "none (one quantized, one float)",
+        "gate": "none (one quantized, one float)" if a.row["quantized"] != b.row["quantized"] else
+                "none (no perplexity: the artifacts have no tokenizer)",
         "passed": True,
         "failure": "",
     }
