@@ -263,6 +263,12 @@ def test_bad_tvm_target_is_one_line_before_capture(tmp_path, tvm_target):
     assert not (tmp_path / "never").exists() and "capture" not in result.stdout
 
 
+def test_missing_schedule_database_is_refused_before_capture(tmp_path):
+    result = nanoexport_cli("--target", "tvm", "--tvm-database", "no-such-db", "--out", "never", cwd=tmp_path)
+    assert result.returncode == 2 and "--tvm-database no-such-db is not a folder" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_missing_tvm_is_listed_and_explained(tmp_path):
     listed = nanoexport_cli("targets", cwd=tmp_path, hide_tvm=True)
     row = next(line for line in listed.stdout.splitlines() if line.strip("│ ").startswith("tvm"))

@@ -29,9 +29,15 @@ def _check(config) -> None:
     """Refuse, before any work, settings this target cannot build."""
     if config.quant.activations != "none":
         raise NanoexportError("the tvm target quantizes weights only; drop --activations")
+    from pathlib import Path
+
     from nanoexport.targets.tvm import device
 
-    device.parse(config.options["tvm"].tvm_target)
+    settings = config.options["tvm"]
+    device.parse(settings.tvm_target)
+    if settings.tvm_database and not Path(settings.tvm_database).is_dir():
+        raise NanoexportError(f"--tvm-database {settings.tvm_database} is not a folder; give a meta-schedule "
+                              "database folder (database_workload.json, database_tuning_record.json)")
 
 
 def _lowering():

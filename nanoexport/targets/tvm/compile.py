@@ -116,10 +116,7 @@ def compile_module(module: tvm.IRModule, target: tvm.target.Target, database: st
     from tvm.s_tir import dlight
 
     passes = [*cpu_generic.library_dispatch_passes(target), *cpu_generic.legalize_passes(target)]
-    if database:
-        if not Path(database).is_dir():
-            raise NanoexportError(f"--tvm-database {database} is not a folder; give a meta-schedule database "
-                                  "folder (with database_workload.json and database_tuning_record.json)")
+    if database:  # checked to be a folder before capture
         passes.append(relax.transform.MetaScheduleApplyDatabase(database))
     passes.append(schedule_weight_matmuls)
     passes.append(dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction()))

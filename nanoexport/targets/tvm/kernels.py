@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-WEIGHT_MATMULS = ("dequantize_matmul", "weight_matmul")  # blocks of x @ W, W [K, N] (scheduled by ``schedules``)
-TRANSPOSED_MATMULS = ("dequantize_matmul_transposed", "matmul_transposed")  # x @ W.T, W [N, K]
+# Blocks ``schedules`` schedules: x @ W with W [..., K, N], and x @ W.T with W [..., N, K].
+WEIGHT_MATMULS = ("dequantize_matmul", "weight_matmul", "attention_values")
+TRANSPOSED_MATMULS = ("dequantize_matmul_transposed", "matmul_transposed", "attention_scores")
 QUANT_TYPES = {"INT4": (4, True), "UINT4": (4, False), "INT8": (8, True), "UINT8": (8, False)}
 
 
@@ -101,6 +102,20 @@ def transposed_matmul(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
     return te.compute((*x.shape[:-1], weight.shape[0]),
                       lambda *index: te.sum(x[(*index[:-1], k)] * weight[index[-1], k], axis=k),
                       name="matmul_transposed")
+
+
+def attention_scores(q: te.Tensor, k: te.Tensor) -> te.Tensor:
+    """``q @ k.T`` per batch and KV head: q ``[b, kv, rows, d]``, k ``[b, kv, slots, d]``."""
+    d = te.reduce_axis((0, q.shape[3]), "d")
+    return te.compute((*q.shape[:3], k.shape[2]),
+                      lambda b, h, i, j: te.sum(q[b, h, i, d] * k[b, h, j, d], axis=d), name="attention_scores")
+
+
+def attention_values(p: te.Tensor, v: te.Tensor) -> te.Tensor:
+    """``p @ v`` per batch and KV head: p ``[b, kv, rows, slots]``, v ``[b, kv, slots, d]``."""
+    s = te.reduce_axis((0, v.shape[2]), "s")
+    return te.compute((*p.shape[:3], v.shape[3]),
+                      lambda b, h, i, j: te.sum(p[b, h, i, s] * v[b, h, s, j], axis=s), name="attention_values")
 
 
 def cache_write(past: te.Tensor, update: te.Tensor, position: te.Tensor, circular: bool) -> te.Tensor:

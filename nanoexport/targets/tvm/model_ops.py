@@ -155,7 +155,7 @@ def attention(c, node: ir.Node) -> list[relax.Expr]:
     bb = c.bb
     scale = attr(node, "scale", 1.0 / math.sqrt(dim))
     q = bb.emit(op.reshape(c.expr(q_value), [batch, kv_heads, group * length, dim]))
-    scores = bb.emit(op.matmul(q, op.permute_dims(c.expr(k_value), [0, 1, 3, 2])))
+    scores = bb.emit_te(kernels.attention_scores, q, c.expr(k_value))
     scores = bb.emit(op.reshape(op.multiply(scores, relax.const(scale, "float32")), [batch, heads, length, slots]))
     softcap = attr(node, "softcap", 0.0)
     if softcap:
@@ -169,7 +169,7 @@ def attention(c, node: ir.Node) -> list[relax.Expr]:
         else:
             scores = bb.emit(op.add(scores, c.expr(mask)))
     probabilities = bb.emit(op.reshape(op.nn.softmax(scores, -1), [batch, kv_heads, group * length, slots]))
-    y = bb.emit(op.matmul(probabilities, c.expr(v_value)))
+    y = bb.emit_te(kernels.attention_values, probabilities, c.expr(v_value))
     return [bb.emit(op.reshape(y, [batch, heads, length, value_dim]))]
 
 

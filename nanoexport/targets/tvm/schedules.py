@@ -15,22 +15,32 @@ from tvm import s_tir, tirx
 from nanoexport.targets.tvm.kernels import TRANSPOSED_MATMULS, WEIGHT_MATMULS
 
 TILES = (64, 32, 16, 8, 4, 2)  # columns a thread computes per row: the largest that divides N
+ROWS = (4, 2)  # rows (tokens) computed together per pass over a weight strip
+
+
+def _divisor(extent: int, choices: tuple[int, ...]) -> int:
+    return next((choice for choice in choices if extent % choice == 0), 1)
 
 
 def _schedule(function: tirx.PrimFunc, block_name: str) -> tirx.PrimFunc:
     schedule = s_tir.Schedule(function)
     block = schedule.get_sblock(block_name)
-    *spatial, columns, reduction = schedule.get_loops(block)
-    width = int(schedule.get(columns).extent)
-    tile = next((tile for tile in TILES if width % tile == 0), 1)
+    *spatial, rows, columns, reduction = schedule.get_loops(block)
+    tile = _divisor(int(schedule.get(columns).extent), TILES)
+    # Several tokens (prefill): a few rows share each pass over the weight strip, which is read once per
+    # ROWS rows instead of once per row.
+    row_tile = _divisor(int(schedule.get(rows).extent), ROWS)
+    rows_outer, rows_inner = schedule.split(rows, factors=[None, row_tile])
     outer, inner = schedule.split(columns, factors=[None, tile])
-    schedule.reorder(*spatial, outer, reduction, inner)
-    schedule.parallel(schedule.fuse(*spatial, outer))
+    schedule.reorder(*spatial, rows_outer, outer, reduction, rows_inner, inner)
+    schedule.parallel(schedule.fuse(*spatial, rows_outer, outer))
     init = schedule.decompose_reduction(block, reduction)
+    # The update runs its rows and columns unrolled, which LLVM's SLP vectorizer turns into vector code (an
+    # explicit vectorize refuses the reduction once its init is split off).
+    for loop in (rows_inner, inner):
+        if int(schedule.get(loop).extent) > 1:
+            schedule.unroll(loop)
     if tile > 1:
-        # The update runs the row's columns unrolled, which LLVM's SLP vectorizer turns into vector code (an
-        # explicit vectorize refuses the reduction once its init is split off).
-        schedule.unroll(inner)
         schedule.vectorize(schedule.get_loops(init)[-1])
     return schedule.mod["main"].with_attr("tir.is_scheduled", True)
 
