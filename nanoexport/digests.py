@@ -176,8 +176,11 @@ def stored_digests(stored: Iterable[tuple[str, QuantizedWeight]], canonical: dic
     record: dict[str, Any] = {"layers": dict(sorted(layers.items())), "digest": set_digest(layers.values())}
     record["equals_canonical"] = record["digest"] == canonical["digest"]
     if not record["equals_canonical"]:
-        known = set(canonical_layers.values())
+        known, stored_set = set(canonical_layers.values()), set(layers.values())
         record["changed_layers"] = sorted(name for name, digest in layers.items() if digest not in known)
+        # Canonical layers whose numbers the target's files do not hold (under any name).
+        record["missing_layers"] = sorted(name for name, digest in canonical_layers.items()
+                                          if digest not in stored_set and name not in layers)
     if changed_weights:
         record["weight_error"] = _weight_error(changed_weights, canonical_weights)
     return record

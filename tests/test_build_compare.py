@@ -13,7 +13,9 @@ import pytest
 from filelock import FileLock
 
 from nanoexport.artifact import MANIFEST, sha256_of
+from nanoexport.build import build
 from nanoexport.cli import main
+from nanoexport.config import ExportConfig, QuantConfig
 from nanoexport.targets import TARGETS as TARGETS_BY_NAME
 
 TARGETS = ("onnx", "openvino", "coreml", "qnn")
@@ -137,3 +139,17 @@ def test_a_failing_target_does_not_lose_the_others(tiny_checkpoint, tmp_path, mo
     assert "failed: openvino: RuntimeError: the backend's compiler crashed" in capsys.readouterr().err
     assert (out / "onnx" / MANIFEST).is_file() and not (out / "openvino").exists()
     assert sorted(path.name for path in out.iterdir()) == ["onnx"]  # no staging or scratch folder left behind
+
+
+def test_stored_integers_read_back_with_zero_points_and_a_quantized_embedding(tiny_checkpoint, tmp_path):
+    # Asymmetric uint4 with every layer quantized: zero points, and an embedding table each target stores its way
+    # (ONNX Runtime's GatherBlockQuantized, OpenVINO's input-major Constant, a Core ML blockwise op).
+    config = ExportConfig(quant=QuantConfig(weights="uint4", asymmetric=True, block_size=16, keep_float=[]))
+    result = build(model=tiny_checkpoint("qwen2"), targets=["onnx", "openvino", "coreml"], out=tmp_path,
+                   config=config, progress=False)
+    assert result.failures == {}
+    for name, artifact in result.artifacts.items():
+        digests = artifact.manifest["weight_digests"]
+        assert any("embed_tokens" in layer for layer in digests["canonical"]["layers"])
+        assert digests["stored"]["equals_canonical"], (name, digests["stored"])
+        assert digests["stored"]["layers"] == digests["canonical"]["layers"], name

@@ -48,8 +48,13 @@ def _kernel_weights(model: ir.Model) -> Iterator[tuple[str, QuantizedWeight]]:
             points = node.inputs[3] if len(node.inputs) > 3 else None
             if packed.producer() is not None and packed.producer().op_type == "Reshape":
                 packed = packed.producer().inputs[0]  # the bytes shared with a tied output head
-            if packed.const_value is None or packed.dtype != ir.DataType.UINT8:
-                continue  # our integers unchanged (asymmetric): read as a DequantizeLinear would
+            if packed.const_value is None or scales.const_value is None:
+                continue
+            if packed.dtype != ir.DataType.UINT8:  # our integers, scales and zero points unchanged (asymmetric)
+                zero_points = points.const_value.numpy() if points is not None else None
+                yield layer_name(packed.name), QuantizedWeight(packed.const_value.numpy(), scales.const_value.numpy(),
+                                                               zero_points)
+                continue
             columns = scales.shape[0]
             rows = packed.const_value.size * 2 // columns
         if packed.const_value is None or scales.const_value is None:
