@@ -11,7 +11,9 @@ from nanoexport.errors import NanoexportError
 SHORT_NAMES = {
     "aarch64-linux": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
     "aarch64-android": {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
-    "x86_64-linux": {"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+    # x86-64-v3 (AVX2, FMA, F16C; x86 CPUs since 2015): without F16C every fp16 scale is converted in
+    # software: the demo's int4 decode call took 73 ms instead of 1.6 ms.
+    "x86_64-linux": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
 }
 HOST = "host"
 
