@@ -169,7 +169,9 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--quant", choices=["none", "fp16", "int4", "uint4", "int8", "nf4"],
                        help="weight type of the linear layers (default: none, fp32)")
     quant.add_argument("--block-size", type=int, help="input rows per scale, 16 to 256 (default: 32)")
-    quant.add_argument("--algo", choices=["rtn", "gptq", "awq"], help="quantizer (default: rtn)")
+    quant.add_argument("--algo", choices=["rtn", "se", "gptq", "awq"],
+                       help="quantizer (default: rtn; se: scale estimation, block scales fitted to each layer's "
+                            "output on calibration data)")
     quant.add_argument("--calib", help="calibration text, JSONL, folder or saved dataset (default: "
                                        "calibration.txt in the checkpoint folder)")
     quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")

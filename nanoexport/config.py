@@ -77,7 +77,7 @@ class QuantConfig:
 
     weights: str = "none"  # none | fp16 | int4 | uint4 | int8 | nf4
     block_size: int = 32  # input rows per scale, 16 to 256
-    algo: str = "rtn"  # rtn | gptq | awq
+    algo: str = "rtn"  # rtn | se | gptq | awq
     asymmetric: bool = False  # zero points per block
     # 4-bit MatMuls quantize their activations to int8 on the fly where the runtime can (ONNX Runtime's
     # MatMulNBits accuracy_level 4, as onnxruntime-genai's model builder does): about twice the int4 decode

@@ -13,7 +13,7 @@ import pytest
 import nanoexport
 from nanoexport.calibration import plan_layers, quantize
 from nanoexport.config import parse_size
-from nanoexport.calibration.algorithms import awq, estimate_scales, gptq
+from nanoexport.calibration.algorithms import awq, gptq, output_error as hessian_error
 from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, read_texts
 from nanoexport.calibration.graph import find_linears
@@ -83,22 +83,47 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
     assert ours < output_error(x, weight, rtn(weight, fmt, grid=1).dequantize())
 
 
-def test_scale_estimation_fits_scales_to_the_output():
+@pytest.mark.parametrize("dtype,asymmetric", [("int4", False), ("uint4", True), ("int8", False)])
+def test_data_aware_scales_lower_the_output_error(dtype, asymmetric):
+    """Clip search and scale estimation against the block Hessians beat the weight-error search on the
+    output, and the Hessian form of the error is the mean squared output difference."""
     x = correlated_inputs(4096, 128, seed=7)
     weight = np.random.default_rng(8).standard_normal((128, 32)).astype(np.float32) * 0.05
-    hessian = 2 * x.T.astype(np.float64) @ x / len(x)
-    start = rtn(weight, WeightFormat("int4", 32))
-    refined = estimate_scales(weight, start, hessian)
-    assert output_error(x, weight, refined.dequantize()) < output_error(x, weight, start.dequantize())
+    hessian = x.T.astype(np.float64) @ x / len(x)
+    fmt = WeightFormat(dtype, 32, asymmetric)
+    by_weights, by_output = rtn(weight, fmt), rtn(weight, fmt, hessian=hessian)
+    assert output_error(x, weight, by_output.dequantize()) < output_error(x, weight, by_weights.dequantize())
+    expected = output_error(x, weight, by_output.dequantize()) * weight.shape[1]
+    assert hessian_error(weight, by_output.dequantize(), hessian) == pytest.approx(expected, rel=1e-3)
 
 
 def test_awq_protects_salient_channels():
     x = correlated_inputs(2048, 128, seed=4)
     weight = np.random.default_rng(5).standard_normal((128, 32)).astype(np.float32) * 0.05
+    x[:, 3] *= 30  # one salient channel, far louder than the rest
+    hessian = x.T.astype(np.float64) @ x / len(x)
     fmt = WeightFormat("int4", 32)
-    quantized, scale = awq(weight, np.abs(x).mean(0), x[:512], fmt)
+    quantized, scale = awq(weight, np.abs(x).mean(0), hessian, fmt)
+    assert scale is not None, "scaling the salient channel must win here"
     assert output_error(x / scale, weight * scale[:, None], quantized.dequantize()) \
-        < output_error(x, weight, rtn(weight, fmt).dequantize())
+        < output_error(x, weight, rtn(weight, fmt, hessian=hessian).dequantize())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_data_aware_algorithms_never_lose_to_rtn_on_calibration_data(seed):
+    """AWQ's and GPTQ's objective on their calibration data is never above our RTN's, whatever the layer."""
+    generator = np.random.default_rng(seed)
+    x = correlated_inputs(1024, 64, seed=seed)
+    if seed % 2:
+        x = generator.standard_normal(x.shape).astype(np.float32)  # uncorrelated, similar magnitudes
+    weight = generator.standard_normal((64, 24)).astype(np.float32) * generator.uniform(0.01, 0.2)
+    hessian = x.T.astype(np.float64) @ x / len(x)
+    fmt = WeightFormat("int4", 32)
+    baseline = output_error(x, weight, rtn(weight, fmt).dequantize())
+    quantized, scale = awq(weight, np.abs(x).mean(0), hessian, fmt)
+    scaled = np.ones(64, np.float32) if scale is None else scale
+    assert output_error(x / scaled, weight * scaled[:, None], quantized.dequantize()) <= baseline * (1 + 1e-6)
+    assert output_error(x, weight, gptq(weight, 2 * hessian, fmt).dequantize()) <= baseline * (1 + 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +327,9 @@ def test_layerwise_capture_sees_what_the_whole_graph_sees(demo_graph):
     parts = segments(graph, linears)
     assert len(parts) == 5 and all(part.linears for part in parts)  # the demo's 4 layers, then its (tied) head
     assert parts[-1].end is None and [linear.transposed for linear in parts[-1].linears] == [True]
-    whole = {name: stats for _, group in capture_groups(graph, linears, windows, 0, 0) for name, stats in group.items()}
+    whole = {name: stats for _, group in capture_groups(graph, linears, windows) for name, stats in group.items()}
     layered = {}
-    for group, statistics in capture_layers(graph, linears, windows, 0, 0):
+    for group, statistics in capture_layers(graph, linears, windows):
         assert {linear.input.name for linear in group} == set(statistics)
         layered.update(statistics)
     assert set(layered) == set(whole)
@@ -326,7 +351,7 @@ def test_layerwise_capture_feeds_each_layer_the_quantized_layers_before_it(demo_
     windows = _calibration()
     fmt = WeightFormat("int4", 32)
     layer_one = None
-    for index, (group, statistics) in enumerate(capture_layers(graph, find_linears(graph), windows, 0, 0)):
+    for index, (group, statistics) in enumerate(capture_layers(graph, find_linears(graph), windows)):
         if index == 1:
             layer_one = statistics
             break
@@ -335,9 +360,9 @@ def test_layerwise_capture_feeds_each_layer_the_quantized_layers_before_it(demo_
     for linear in find_linears(reference):
         if ".layers.0." in linear.name:
             replace_weight(reference, linear, rtn(linear.matrix(), fmt))
-    whole = {name: stats for _, group in capture_groups(reference, find_linears(reference), windows, 0, 0)
+    whole = {name: stats for _, group in capture_groups(reference, find_linears(reference), windows)
              for name, stats in group.items()}
-    plain = {name: stats for _, group in capture_groups(float_graph, find_linears(float_graph), windows, 0, 0)
+    plain = {name: stats for _, group in capture_groups(float_graph, find_linears(float_graph), windows)
              for name, stats in group.items()}
     for name, stats in layer_one.items():
         scale = np.abs(whole[name].gram).max()

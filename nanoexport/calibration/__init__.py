@@ -2,9 +2,9 @@
 
 ``quantize(model, config, ...)`` decides a format per linear layer (type, block size, symmetry; overrides
 by name; a size budget spent where the logits are most sensitive), captures calibration activations on
-ONNX Runtime when the algorithm needs them, quantizes each weight with RTN, GPTQ or AWQ, and puts the
-integers in the graph as blocked ``DequantizeLinear`` (see ``graph.py``). It returns the plan, which the
-manifest records.
+ONNX Runtime when the algorithm needs them, quantizes each weight with RTN, scale estimation (SE), GPTQ or
+AWQ, and puts the integers in the graph as blocked ``DequantizeLinear`` (see ``graph.py``). It returns the
+plan, which the manifest records.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from nanoexport.progress import Countdown
 log = logging.getLogger(__name__)
 
 WEIGHT_TYPES = ("none", "fp16", "int4", "uint4", "int8", "nf4")
-ALGORITHMS = ("rtn", "gptq", "awq")
-AWQ_SAMPLE_ROWS = 2048
+ALGORITHMS = ("rtn", "se", "gptq", "awq")
 DEFAULT_CALIBRATION_FILE = "calibration.txt"
 
 
@@ -178,8 +177,7 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
     linears = [plan.linear for plan in quantized if config.algo != "rtn" and not plan.linear.embedding]
     if not linears:
         return
-    sample_rows = AWQ_SAMPLE_ROWS if config.algo == "awq" else 0
-    for group, statistics in capture_layers(model, linears, windows, sample_rows, config.seed):
+    for group, statistics in capture_layers(model, linears, windows):
         for linear in group:
             plan = by_layer[id(linear.matmul)]
             stats = statistics[linear.input.name]
@@ -187,13 +185,15 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
             if config.algo == "gptq":
                 replace_weight(model, linear, gptq(weight, stats.hessian, fmt, config.gptq_damp,
                                                    config.gptq_act_order))
-            elif linear.transposed:
-                # A tied weight also feeds the embedding Gather, which AWQ's input scaling would distort.
-                replace_weight(model, linear, rtn(weight, fmt, importance=(stats.sample**2).mean(0)))
+            elif config.algo == "se" or linear.transposed:
+                # Scale estimation; and AWQ's fallback for a tied weight, which also feeds the embedding
+                # Gather, so that AWQ's input scaling would distort it.
+                replace_weight(model, linear, rtn(weight, fmt, hessian=stats.hessian))
             else:
-                result, input_scale = awq(weight, stats.magnitude, stats.sample, fmt, stats.hessian)
+                result, input_scale = awq(weight, stats.magnitude, stats.hessian, fmt)
                 replace_weight(model, linear, result)
-                scale_input(model, linear, input_scale)
+                if input_scale is not None:
+                    scale_input(model, linear, input_scale)
             countdown.advance(linear.name)
 
 

@@ -24,11 +24,10 @@ STATISTICS_BUDGET = 1 << 30  # bytes of statistics held at once
 
 @dataclass
 class InputStatistics:
-    """One layer's input ``x`` ``[tokens, K]`` summarized: ``x^T x``, mean ``|x|`` per channel, sampled rows."""
+    """One layer's input ``x`` ``[tokens, K]`` summarized: ``x^T x`` and mean ``|x|`` per channel."""
 
     gram: np.ndarray  # float64 [K, K], summed over tokens
     magnitude: np.ndarray  # [K], mean |x|
-    sample: np.ndarray  # [rows, K]
     tokens: int
 
     @property
@@ -83,12 +82,12 @@ def window_feeds(caches: list[tuple[str, int, int]], tokens: np.ndarray) -> dict
     return feeds
 
 
-def statistics_size(linear: Linear, sample_rows: int) -> int:
+def statistics_size(linear: Linear) -> int:
     rows = linear.shape[0]
-    return rows * rows * 8 + sample_rows * rows * 4
+    return rows * rows * 8
 
 
-def layer_groups(linears: list[Linear], sample_rows: int, budget: int = STATISTICS_BUDGET) -> list[list[Linear]]:
+def layer_groups(linears: list[Linear], budget: int = STATISTICS_BUDGET) -> list[list[Linear]]:
     """Consecutive linears grouped so that one group's statistics fit ``budget`` (at least one per group).
 
     Linears reading the same input share one set of statistics and stay in one group.
@@ -97,7 +96,7 @@ def layer_groups(linears: list[Linear], sample_rows: int, budget: int = STATISTI
     used = budget
     seen_inputs: set[int] = set()
     for linear in linears:
-        size = 0 if id(linear.input) in seen_inputs else statistics_size(linear, sample_rows)
+        size = 0 if id(linear.input) in seen_inputs else statistics_size(linear)
         if used + size > budget and size:
             groups.append([])
             used = 0
@@ -111,11 +110,9 @@ def layer_groups(linears: list[Linear], sample_rows: int, budget: int = STATISTI
 class StatisticsAccumulator:
     """Sums what ``InputStatistics`` holds over the windows of one group of layers, then hands it over."""
 
-    def __init__(self, generator: np.random.Generator, rows_per_window: int):
-        self.generator, self.rows_per_window = generator, rows_per_window
+    def __init__(self):
         self.gram: dict[str, np.ndarray] = {}
         self.magnitude: dict[str, np.ndarray] = {}
-        self.samples: dict[str, list[np.ndarray]] = {}
 
     def add(self, names: list[str], inputs: list[np.ndarray]) -> None:
         """One window's inputs ``[..., K]`` of the layers reading ``names``."""
@@ -124,19 +121,17 @@ class StatisticsAccumulator:
             wide = x.astype(np.float64)
             self.gram[name] = self.gram.get(name, 0.0) + wide.T @ wide
             self.magnitude[name] = self.magnitude.get(name, 0.0) + np.abs(wide).sum(0)
-            picked = self.generator.choice(len(x), min(self.rows_per_window, len(x)), replace=False)
-            self.samples.setdefault(name, []).append(x[np.sort(picked)])
 
     def collect(self, tokens: int) -> dict[str, InputStatistics]:
         """The statistics over ``tokens`` tokens, by input name; the accumulator starts over."""
         statistics = {name: InputStatistics(self.gram[name], (self.magnitude[name] / tokens).astype(np.float32),
-                                            np.concatenate(self.samples[name]), tokens) for name in self.gram}
-        self.gram, self.magnitude, self.samples = {}, {}, {}
+                                            tokens) for name in self.gram}
+        self.gram, self.magnitude = {}, {}
         return statistics
 
 
 def capture_groups(
-    model: ir.Model, linears: list[Linear], windows: np.ndarray, sample_rows: int, seed: int,
+    model: ir.Model, linears: list[Linear], windows: np.ndarray,
 ) -> Iterator[tuple[list[Linear], dict[str, InputStatistics]]]:
     """For each group of ``linears``: the group and its layers' input statistics over ``windows``, all from
     one session on the whole float graph (``layerwise.capture_layers`` is the one that streams).
@@ -144,8 +139,8 @@ def capture_groups(
     Statistics are keyed by the input value's name (layers reading one input share them).
     """
     session = ModelSession(model, [linear.input for linear in linears])
-    accumulator = StatisticsAccumulator(np.random.default_rng(seed), max(1, sample_rows // len(windows)))
-    for group in layer_groups(linears, sample_rows):
+    accumulator = StatisticsAccumulator()
+    for group in layer_groups(linears):
         names = sorted({linear.input.name for linear in group})
         for window in windows:
             accumulator.add(names, session.run(window, names))

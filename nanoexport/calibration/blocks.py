@@ -156,18 +156,27 @@ RTN_COLUMNS = 64
 
 
 def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = None,
-        grid: int = 20) -> QuantizedWeight:
+        grid: int = 20, hessian: np.ndarray | None = None) -> QuantizedWeight:
     """Round to nearest, with each block's scale chosen from ``grid`` narrowed ranges to minimize its error.
 
     The error of a block is the squared difference summed over its rows, weighted by ``importance`` (the mean
-    squared activation of each input row) when given; with ``grid`` 1 the scale is the plain range. Columns
-    are independent, so they are searched in cache-sized pieces on every core (numpy releases the GIL).
+    squared activation of each input row) when given; with ``grid`` 1 the scale is the plain range.
+
+    Given the layer's ``hessian`` (``x^T x`` of its calibration inputs, ``[K, K]``), the error is instead the
+    block's share of the layer's output error, ``e^T H_b e`` (``H_b`` the block's diagonal part of the
+    Hessian), so the search clips by the data, as AWQ's clip search does. Each narrowed range is then
+    followed by its *scale estimation* (as NNCF's): the integers it rounds to fix the scale of least output
+    error in closed form, the weights are rounded again under that scale, and the better of the two counts.
+
+    Columns are independent, so they are searched in cache-sized pieces on every core (numpy releases the GIL).
     """
     weight = np.asarray(weight, dtype=np.float32)
     rows, columns = weight.shape
     blocks = -(-rows // fmt.block_size)
     row_weight = None
-    if importance is not None:
+    if hessian is not None:
+        row_weight = block_hessians(hessian, fmt.block_size)
+    elif importance is not None:
         row_weight = np.zeros(blocks * fmt.block_size, np.float32)
         row_weight[:rows] = importance
         row_weight = row_weight.reshape(blocks, fmt.block_size, 1)
@@ -193,42 +202,88 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
     return QuantizedWeight(values, scales, zero_points, fmt)
 
 
+def block_hessians(hessian: np.ndarray, block_size: int) -> np.ndarray:
+    """The diagonal blocks of a ``[K, K]`` Hessian, ``[blocks, block_size, block_size]`` float32 (a last
+    partial block padded with zeros)."""
+    rows = hessian.shape[0]
+    count = -(-rows // block_size)
+    padded = np.zeros((count * block_size, count * block_size), np.float32)
+    padded[:rows, :rows] = hessian
+    index = np.arange(count)
+    return padded.reshape(count, block_size, count, block_size)[index, :, index, :]
+
+
 def _search_columns(weight: np.ndarray, fmt: WeightFormat, row_weight: np.ndarray | None,
                     shrinks: Sequence[float]) -> QuantizedWeight:
     """``rtn`` on a few columns, in the blocked layout ``[blocks, block_size, columns]`` throughout (the
-    arithmetic of ``quantize_with`` and ``QuantizedWeight.dequantize`` without their expanded copies)."""
+    arithmetic of ``quantize_with`` and ``QuantizedWeight.dequantize`` without their expanded copies).
+
+    ``row_weight`` is ``[blocks, block_size, 1]`` (importance per row) or ``[blocks, block_size, block_size]``
+    (block Hessians, which also bring the least-squares refit of each candidate's scale)."""
     rows = weight.shape[0]
     blocks = block_view(weight, fmt.block_size)
     extremes = _block_extremes(blocks, fmt)
     low, high = fmt.levels
-    half_scales = fmt.scale_dtype == "fp16" and fmt.dtype != "nf4"
+    hessians = row_weight if row_weight is not None and row_weight.shape[-1] > 1 else None
     best_error = best_scales = best_zero_points = None
-    for shrink in shrinks:
-        scales, zero_points = _range_scales(extremes, fmt, shrink)
-        dequantized = _round_blocks(blocks, scales, zero_points, fmt)
-        if fmt.dtype == "nf4":
-            dequantized = NF4_CODEBOOK[dequantized] * scales[:, None]
+
+    def consider(scales: np.ndarray, zero_points: np.ndarray | None, levels: np.ndarray) -> None:
+        nonlocal best_error, best_scales, best_zero_points
+        error = _dequantize_blocks(levels, scales, zero_points, fmt)
+        error -= blocks
+        if hessians is not None:
+            block_error = (error * (hessians @ error)).sum(1)
         else:
-            if zero_points is not None:
-                dequantized -= zero_points[:, None]
-            dequantized *= scales[:, None]
-            if half_scales:
-                dequantized = _through_float16(dequantized)
-        error = np.square(dequantized - blocks, out=dequantized)
-        if row_weight is not None:
-            error *= row_weight
-        block_error = error.sum(1)
+            np.square(error, out=error)
+            if row_weight is not None:
+                error *= row_weight
+            block_error = error.sum(1)
         if best_error is None:
             best_error, best_scales, best_zero_points = block_error, scales, zero_points
-            continue
+            return
         better = block_error < best_error
         best_error = np.where(better, block_error, best_error)
         best_scales = np.where(better, scales, best_scales)
         if zero_points is not None:
             best_zero_points = np.where(better, zero_points, best_zero_points)
+
+    for shrink in shrinks:
+        scales, zero_points = _range_scales(extremes, fmt, shrink)
+        levels = _round_blocks(blocks, scales, zero_points, fmt)
+        if hessians is not None and fmt.dtype != "nf4":
+            fitted = _fitted_scales(blocks, levels, zero_points, hessians, scales)
+            fitted = stored_scale(fitted.astype(np.float32), fmt)
+            consider(fitted, zero_points, _round_blocks(blocks, fitted, zero_points, fmt))
+        consider(scales, zero_points, levels)
     levels = _round_blocks(blocks, best_scales, best_zero_points, fmt)
     stored = levels.astype(np.int8 if low < 0 else np.uint8)  # nf4 indices: levels 0..15
     return QuantizedWeight(stored.reshape(-1, weight.shape[1])[:rows], best_scales, best_zero_points, fmt)
+
+
+def _dequantize_blocks(levels: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                       fmt: WeightFormat) -> np.ndarray:
+    """The weights that ``levels`` (float32, blocked, from ``_round_blocks``) stand for, as DequantizeLinear
+    computes them; may overwrite ``levels``."""
+    if fmt.dtype == "nf4":
+        return NF4_CODEBOOK[levels.astype(np.intp)] * scales[:, None]
+    if zero_points is not None:
+        levels -= zero_points[:, None]
+    levels *= scales[:, None]
+    if fmt.scale_dtype == "fp16":
+        return _through_float16(levels)
+    return levels
+
+
+def _fitted_scales(blocks: np.ndarray, levels: np.ndarray, zero_points: np.ndarray | None,
+                   hessians: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """For fixed integers ``q`` the scale minimizing ``(w - s q)^T H_b (w - s q)``: ``q^T H_b w / q^T H_b q``
+    per block and column (``fallback`` where the integers are all zero)."""
+    centered = levels if zero_points is None else levels - zero_points[:, None]
+    weighted = hessians @ centered
+    numerator = (weighted * blocks).sum(1)
+    denominator = (weighted * centered).sum(1)
+    usable = denominator > 0
+    return np.where(usable, numerator / np.where(usable, denominator, 1), fallback)
 
 
 def _through_float16(array: np.ndarray) -> np.ndarray:

@@ -151,7 +151,7 @@ def _feeds(values: list[ir.Value], window: dict[str, np.ndarray]) -> dict[str, n
 
 
 def capture_layers(
-    model: ir.Model, linears: list[Linear], windows: np.ndarray, sample_rows: int, seed: int,
+    model: ir.Model, linears: list[Linear], windows: np.ndarray,
 ) -> Iterator[tuple[list[Linear], dict[str, InputStatistics]]]:
     """For each decoder layer in order: its linears and their input statistics over ``windows``, computed
     with every earlier layer as the caller has quantized it by the time it asks for the next layer."""
@@ -159,7 +159,7 @@ def capture_layers(
         parts = segments(model, linears)
     except NotLayered as reason:
         log.info("calibrating the whole graph at once: %s", reason)
-        yield from capture_groups(model, linears, windows, sample_rows, seed)
+        yield from capture_groups(model, linears, windows)
         return
     outside = {id(value) for value in model.graph.inputs} | {id(part.start) for part in parts}
     prelude_values = {id(value): value for part in parts for value in part.inputs if id(value) not in outside}
@@ -172,7 +172,7 @@ def capture_layers(
     for window_feed in feeds:
         window_feed.update(zip(names, session.run(names, _feeds(prelude_inputs, window_feed))))
     del session
-    accumulator = StatisticsAccumulator(np.random.default_rng(seed), max(1, sample_rows // len(windows)))
+    accumulator = StatisticsAccumulator()
     tokens = len(windows) * windows.shape[1]
     for index, part in enumerate(parts):
         wanted = sorted({linear.input.name for linear in part.linears})
