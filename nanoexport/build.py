@@ -96,8 +96,8 @@ def build(
                 except Exception as error:  # a backend's own failure: the other targets still get built
                     log.info("the %s target failed", name, exc_info=True)
                     result.failures[name] = f"{type(error).__name__}: {first_line(error)[:300]} (-v for the traceback)"
-                if name in result.failures:
-                    log.error("%s failed: %s", name, result.failures[name])
+                if name in result.failures:  # said now, in the run's log; the command's summary repeats it
+                    log.error("%s failed: %s; the build goes on with the other targets", name, result.failures[name])
     return result
 
 
