@@ -139,7 +139,10 @@ def test_int4_weights_stay_packed_bit_for_bit(int4):
 
 
 def test_int4_matches_the_canonical_graph_on_onnxruntime(int4):
-    """Dequantized inside the matmul, the int4 artifact computes what ONNX Runtime computes on the graph."""
+    """Dequantized inside the matmul, the int4 artifact computes what ONNX Runtime computes on the canonical
+    graph, up to the fp16 rounding of each weight that DequantizeLinear does and our kernel does not (as
+    MatMulNBits does not): measured 1.3e-3 (decode) to 4.9e-3 (prefill) on the demo's logits. A wrong nibble order
+    or block index moves logits by whole units."""
     artifact, canonical = int4
     runner = runtime.Runner(nanoexport.Artifact.load(artifact))
     session = ort.InferenceSession(str(canonical))
@@ -152,7 +155,7 @@ def test_int4_matches_the_canonical_graph_on_onnxruntime(int4):
         names = [output.name for output in session.get_outputs()]
         theirs = dict(zip(names, session.run(names, feeds)))
         for name in names:
-            assert np.abs(ours[name] - theirs[name]).max() < 1e-4, name
+            assert np.abs(ours[name] - theirs[name]).max() < (2e-2 if name == "logits" else 1e-3), name
 
 
 @pytest.mark.parametrize("family, form", [("gemma2", "sliding"), ("gpt2", "static")])

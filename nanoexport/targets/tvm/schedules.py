@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from nanoexport.targets.tvm.kernels import TRANSPOSED_MATMULS, WEIGHT_MATMULS
+from nanoexport.targets.tvm.kernels import DEQUANTIZED_WEIGHT, TRANSPOSED_MATMULS, WEIGHT_MATMULS
 
 TILES = (64, 32, 16, 8, 4, 2)  # columns a thread computes per row: the largest that divides N
 ROWS = (4, 2)  # rows (tokens) computed together per pass over a weight strip
@@ -22,18 +22,39 @@ def _divisor(extent: int, choices: tuple[int, ...]) -> int:
     return next((choice for choice in choices if extent % choice == 0), 1)
 
 
+def _block(schedule: s_tir.Schedule, name: str):
+    try:
+        return schedule.get_sblock(name)
+    except Exception:  # TVM raises its own error for a block the function does not hold
+        return None
+
+
+def _tokens(function: tirx.PrimFunc, block_name: str) -> int:
+    """The extent of the rows (tokens) loop of a matmul block: 1 in a decode kernel."""
+    schedule = s_tir.Schedule(function)
+    return int(schedule.get(schedule.get_loops(schedule.get_sblock(block_name))[-3]).extent)
+
+
 def _schedule(function: tirx.PrimFunc, block_name: str) -> tirx.PrimFunc:
     schedule = s_tir.Schedule(function)
     block = schedule.get_sblock(block_name)
+    producer = _block(schedule, DEQUANTIZED_WEIGHT)
     *spatial, rows, columns, reduction = schedule.get_loops(block)
+    many = int(schedule.get(rows).extent) > 1
+    if producer is not None and not many:
+        schedule.compute_inline(producer)  # one token: each weight element dequantized where it is used
+        producer = None
     tile = _divisor(int(schedule.get(columns).extent), TILES)
-    # Several tokens (prefill): a few rows share each pass over the weight strip, which is read once per
-    # ROWS rows instead of once per row.
+    # Several tokens (prefill): a thread's strip of columns is dequantized once and serves every token, a
+    # few tokens per pass over it.
     row_tile = _divisor(int(schedule.get(rows).extent), ROWS)
     rows_outer, rows_inner = schedule.split(rows, factors=[None, row_tile])
     outer, inner = schedule.split(columns, factors=[None, tile])
-    schedule.reorder(*spatial, rows_outer, outer, reduction, rows_inner, inner)
-    schedule.parallel(schedule.fuse(*spatial, rows_outer, outer))
+    schedule.reorder(*spatial, outer, rows_outer, reduction, rows_inner, inner)
+    strips = schedule.fuse(*spatial, outer)
+    schedule.parallel(strips)
+    if producer is not None:
+        schedule.compute_at(producer, strips)
     init = schedule.decompose_reduction(block, reduction)
     # The update runs its rows and columns unrolled, which LLVM's SLP vectorizer turns into vector code (an
     # explicit vectorize refuses the reduction once its init is split off).
@@ -50,6 +71,9 @@ def _schedule_transposed(function: tirx.PrimFunc, block_name: str) -> tirx.PrimF
     partial sums (rfactor), then summed."""
     schedule = s_tir.Schedule(function)
     block = schedule.get_sblock(block_name)
+    producer = _block(schedule, DEQUANTIZED_WEIGHT)
+    if producer is not None:
+        schedule.compute_inline(producer)
     *spatial, columns, reduction = schedule.get_loops(block)
     width = int(schedule.get(reduction).extent)
     lanes = next((tile for tile in (16, 8, 4, 2) if width % tile == 0), 1)
@@ -73,12 +97,10 @@ def schedule_weight_matmuls(module: tvm.IRModule, _context) -> tvm.IRModule:
         if not isinstance(function, tirx.PrimFunc) or function.attrs and function.attrs.get("tir.is_scheduled"):
             continue
         for name in (*WEIGHT_MATMULS, *TRANSPOSED_MATMULS):
-            try:
-                s_tir.Schedule(function).get_sblock(name)
-            except Exception:  # TVM raises its own error for a block the function does not hold
+            if _block(s_tir.Schedule(function), name) is None:
                 continue
-            scheduler = _schedule_transposed if name in TRANSPOSED_MATMULS else _schedule
-            updated[global_var] = scheduler(function, name)
+            updated[global_var] = _schedule_transposed(function, name) if name in TRANSPOSED_MATMULS and (
+                name != "dequantize_matmul_transposed" or _tokens(function, name) == 1) else _schedule(function, name)
             break
     for global_var, function in updated.items():
         module[global_var] = function
