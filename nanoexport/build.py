@@ -1,11 +1,10 @@
 """One quantization, many targets: ``nanoexport build``.
 
-Capture, the canonical passes and weight quantization run once. The quantized canonical graph is saved to a
-scratch folder under the output root and each target lowers its own copy, read back from there (weights stay
-on disk until a writer reads them), into ``<out>/<target>``, staged and moved into place as ``export`` does.
-A target whose activations are quantized (qnn's W4A16) calibrates them on its copy: activation ranges belong
-to the graph a target runs, the weights' integers to every target. A target that fails is reported and the
-others are still written.
+Capture, the canonical passes and weight quantization run once. Each target lowers its own copy of the
+quantized canonical graph (nodes cloned, tensors shared) into ``<out>/<target>``, staged and moved into place
+as ``export`` does, and writes the same bytes ``export`` would. A target whose activations are quantized
+(qnn's W4A16) calibrates them on its copy: activation ranges belong to the graph a target runs, the weights'
+integers to every target. A target that fails is reported and the others are still written.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,26 +77,32 @@ def build(
 
     with Steps(progress) as steps:
         canonical = canonical_graph(model, shared, passes, steps)
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".canonical-", dir=root) as scratch:
-            saved = Path(scratch) / "canonical.onnx"
-            with steps.step("save the quantized canonical graph"):
-                ir.save(canonical.graph, saved, external_data="canonical.onnx.data")
-            for name, plan in plans.items():
-                try:
-                    with staging(root / name, overwrite) as folder:
-                        graph = ir.load(saved)  # this target's copy: its passes edit it
-                        quantization = _target_activations(graph, plan, canonical, steps)
-                        lower_into(folder, canonical, graph, plan, quantization, steps)
-                    result.artifacts[name] = Artifact.load(root / name)
-                except NanoexportError as error:
-                    result.failures[name] = str(error)
-                except Exception as error:  # a backend's own failure: the other targets still get built
-                    log.info("the %s target failed", name, exc_info=True)
-                    result.failures[name] = f"{type(error).__name__}: {first_line(error)[:300]} (-v for the traceback)"
-                if name in result.failures:  # said now, in the run's log; the command's summary repeats it
-                    log.error("%s failed: %s; the build goes on with the other targets", name, result.failures[name])
+        for name, plan in plans.items():
+            try:
+                with staging(root / name, overwrite) as folder:
+                    graph = _copy(canonical.graph)
+                    quantization = _target_activations(graph, plan, canonical, steps)
+                    lower_into(folder, canonical, graph, plan, quantization, steps)
+                result.artifacts[name] = Artifact.load(root / name)
+            except NanoexportError as error:
+                result.failures[name] = str(error)
+            except Exception as error:  # a backend's own failure: the other targets still get built
+                log.info("the %s target failed", name, exc_info=True)
+                result.failures[name] = f"{type(error).__name__}: {first_line(error)[:300]} (-v for the traceback)"
+            if name in result.failures:  # said now, in the run's log; the command's summary repeats it
+                log.error("%s failed: %s; the build goes on with the other targets", name, result.failures[name])
     return result
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    """A target's own copy of the canonical graph, for its passes to edit: every node and value cloned, the
+    tensors shared (nothing is read or written). The names the target's passes then give new nodes continue
+    the canonical graph's count, as they do in ``export``, so a build writes the same bytes as an export."""
+    copy = model.clone()
+    # onnx_ir has no public way to carry a graph's naming counters over; a fresh copy would start at 0.
+    source, target = model.graph._name_authority, copy.graph._name_authority
+    target._node_counter, target._value_counter = source._node_counter, source._value_counter
+    return copy
 
 
 def shared_weight_quantization(plans: dict[str, TargetPlan]) -> QuantConfig:
