@@ -119,7 +119,7 @@ def canonical_graph(model: Any, config: ExportConfig, passes: list, steps: Steps
         pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
     quantization, quantize_seconds = None, None
     if config.quant.weights != "none" or config.quant.activations != "none":
-        with steps.step(f"quantize: {config.quant.weights}, {config.quant.algo}") as detail:
+        with steps.step(f"quantize: {config.quant.weights}, {config.quant.algorithm}") as detail:
             started = time.perf_counter()
             quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, checkpoint_folder(checkpoint),
                                     detail)

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import nanoexport
-from nanoexport.calibration import plan_layers, quantize
+from nanoexport.calibration import check_config, plan_layers, quantize
 from nanoexport.config import parse_size
 from nanoexport.calibration.algorithms import awq, gptq, output_error as hessian_error
 from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
@@ -198,6 +198,27 @@ def test_bad_quantization_settings_are_refused(tmp_path, settings, message):
     with pytest.raises(NanoexportError, match=message):
         nanoexport.export(out=tmp_path / "out", config=config, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_without_an_algorithm_means_scale_estimation(demo_graph, tmp_path):
+    """--calib alone picks the data-aware default, which the manifest's summary names; no data: RTN."""
+    assert QuantConfig(weights="int4").algorithm == "rtn"
+    assert QuantConfig(weights="int4", calib="x.txt", algo="gptq").algorithm == "gptq"
+    checkpoint, graph = demo_graph
+    config = QuantConfig(weights="int4", calib=str(DEMO_MODEL / "calibration.txt"), calib_samples=4)
+    model = reload(graph, tmp_path)
+    summary = quantize(model, config, checkpoint.tokenizer_files, DEMO_MODEL)
+    assert summary["algorithm"] == "se"
+    (tmp_path / "plain").mkdir()
+    plain = reload(graph, tmp_path / "plain")
+    quantize(plain, QuantConfig(weights="int4"), checkpoint.tokenizer_files, DEMO_MODEL)
+    stored = [{value.name: value.const_value.numpy() for value in graph_.graph.initializers.values()
+               if value.name.endswith(".scale")} for graph_ in (model, plain)]
+    assert stored[0].keys() == stored[1].keys() and stored[0]
+    assert any(not np.array_equal(stored[0][name], stored[1][name]) for name in stored[0]), \
+        "scale estimation must move some block scale away from RTN's"
+    with pytest.raises(NanoexportError, match="quant algo 'sgd' is not one of rtn, se, gptq, awq"):
+        check_config(QuantConfig(weights="int4", algo="sgd"))
 
 
 def test_data_aware_algorithms_need_calibration_data(tmp_path):

@@ -65,8 +65,9 @@ def check_config(config: QuantConfig) -> None:
     choices = {"weights": WEIGHT_TYPES, "algo": ALGORITHMS, "scale_dtype": ("fp16", "fp32"),
                "activations": ("none", "a16", "a8"), "observer": ("minmax", "percentile", "mse")}
     for setting, allowed in choices.items():
-        if getattr(config, setting) not in allowed:
-            raise NanoexportError(f"quant {setting} {getattr(config, setting)!r} is not one of {', '.join(allowed)}")
+        value = config.algorithm if setting == "algo" else getattr(config, setting)  # an unset algo is valid
+        if value not in allowed:
+            raise NanoexportError(f"quant {setting} {value!r} is not one of {', '.join(allowed)}")
     for pattern, weight_type in config.overrides.items():
         if weight_type not in (*WEIGHT_TYPES[1:], "float"):
             raise NanoexportError(f"quant override {pattern} = {weight_type!r}: choose one of "
@@ -120,7 +121,7 @@ def quantize(
     report = on_progress or (lambda _: None)
     plans = plan_layers(model, config) if config.weights != "none" else []
     windows = None
-    if config.algo != "rtn" or config.size_budget or config.activations != "none":
+    if config.algorithm != "rtn" or config.size_budget or config.activations != "none":
         calibration = calibration_path(config, checkpoint_folder)
         windows = calibration_windows(calibration, load_tokenizer(tokenizer_files), config.calib_samples,
                                       config.calib_window, config.seed)
@@ -153,8 +154,8 @@ def calibration_path(config: QuantConfig, checkpoint_folder: Path | None) -> Pat
         return Path(config.calib)
     if checkpoint_folder is not None and (checkpoint_folder / DEFAULT_CALIBRATION_FILE).is_file():
         return checkpoint_folder / DEFAULT_CALIBRATION_FILE
-    if config.algo != "rtn":
-        needs = f"--algo {config.algo}"
+    if config.algorithm != "rtn":
+        needs = f"--algo {config.algorithm}"
     else:
         needs = "--size-budget" if config.size_budget else f"--activations {config.activations}"
     raise NanoexportError(f"{needs} needs calibration data and none was given; pass --calib FILE "
@@ -167,14 +168,14 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
     for plan in plans:
         if plan.weight_type == "fp16":
             to_float16(model, plan.linear)
-    countdown = Countdown(config.algo, len(quantized), report)
+    countdown = Countdown(config.algorithm, len(quantized), report)
     # Embedding tables have no activations to calibrate on: round to nearest, first, so that calibration
     # sees the model with its quantized table.
     for plan in quantized:
-        if config.algo == "rtn" or plan.linear.embedding:
+        if config.algorithm == "rtn" or plan.linear.embedding:
             replace_weight(model, plan.linear, rtn(plan.linear.matrix(), plan.format(config)))
             countdown.advance(plan.linear.name)
-    linears = [plan.linear for plan in quantized if config.algo != "rtn" and not plan.linear.embedding]
+    linears = [plan.linear for plan in quantized if config.algorithm != "rtn" and not plan.linear.embedding]
     if not linears:
         return
     for group, statistics in capture_layers(model, linears, windows):
@@ -182,10 +183,10 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
             plan = by_layer[id(linear.matmul)]
             stats = statistics[linear.input.name]
             weight, fmt = linear.matrix(), plan.format(config)
-            if config.algo == "gptq":
+            if config.algorithm == "gptq":
                 replace_weight(model, linear, gptq(weight, stats.hessian, fmt, config.gptq_damp,
                                                    config.gptq_act_order))
-            elif config.algo == "se" or linear.transposed:
+            elif config.algorithm == "se" or linear.transposed:
                 # Scale estimation; and AWQ's fallback for a tied weight, which also feeds the embedding
                 # Gather, so that AWQ's input scaling would distort it.
                 replace_weight(model, linear, rtn(weight, fmt, hessian=stats.hessian))
@@ -205,4 +206,5 @@ def _plan_summary(plans: list[LayerPlan], config: QuantConfig) -> dict[str, Any]
         "layers": {plan.linear.name: plan.weight_type for plan in plans},
         "quantized_weights": int(weights),
         "bits_per_weight": round(float(bits / weights), 4) if weights else None,
+        "algorithm": config.algorithm,
     }
