@@ -1,9 +1,11 @@
-"""Quantization anchors: peer int4 weight quantizers on the demo model, the yardsticks for our RTN/GPTQ/AWQ.
+"""Quantization anchors: peer int4 weight quantizers on one model, the yardsticks for our RTN/GPTQ/AWQ.
 
 Every anchor quantizes the same layers the same way: the decoder MatMuls (qkv, o, gate+up and down of each
 layer; the embedding and the tied lm_head stay float), int4 symmetric, blocks of 32 along the input
 dimension. Each starts from the fp32 ONNX graph of our onnx target (dynamic cache) and is scored by
-perplexity on ONNX Runtime CPU over the same held-out windows, so only the weights differ:
+perplexity on ONNX Runtime CPU over the same held-out windows, so only the weights differ. The model is a
+checkpoint folder holding ``heldout.txt`` (evaluation) and ``calibration.txt`` (the demo, or one of
+quality_set.py's models):
 
 - ort_matmul_nbits: ONNX Runtime's MatMulNBitsQuantizer (round to nearest); MatMulNBits in the graph.
 - nncf_data_free, nncf_awq_scale_estimation: NNCF compress_weights on the ONNX graph (for AWQ, the one
@@ -31,7 +33,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nanoexport.capture.checkpoint import DEMO_MODEL
 from nanoexport.validate.perplexity import perplexity, text_windows
 
 log = logging.getLogger("quant_anchors")
@@ -39,8 +40,6 @@ log = logging.getLogger("quant_anchors")
 BLOCK = 32
 WINDOW = 256
 CALIBRATION_WINDOWS = 128  # NNCF's default subset size; calibration.txt holds 135 windows of 256 tokens
-HELDOUT = DEMO_MODEL / "heldout.txt"
-CALIBRATION = DEMO_MODEL / "calibration.txt"
 STORED_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
                TensorProto.FLOAT16: 16, TensorProto.FLOAT: 32}
 # f32 math and no dynamic int8 quantization of activations (the CPU plugin's default beside int4 weights),
@@ -92,21 +91,21 @@ def openvino_logits_fn(model, past: dict[str, tuple[int, int]]) -> Callable[[lis
 
 
 @functools.cache
-def heldout_windows() -> list[list[int]]:
-    return text_windows(HELDOUT, DEMO_MODEL, WINDOW, 0)
+def heldout_windows(folder: Path) -> list[list[int]]:
+    return text_windows(folder / "heldout.txt", folder, WINDOW, 0)
 
 
 @functools.cache
-def calibration_windows() -> list[list[int]]:
-    return text_windows(CALIBRATION, DEMO_MODEL, WINDOW, CALIBRATION_WINDOWS)
+def calibration_windows(folder: Path) -> list[list[int]]:
+    return text_windows(folder / "calibration.txt", folder, WINDOW, CALIBRATION_WINDOWS)
 
 
-def calibration_dataset(model: onnx.ModelProto):
+def calibration_dataset(model: onnx.ModelProto, folder: Path):
     """The calibration windows as an NNCF dataset of graph inputs (ONNX Runtime and OpenVINO take the same)."""
     import nncf
 
     past = past_shapes(model)
-    return nncf.Dataset(calibration_windows(), lambda tokens: forward_inputs(tokens, past))
+    return nncf.Dataset(calibration_windows(folder), lambda tokens: forward_inputs(tokens, past))
 
 
 # --- the graph's layers and what a quantized graph stores ----------------------------------------------------
@@ -152,6 +151,28 @@ def onnx_storage(model: onnx.ModelProto) -> tuple[int, int]:
     return weights, bits
 
 
+def artifact_names(weights: dict[str, np.ndarray], artifact: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Canonical-graph weights keyed as the onnx artifact stores them: the artifact splits a merged gate+up
+    weight ``W`` into column parts ``W.part0``, ``W.part1`` (its own lowering), so those are cut apart."""
+    stored = {tensor.name: tensor for tensor in artifact.graph.initializer if tensor.name in
+              set(decoder_weights(artifact).values())}
+    named = {}
+    for name, weight in weights.items():
+        prefix = f"{name}.part"
+        parts = sorted((key for key in stored if key.startswith(prefix)), key=lambda key: int(key[len(prefix):]))
+        if name in stored:
+            named[name] = weight
+        elif parts:
+            widths = np.cumsum([stored[part].dims[1] for part in parts])[:-1]
+            named.update(zip(parts, np.split(weight, widths, axis=1), strict=True))
+        else:
+            raise SystemExit(f"the canonical weight {name} is not in the onnx artifact, whole or in parts")
+    if set(named) != set(stored):
+        raise SystemExit(f"the onnx artifact's decoder weights {sorted(set(stored) - set(named))} have no "
+                         "canonical counterpart")
+    return named
+
+
 def with_weights(fp32_model: Path, weights: dict[str, np.ndarray], out: Path) -> Path:
     """A copy of the fp32 graph with some initializers replaced by (dequantized) weights, as one file."""
     model = onnx.load(str(fp32_model))
@@ -162,25 +183,27 @@ def with_weights(fp32_model: Path, weights: dict[str, np.ndarray], out: Path) ->
     return out
 
 
-def result(name: str, seconds: float, weights: int, bits: int, model_path: Path, **extra) -> dict:
-    """One row: the quantization's figures and the perplexity of the graph at ``model_path`` on ONNX Runtime."""
+def result(name: str, seconds: float, weights: int, bits: int, model_path: Path, folder: Path, **extra) -> dict:
+    """One row: the quantization's figures and the perplexity of the graph at ``model_path`` on ONNX Runtime,
+    on the held-out text of the checkpoint ``folder``."""
     log.info("%s: %.2f s, %d weights at %.3f bits; scoring", name, seconds, weights, bits / weights)
+    windows = heldout_windows(folder)
     return {
         "name": name, "seconds": round(seconds, 3), "bits_per_weight": round(bits / weights, 4),
-        "quantized_weights": weights, "perplexity": perplexity(ort_logits_fn(model_path), heldout_windows()), **extra,
+        "quantized_weights": weights, "perplexity": perplexity(ort_logits_fn(model_path), windows), **extra,
     }
 
 
-def fp32_baseline(name: str, fp32_model: Path) -> dict:
+def fp32_baseline(name: str, fp32_model: Path, folder: Path) -> dict:
     model = onnx.load(str(fp32_model))
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     weights = sum(int(np.prod(initializers[name].dims)) for name in decoder_weights(model).values())
-    return result(name, 0.0, weights, 32 * weights, fp32_model)
+    return result(name, 0.0, weights, 32 * weights, fp32_model, folder)
 
 
 # --- the anchors ----------------------------------------------------------------------------------------------
 
-def ort_matmul_nbits(fp32_model: Path, work: Path) -> dict:
+def ort_matmul_nbits(fp32_model: Path, work: Path, folder: Path) -> dict:
     """ONNX Runtime's MatMulNBitsQuantizer: default (round to nearest) algorithm, symmetric, block 32.
 
     Its scales take the weight's dtype, fp32 here. accuracy_level is left unset, so the CPU kernel dequantizes
@@ -199,7 +222,7 @@ def ort_matmul_nbits(fp32_model: Path, work: Path) -> dict:
     quantized = quantizer.model.model
     path = work / "ort_matmul_nbits.onnx"
     onnx.save(quantized, str(path))
-    return result("onnxruntime MatMulNBits (RTN)", seconds, *onnx_storage(quantized), path)
+    return result("onnxruntime MatMulNBits (RTN)", seconds, *onnx_storage(quantized), path, folder)
 
 
 def nncf_int4_options(keep_float: list[str]) -> dict:
@@ -219,27 +242,27 @@ def nncf_int4_options(keep_float: list[str]) -> dict:
     )
 
 
-def nncf_onnx(name: str, fp32_model: Path, out: Path, data_aware: dict) -> dict:
+def nncf_onnx(name: str, fp32_model: Path, out: Path, folder: Path, data_aware: dict) -> dict:
     """NNCF compress_weights on the ONNX graph; ``data_aware`` adds the calibration options."""
     import nncf
 
     model = onnx.load(str(fp32_model))
     options = nncf_int4_options(float_nodes(model))
     if data_aware:
-        options |= dict(dataset=calibration_dataset(model), subset_size=CALIBRATION_WINDOWS, **data_aware)
+        options |= dict(dataset=calibration_dataset(model, folder), subset_size=CALIBRATION_WINDOWS, **data_aware)
     started = time.perf_counter()
     compressed = nncf.compress_weights(model, **options)
     seconds = time.perf_counter() - started
     onnx.save(compressed, str(out))
-    return result(name, seconds, *onnx_storage(compressed), out)
+    return result(name, seconds, *onnx_storage(compressed), out, folder)
 
 
-def nncf_data_free(fp32_model: Path, work: Path) -> dict:
+def nncf_data_free(fp32_model: Path, work: Path, folder: Path) -> dict:
     """NNCF INT4_SYM, data-free (round to nearest with NNCF's scales); fp32 scales in the ONNX graph."""
-    return nncf_onnx("nncf int4_sym data-free", fp32_model, work / "nncf_data_free.onnx", {})
+    return nncf_onnx("nncf int4_sym data-free", fp32_model, work / "nncf_data_free.onnx", folder, {})
 
 
-def nncf_awq_scale_estimation(fp32_model: Path, work: Path) -> dict:
+def nncf_awq_scale_estimation(fp32_model: Path, work: Path, folder: Path) -> dict:
     """NNCF INT4_SYM with AWQ and scale estimation.
 
     Give it the graph exported *without* merge_projections: NNCF's AWQ only looks for MatMul -> Mul -> MatMul
@@ -248,11 +271,11 @@ def nncf_awq_scale_estimation(fp32_model: Path, work: Path) -> dict:
     weights are the same set (q, k, v and gate, up quantized apart are the merged matrices' columns).
     """
     options = {"awq": True, "scale_estimation": True}
-    return nncf_onnx("nncf int4_sym AWQ + scale estimation", fp32_model, work / "nncf_awq_se.onnx", options)
+    return nncf_onnx("nncf int4_sym AWQ + scale estimation", fp32_model, work / "nncf_awq_se.onnx", folder, options)
 
 
-def openvino_graph(folder: Path) -> tuple[object, dict[str, str]]:
-    """Our canonical graph of the demo model, read by OpenVINO and prepared for NNCF's GPTQ, and its
+def openvino_graph(folder: Path, checkpoint: Path) -> tuple[object, dict[str, str]]:
+    """Our canonical graph of the model at ``checkpoint``, read by OpenVINO and prepared for NNCF's GPTQ, and its
     decoder_weights.
 
     The canonical graph (our passes, no target lowering) has standard ONNX ops only; the onnx target's
@@ -268,7 +291,7 @@ def openvino_graph(folder: Path) -> tuple[object, dict[str, str]]:
     from nanoexport.passes import run_passes, select_passes
     from nanoexport.targets.openvino.onnx_rules import static_heads
 
-    canonical = export_onnx(load_checkpoint(DEMO_MODEL))
+    canonical = export_onnx(load_checkpoint(checkpoint))
     run_passes(canonical, select_passes())
     static_heads(canonical)
     folder.mkdir()
@@ -343,7 +366,7 @@ def openvino_weights(model, decoder: dict[str, str]) -> tuple[dict[str, np.ndarr
     return dequantized, weights, bits
 
 
-def nncf_gptq(fp32_model: Path, work: Path) -> dict:
+def nncf_gptq(fp32_model: Path, work: Path, folder: Path) -> dict:
     """NNCF INT4_SYM with GPTQ, through OpenVINO (NNCF 3.4 has no GPTQ for ONNX models).
 
     Our canonical graph goes through OpenVINO (see openvino_graph), is compressed, and the dequantized
@@ -355,23 +378,21 @@ def nncf_gptq(fp32_model: Path, work: Path) -> dict:
 
     model = onnx.load(str(fp32_model))
     past = past_shapes(model)
-    graph, decoder = openvino_graph(work / "canonical")
-    if sorted(decoder.values()) != sorted(decoder_weights(model).values()):
-        raise SystemExit("the canonical graph's decoder weights are not the onnx artifact's: cannot carry them over")
-    openvino_fp32 = perplexity(openvino_logits_fn(graph, past), heldout_windows())
+    graph, decoder = openvino_graph(work / "canonical", folder)
+    openvino_fp32 = perplexity(openvino_logits_fn(graph, past), heldout_windows(folder))
     options = nncf_int4_options(openvino_float_nodes(graph))
     started = time.perf_counter()
-    compressed = nncf.compress_weights(graph, **options, dataset=calibration_dataset(model),
+    compressed = nncf.compress_weights(graph, **options, dataset=calibration_dataset(model, folder),
                                        subset_size=CALIBRATION_WINDOWS, gptq=True)
     seconds = time.perf_counter() - started
     dequantized, weights, bits = openvino_weights(compressed, decoder)
-    path = with_weights(fp32_model, dequantized, work / "nncf_gptq.onnx")
-    openvino_cpu = perplexity(openvino_logits_fn(compressed, past), heldout_windows())
-    return result("nncf int4_sym GPTQ (via OpenVINO)", seconds, weights, bits, path,
+    path = with_weights(fp32_model, artifact_names(dequantized, model), work / "nncf_gptq.onnx")
+    openvino_cpu = perplexity(openvino_logits_fn(compressed, past), heldout_windows(folder))
+    return result("nncf int4_sym GPTQ (via OpenVINO)", seconds, weights, bits, path, folder,
                   openvino_cpu_perplexity=openvino_cpu, openvino_cpu_fp32_perplexity=openvino_fp32)
 
 
-def gguf_q4_0(fp32_model: Path, work: Path) -> dict:
+def gguf_q4_0(fp32_model: Path, work: Path, folder: Path) -> dict:
     """llama.cpp's Q4_0 (the gguf package's numpy reference): blocks of 32 with an fp16 scale, no zero point."""
     from gguf import GGMLQuantizationType, dequantize, quantize
 
@@ -387,17 +408,17 @@ def gguf_q4_0(fp32_model: Path, work: Path) -> dict:
     weights = sum(weight.size for weight in rows.values())
     bits = 8 * sum(data.nbytes for data in blocks.values())
     path = with_weights(fp32_model, dequantized, work / "gguf_q4_0.onnx")
-    return result("llama.cpp Q4_0 (gguf)", seconds, weights, bits, path)
+    return result("llama.cpp Q4_0 (gguf)", seconds, weights, bits, path, folder)
 
 
 # --- shared by the driver (quant_bench.py) -----------------------------------------------------------------
 
-def export_fp32(out: Path, merge_projections: bool) -> Path:
-    """Our onnx-target artifact of the demo model (dynamic cache, fp32); its graph file."""
+def export_fp32(out: Path, folder: Path, merge_projections: bool) -> Path:
+    """Our onnx-target artifact of the model at ``folder`` (dynamic cache, fp32); its graph file."""
     import nanoexport
 
     config = nanoexport.ExportConfig(skip_passes=[] if merge_projections else ["merge_projections"])
-    nanoexport.export(target="onnx", out=out, config=config, progress=False)
+    nanoexport.export(folder, target="onnx", out=out, config=config, progress=False)
     return out / "model.onnx"
 
 
@@ -425,14 +446,15 @@ def quiet_logs() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def anchor_rows(work: Path) -> list[dict]:
-    """The fp32 onnx artifact and every anchor's row, built under ``work``."""
-    log.info("exporting the demo model, with and without merged projections")
-    merged = export_fp32(work / "fp32", merge_projections=True)
-    unmerged = export_fp32(work / "fp32-unmerged", merge_projections=False)
-    rows = [fp32_baseline("fp32 (onnx artifact)", merged), fp32_baseline("fp32, projections not merged", unmerged)]
+def anchor_rows(work: Path, folder: Path) -> list[dict]:
+    """The fp32 onnx artifact and every anchor's row for the model at ``folder``, built under ``work``."""
+    log.info("exporting %s, with and without merged projections", folder.name)
+    merged = export_fp32(work / "fp32", folder, merge_projections=True)
+    unmerged = export_fp32(work / "fp32-unmerged", folder, merge_projections=False)
+    rows = [fp32_baseline("fp32 (onnx artifact)", merged, folder),
+            fp32_baseline("fp32, projections not merged", unmerged, folder)]
     for anchor, model in ((ort_matmul_nbits, merged), (nncf_data_free, merged), (nncf_gptq, merged),
                           (nncf_awq_scale_estimation, unmerged), (gguf_q4_0, merged)):
         log.info("%s", anchor.__name__)
-        rows.append(anchor(model, work))
+        rows.append(anchor(model, work, folder))
     return rows

