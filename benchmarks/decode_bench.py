@@ -282,8 +282,10 @@ def measure_tvm(folders: dict[str, Path], vocab: int, new_tokens: int,
 def figures_tvm(name: str, model: Path, precision: str, vocab: int, scratch: Path,
                 args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
     folders = {tool: scratch / f"{name}-{precision}-tvm-{tool}" for tool in ("nanoexport", "nanoexport-onnx")}
+    # The same quantization as our onnx artifact's (export_ours quantizes its tied head and embedding too).
+    keep_float = ("--keep-float", "") if precision == "int4" else ()
     export_ours(model, folders["nanoexport"], precision, target="tvm",
-                flags=("--max-context", str(tvm_context(args.new_tokens))))
+                flags=("--max-context", str(tvm_context(args.new_tokens)), *keep_float))
     export_ours(model, folders["nanoexport-onnx"], precision, flags=("--no-padded-batches",))
     peak = {"nanoexport": peak_memory_mib("tvm", folders["nanoexport"], vocab, args.new_tokens),
             "nanoexport-onnx": peak_memory_mib("onnxruntime", folders["nanoexport-onnx"], vocab, args.new_tokens)}
