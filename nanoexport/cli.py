@@ -170,9 +170,10 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
                        help="weight type of the linear layers (default: none, fp32)")
     quant.add_argument("--block-size", type=int, help="input rows per scale, 16 to 256 (default: 32)")
     quant.add_argument("--algo", choices=["rtn", "se", "gptq", "awq"],
-                       help="quantizer (default: se when --calib is given, else rtn). se: scale estimation, "
+                       help="quantizer (default: gptq when --calib is given, else rtn). se: scale estimation, "
                             "round to nearest with block scales fitted to each layer's output on the calibration "
-                            "data; gptq: GPTQ; awq: AWQ with clip search and scale estimation")
+                            "data; gptq: GPTQ with block scales chosen as se chooses them; awq: AWQ with clip "
+                            "search and scale estimation")
     quant.add_argument("--calib", help="calibration text, JSONL, folder or saved dataset (default: "
                                        "calibration.txt in the checkpoint folder)")
     quant.add_argument("--asymmetric", action="store_true", default=None, help="a zero point per block")

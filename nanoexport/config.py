@@ -67,7 +67,7 @@ class ValidationConfig:
     eval_windows: int = 16  # windows scored; 0 scores the whole text
 
 
-DATA_AWARE_DEFAULT = "se"
+DATA_AWARE_DEFAULT = "gptq"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class QuantConfig:
 
     weights: str = "none"  # none | fp16 | int4 | uint4 | int8 | nf4
     block_size: int = 32  # input rows per scale, 16 to 256
-    algo: str = ""  # rtn | se | gptq | awq; unset: se given --calib data, else rtn (see ``algorithm``)
+    algo: str = ""  # rtn | se | gptq | awq; unset: gptq given --calib data, else rtn (see ``algorithm``)
     asymmetric: bool = False  # zero points per block
     # 4-bit MatMuls quantize their activations to int8 on the fly where the runtime can (ONNX Runtime's
     # MatMulNBits accuracy_level 4, as onnxruntime-genai's model builder does): about twice the int4 decode
@@ -107,8 +107,8 @@ class QuantConfig:
     @property
     def algorithm(self) -> str:
         """The quantizer that runs: ``algo`` when set; otherwise, given calibration data (``calib``), the
-        data-aware one that measured best on models it was not tuned on (scale estimation, see
-        benchmarks/quant_bench.py), else round to nearest, which needs no data."""
+        data-aware one with the best mean and worst case on the quality set (GPTQ with data-aware block
+        scales, see benchmarks/quant_bench.py), else round to nearest, which needs no data."""
         return self.algo or (DATA_AWARE_DEFAULT if self.calib else "rtn")
 
 

@@ -200,7 +200,7 @@ def test_bad_quantization_settings_are_refused(tmp_path, settings, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_calibration_data_without_an_algorithm_means_scale_estimation(demo_graph, tmp_path):
+def test_calibration_data_without_an_algorithm_means_the_data_aware_default(demo_graph, tmp_path):
     """--calib alone picks the data-aware default, which the manifest's summary names; no data: RTN."""
     assert QuantConfig(weights="int4").algorithm == "rtn"
     assert QuantConfig(weights="int4", calib="x.txt", algo="gptq").algorithm == "gptq"
@@ -208,7 +208,7 @@ def test_calibration_data_without_an_algorithm_means_scale_estimation(demo_graph
     config = QuantConfig(weights="int4", calib=str(DEMO_MODEL / "calibration.txt"), calib_samples=4)
     model = reload(graph, tmp_path)
     summary = quantize(model, config, checkpoint.tokenizer_files, DEMO_MODEL)
-    assert summary["algorithm"] == "se"
+    assert summary["algorithm"] == "gptq"
     (tmp_path / "plain").mkdir()
     plain = reload(graph, tmp_path / "plain")
     quantize(plain, QuantConfig(weights="int4"), checkpoint.tokenizer_files, DEMO_MODEL)
@@ -216,7 +216,7 @@ def test_calibration_data_without_an_algorithm_means_scale_estimation(demo_graph
                if value.name.endswith(".scale")} for graph_ in (model, plain)]
     assert stored[0].keys() == stored[1].keys() and stored[0]
     assert any(not np.array_equal(stored[0][name], stored[1][name]) for name in stored[0]), \
-        "scale estimation must move some block scale away from RTN's"
+        "the data-aware default must move some block scale away from RTN's"
     with pytest.raises(NanoexportError, match="quant algo 'sgd' is not one of rtn, se, gptq, awq"):
         check_config(QuantConfig(weights="int4", algo="sgd"))
 
