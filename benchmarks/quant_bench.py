@@ -124,8 +124,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS / "quant_bench.json")
     args = parser.parse_args()
     if args.report:
-        per_model = {entry["model"]: entry["rows"] for path in args.report
-                     for entry in json.loads(path.read_text())["results"]}
+        per_model: dict[str, list[dict]] = {}
+        for path in args.report:  # a later file's row replaces an earlier one of the same model and name
+            for entry in json.loads(path.read_text())["results"]:
+                rows = {row["name"]: row for row in per_model.get(entry["model"], [])}
+                per_model[entry["model"]] = list((rows | {row["name"]: row for row in entry["rows"]}).values())
         for name, rows in per_model.items():
             print(f"\n{name}")
             anchors.print_table(rows)

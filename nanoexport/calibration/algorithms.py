@@ -15,7 +15,7 @@ from nanoexport.calibration.blocks import QuantizedWeight, WeightFormat, quantiz
 GPTQ_COLUMN_BATCH = 128  # input rows updated together before the lazy batch update of the rest
 
 
-def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float = 0.01,
+def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float = 0.1,
          act_order: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize input rows one at a time, spreading each row's rounding error
     over the rows not yet quantized through the inverse Hessian.
