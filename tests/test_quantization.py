@@ -14,7 +14,7 @@ import nanoexport
 from nanoexport.calibration import check_config, plan_layers, quantize
 from nanoexport.config import parse_size
 from nanoexport.calibration.algorithms import awq, gptq, output_error as hessian_error
-from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, rtn
+from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, block_hessians, rtn
 from nanoexport.calibration.data import calibration_windows, read_texts
 from nanoexport.calibration.graph import find_linears
 from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
@@ -81,6 +81,14 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
     hessian = 2 * x.T.astype(np.float64) @ x / len(x)
     ours = output_error(x, weight, gptq(weight, hessian, fmt, act_order=act_order).dequantize())
     assert ours < output_error(x, weight, rtn(weight, fmt, grid=1).dequantize())
+
+
+def test_block_hessians_are_the_diagonal_blocks_a_last_partial_one_padded():
+    hessian = np.random.default_rng(9).standard_normal((70, 70))
+    blocks = block_hessians(hessian, 32)
+    assert blocks.shape == (3, 32, 32)
+    assert np.allclose(blocks[1], hessian[32:64, 32:64])
+    assert np.allclose(blocks[2, :6, :6], hessian[64:, 64:]) and not blocks[2, 6:].any() and not blocks[2, :, 6:].any()
 
 
 @pytest.mark.parametrize("dtype,asymmetric", [("int4", False), ("uint4", True), ("int8", False)])

@@ -205,12 +205,12 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
 def block_hessians(hessian: np.ndarray, block_size: int) -> np.ndarray:
     """The diagonal blocks of a ``[K, K]`` Hessian, ``[blocks, block_size, block_size]`` float32 (a last
     partial block padded with zeros)."""
-    rows = hessian.shape[0]
-    count = -(-rows // block_size)
-    padded = np.zeros((count * block_size, count * block_size), np.float32)
-    padded[:rows, :rows] = hessian
-    index = np.arange(count)
-    return padded.reshape(count, block_size, count, block_size)[index, :, index, :]
+    count = -(-hessian.shape[0] // block_size)
+    blocks = np.zeros((count, block_size, block_size), np.float32)
+    for index in range(count):  # slices, not a padded copy of the whole Hessian (K^2 floats)
+        part = hessian[index * block_size : (index + 1) * block_size, index * block_size : (index + 1) * block_size]
+        blocks[index, : len(part), : len(part)] = part
+    return blocks
 
 
 def _search_columns(weight: np.ndarray, fmt: WeightFormat, row_weight: np.ndarray | None,
