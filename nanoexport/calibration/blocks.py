@@ -155,12 +155,11 @@ def quantize_with(weight: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
 RTN_COLUMNS = 64
 
 
-def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = None,
-        grid: int = 20, hessian: np.ndarray | None = None) -> QuantizedWeight:
+def rtn(weight: np.ndarray, fmt: WeightFormat, grid: int = 20, hessian: np.ndarray | None = None) -> QuantizedWeight:
     """Round to nearest, with each block's scale chosen from ``grid`` narrowed ranges to minimize its error.
 
-    The error of a block is the squared difference summed over its rows, weighted by ``importance`` (the mean
-    squared activation of each input row) when given; with ``grid`` 1 the scale is the plain range.
+    The error of a block is the squared difference summed over its rows; with ``grid`` 1 the scale is the
+    plain range.
 
     Given the layer's ``hessian`` (``x^T x`` of its calibration inputs, ``[K, K]``), the error is instead the
     block's share of the layer's output error, ``e^T H_b e`` (``H_b`` the block's diagonal part of the
@@ -173,13 +172,7 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
     weight = np.asarray(weight, dtype=np.float32)
     rows, columns = weight.shape
     blocks = -(-rows // fmt.block_size)
-    row_weight = None
-    if hessian is not None:
-        row_weight = block_hessians(hessian, fmt.block_size)
-    elif importance is not None:
-        row_weight = np.zeros(blocks * fmt.block_size, np.float32)
-        row_weight[:rows] = importance
-        row_weight = row_weight.reshape(blocks, fmt.block_size, 1)
+    hessians = None if hessian is None else block_hessians(hessian, fmt.block_size)
     # The grid's numpy float64 factors widen the scale arithmetic to float64; the plain range stays float32.
     shrinks = np.linspace(1.0, 0.5, grid) if grid > 1 else [1.0]
     values = np.empty((rows, columns), np.int8 if fmt.levels[0] < 0 else np.uint8)
@@ -188,7 +181,7 @@ def rtn(weight: np.ndarray, fmt: WeightFormat, importance: np.ndarray | None = N
 
     def search(start: int) -> None:
         end = min(start + RTN_COLUMNS, columns)
-        piece = _search_columns(np.ascontiguousarray(weight[:, start:end]), fmt, row_weight, shrinks)
+        piece = _search_columns(np.ascontiguousarray(weight[:, start:end]), fmt, hessians, shrinks)
         values[:, start:end] = piece.values
         scales[:, start:end] = piece.scales
         if zero_points is not None:
@@ -213,18 +206,17 @@ def block_hessians(hessian: np.ndarray, block_size: int) -> np.ndarray:
     return blocks
 
 
-def _search_columns(weight: np.ndarray, fmt: WeightFormat, row_weight: np.ndarray | None,
+def _search_columns(weight: np.ndarray, fmt: WeightFormat, hessians: np.ndarray | None,
                     shrinks: Sequence[float]) -> QuantizedWeight:
     """``rtn`` on a few columns, in the blocked layout ``[blocks, block_size, columns]`` throughout (the
     arithmetic of ``quantize_with`` and ``QuantizedWeight.dequantize`` without their expanded copies).
 
-    ``row_weight`` is ``[blocks, block_size, 1]`` (importance per row) or ``[blocks, block_size, block_size]``
-    (block Hessians, which also bring the least-squares refit of each candidate's scale)."""
+    ``hessians`` (``[blocks, block_size, block_size]``, from ``block_hessians``) make the error the output's
+    and bring the least-squares refit of each candidate's scale."""
     rows = weight.shape[0]
     blocks = block_view(weight, fmt.block_size)
     extremes = _block_extremes(blocks, fmt)
     low, high = fmt.levels
-    hessians = row_weight if row_weight is not None and row_weight.shape[-1] > 1 else None
     best_error = best_scales = best_zero_points = None
 
     def consider(scales: np.ndarray, zero_points: np.ndarray | None, levels: np.ndarray) -> None:
@@ -234,10 +226,7 @@ def _search_columns(weight: np.ndarray, fmt: WeightFormat, row_weight: np.ndarra
         if hessians is not None:
             block_error = (error * (hessians @ error)).sum(1)
         else:
-            np.square(error, out=error)
-            if row_weight is not None:
-                error *= row_weight
-            block_error = error.sum(1)
+            block_error = np.square(error, out=error).sum(1)
         if best_error is None:
             best_error, best_scales, best_zero_points = block_error, scales, zero_points
             return
