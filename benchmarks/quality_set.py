@@ -8,7 +8,7 @@ third of the demo's budget, which takes about 25 minutes on one core.
 
 Examples:
     python benchmarks/quality_set.py                       # train whatever is missing, list the set
-    python benchmarks/quality_set.py --cache /work/bench/quality --only qs-mqa
+    python benchmarks/quality_set.py --cache ./bench-cache --only qs-mqa
     for name in qs-704 qs-deep qs-mqa; do                  # in parallel, one core each
         OMP_NUM_THREADS=1 python benchmarks/quality_set.py --only $name & done; wait
 """
