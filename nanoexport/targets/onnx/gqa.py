@@ -19,6 +19,7 @@ from onnx_ir.tape import Tape
 from onnxscript.rewriter import pattern
 
 from nanoexport.passes import GraphPass
+from nanoexport.passes.matching import multi_output_rule
 
 HEADS_PERM = [0, 2, 1, 3]  # [batch, seq, heads, head_dim] <-> [batch, heads, seq, head_dim]
 PAST_KEY = re.compile(r"past_key_values\.(\d+)\.key")
@@ -255,11 +256,11 @@ def _use_group_query_attention(model: ir.Model, hf_config, windows, padded_batch
     feeds = _cache_feeds(model.graph, padded_batches)
     max_positions = context_length(hf_config)
     rules = pattern.RewriteRuleSet([
-        GroupQueryAttentionOnCache.rule(name, rotary, feeds, windows, max_positions)
+        multi_output_rule(GroupQueryAttentionOnCache(name, rotary, feeds, windows, max_positions))
         for name, rotary in (("GQA with rotary", True), ("GQA", False))
     ])
     count = rules.apply_to_model(model)
-    packed = pattern.RewriteRuleSet([PackedQKV.rule()]).apply_to_model(model)
+    packed = pattern.RewriteRuleSet([multi_output_rule(PackedQKV())]).apply_to_model(model)
     common.RemoveUnusedNodesPass()(model)  # the mask and rotary angles the kernel computes itself
     log.info("GroupQueryAttention: %d layers, %d with packed QKV", count, packed)
     if count:
