@@ -7,10 +7,16 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 import onnxscript.rewriter
 
+from nanoexport.passes.matching import sibling_matching
+
+# onnxscript's default rules; the multi-output one (two Slices -> Split) tries siblings, not all pairs of Slices.
+DEFAULT_RULES = [sibling_matching(rule) for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES]
+
 
 def optimize(model: ir.Model) -> None:
     """What ``onnxscript.optimizer.optimize_ir`` runs (inlining, two rounds of constant folding and its
-    default rewrite rules, then its clean-ups), except ``DeduplicateInitializersPass``.
+    default rewrite rules, then its clean-ups), except ``DeduplicateInitializersPass``; its rules' matching is
+    ``sibling_matching``'s.
 
     That pass merges equal weights of different layers (the all-ones norms and zero biases of a random-weight
     checkpoint), leaving a layer reading a weight named for another, and cuts at layer boundaries go by the
@@ -19,7 +25,7 @@ def optimize(model: ir.Model) -> None:
     common.InlinePass()(model)
     for _ in range(2):
         onnxscript.optimizer.fold_constants(model)
-        onnxscript.rewriter.rewrite(model)
+        onnxscript.rewriter.rewrite(model, DEFAULT_RULES)
     ir.passes.Sequential(
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
