@@ -15,7 +15,8 @@ import onnxscript.rewriter.onnx_fusions
 import torch
 
 from nanoexport.capture.checkpoint import Checkpoint
-from nanoexport.capture.weights import bind_weights, fold_weight_transposes
+from nanoexport.capture.stamp import TRACED_LAYERS, LayersDiffer, stamp_layers, stampable, traced_config
+from nanoexport.capture.weights import bind_weights, fold_weight_transposes, meta_model
 from nanoexport.interface import io_names, kv_shape
 from nanoexport.passes import fold_constants
 
@@ -51,16 +52,38 @@ class FlatCacheLM(torch.nn.Module):
         return (outputs.logits, *present)
 
 
-def export_onnx(checkpoint: Checkpoint) -> ir.Model:
+def export_onnx(checkpoint: Checkpoint, trace_all_layers: bool = False) -> ir.Model:
     """Export ``checkpoint`` to an in-memory ONNX model (opset 23) with explicit KV-cache I/O.
 
     Dimensions ``batch``, ``sequence_length``, ``past_sequence_length`` and
     ``total_sequence_length`` stay symbolic. Weights are fp32; a checkpoint with lazy ``weights`` is traced
-    without them and its initializers read the checkpoint's files when a later stage needs the bytes.
+    without them and its initializers read the checkpoint's files when a later stage needs the bytes. When
+    its layers are alike (``stampable``), three are traced and the rest
+    stamped out (``stamp_layers``) unless ``trace_all_layers``.
     """
     config = checkpoint.config
     num_layers = config.num_hidden_layers
-    kv_heads, head_dim = kv_shape(config)
+    if trace_all_layers or checkpoint.weights is None or not stampable(config):
+        model = _trace(checkpoint.model, num_layers)
+    else:
+        model = _trace(meta_model(traced_config(config)), TRACED_LAYERS)
+        try:
+            stamp_layers(model, num_layers)
+        except LayersDiffer as error:
+            log.warning("tracing all %d layers: %s", num_layers, error)
+            model = _trace(checkpoint.model, num_layers)
+    if checkpoint.weights is not None:
+        bind_weights(model, checkpoint.model, checkpoint.weights)
+    fold_weight_transposes(model)
+    fold_constants(model)  # what the exporter's optimize=True would run, now that the weights are bound
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+    _name_dimensions(model, num_layers)
+    return model
+
+
+def _trace(model: torch.nn.Module, num_layers: int) -> ir.Model:
+    """``model`` (of ``num_layers`` layers) through the dynamo exporter, unoptimized."""
+    kv_heads, head_dim = kv_shape(model.config)
     # Distinct sizes for every dimension so the tracer cannot confuse one with another.
     batch, seq, past = 2, 3, 5
     example = (
@@ -79,7 +102,7 @@ def export_onnx(checkpoint: Checkpoint) -> ir.Model:
         tuple({0: batch_dim, 2: past_dim} for _ in range(2 * num_layers)),
     )
     input_names, output_names = io_names(num_layers)
-    wrapper = FlatCacheLM(checkpoint.model).eval()
+    wrapper = FlatCacheLM(model).eval()
     # The exporter warns about optional torchvision ops and tracing details that users cannot act on.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
@@ -92,17 +115,10 @@ def export_onnx(checkpoint: Checkpoint) -> ir.Model:
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
-            optimize=False,  # below, once the weights are bound: folding reads them
+            optimize=False,  # after export_onnx binds the weights: folding reads them
             verbose=False,
         )
-    model = program.model
-    if checkpoint.weights is not None:
-        bind_weights(model, checkpoint.model, checkpoint.weights)
-    fold_weight_transposes(model)
-    fold_constants(model)  # what the exporter's optimize=True would run, now that the weights are bound
-    onnxscript.rewriter.onnx_fusions.fuse(model)
-    _name_dimensions(model, num_layers)
-    return model
+    return program.model
 
 
 def _name_dimensions(model: ir.Model, num_layers: int) -> None:
