@@ -100,9 +100,10 @@ def stamp_layers(model: ir.Model, num_layers: int) -> None:
                 outputs[renamed] = current[value]
                 current[value].name = renamed
     graph.insert_after(template[-1], made)
+    copies = set(made)
     for old, new in last.items():  # the final norm and head read the last layer
         for user, index in list(old.uses()):
-            if _layer_of(user) is None and user not in made:
+            if _layer_of(user) is None and user not in copies:
                 user.replace_input_with(index, new)
     cache_inputs = sorted((v for v in inputs.values() if _layer_index(v.name) is not None), key=_cache_order)
     graph.inputs[:] = [v for v in graph.inputs if _layer_index(v.name) is None] + cache_inputs
