@@ -22,7 +22,7 @@ from rich.text import Text
 
 from nanoexport.artifact import Artifact, read_build_log
 from nanoexport.config import ExportConfig, load_config
-from nanoexport.errors import NanoexportError
+from nanoexport.errors import NanoexportError, one_line
 from nanoexport.interface import KV_CACHE_FORMS
 from nanoexport.interrupts import Interrupted, handling_signals
 from nanoexport.targets import TARGETS, Target
@@ -240,7 +240,8 @@ def _run(argv: list[str]) -> int:
         return {"export": _export, "build": _build, "compare": _compare, "validate": _validate, "inspect": _inspect,
                 "targets": _targets}[verb](args)
     except NanoexportError as error:
-        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {error}"), highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error:", "red"), f" {one_line(str(error))}"), highlight=False,
+                                   soft_wrap=True)
         return 2
     except Interrupted as interrupt:
         Console(stderr=True).print(Text.assemble(("interrupted", "red"), f" by {interrupt}: stopped, and nothing was "

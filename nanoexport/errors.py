@@ -18,3 +18,9 @@ def first_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     return next((line for line in lines if not SOURCE_LOCATION.match(line)), lines[0])
+
+
+def one_line(message: str) -> str:
+    """``message`` with its control characters escaped (``\\n``): names read from a damaged file can hold
+    line breaks, and an error is one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)

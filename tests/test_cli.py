@@ -85,3 +85,17 @@ def test_every_verb_has_help_with_examples(verb, capsys):
         main([*verb, "--help"])
     assert exit_info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_an_error_quoting_a_name_with_line_breaks_stays_one_line(tmp_path, capsys, monkeypatch):
+    # A damaged Core ML program named an op "\nadd_21\n\n" (found by fuzzing the coreml loader).
+    import nanoexport.cli as cli
+    from nanoexport.errors import NanoexportError
+
+    def refuse(*args, **kwargs):
+        raise NanoexportError("the MIL interpreter has no kernel for op \nadd_21\n\n; it cannot run this package")
+
+    monkeypatch.setattr(cli, "_validate", refuse)
+    assert main(["validate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        r"error: the MIL interpreter has no kernel for op \nadd_21\n\n; it cannot run this package"
