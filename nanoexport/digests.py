@@ -148,8 +148,8 @@ def joined_parts(weights: Iterable[tuple[str, QuantizedWeight]]) -> Iterator[tup
     back into ``<layer>``, in part order, as the canonical graph holds it.
 
     A layer's parts come together (the lowering splits one projection into neighbouring nodes), so each is
-    joined when the next layer begins: holding every layer's parts to the end held 5 GB of the 3.8B model's
-    integers at once."""
+    joined when the next layer begins: holding every layer's parts to the end held the integers of all merged
+    projections at once (2.5 billion of them in the 3.8B Phi-3-mini)."""
     pending_layer, pieces = None, {}
     joined: set[str] = set()
     for name, weight in weights:
