@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from nanoexport.calibration.blocks import expand_blocks
+from nanoexport.errors import NanoexportError
 
 # Initializer names of a quantized layer in the canonical graph: "<layer>.quant", "<layer>.scale".
 QUANT_SUFFIX = ".quant"
@@ -163,7 +164,8 @@ def joined_parts(weights: Iterable[tuple[str, QuantizedWeight]]) -> Iterator[tup
             yield name, weight
             continue
         if layer in joined:
-            raise ValueError(f"the parts of {layer} are not stored together")
+            # Our writers keep them together; files rewritten otherwise are not an artifact we made.
+            raise NanoexportError(f"the parts of {layer} are not stored together; re-export the artifact")
         pending_layer = layer
         pieces[int(match["index"])] = normalized(weight)
     if pending_layer is not None:

@@ -139,6 +139,7 @@ def test_a_weight_read_in_pieces_equals_the_stored_tensor_widened(tmp_path, dtyp
 
 def test_merged_projections_are_joined_back_one_layer_at_a_time():
     from nanoexport.digests import QuantizedWeight, joined_parts
+    from nanoexport.errors import NanoexportError
 
     def part(first: int) -> QuantizedWeight:
         return QuantizedWeight(np.full((2, 4), first, np.int8), np.ones((2, 1), np.float32), None)
@@ -156,5 +157,5 @@ def test_merged_projections_are_joined_back_one_layer_at_a_time():
     assert name == "a" and weight.integers[:, 0].tolist() == [0, 0, 1, 1]
     assert consumed == ["a.part0", "a.part1", "b.part0"]  # b's parts were not all read before a was joined
     assert [name for name, _ in joined] == ["b", "c"]
-    with pytest.raises(ValueError, match="parts of a are not stored together"):
+    with pytest.raises(NanoexportError, match="parts of a are not stored together"):
         list(joined_parts(iter([("a.part0", part(0)), ("b", part(1)), ("a.part1", part(2))])))

@@ -57,9 +57,9 @@ def export_onnx(checkpoint: Checkpoint, trace_all_layers: bool = False) -> ir.Mo
 
     Dimensions ``batch``, ``sequence_length``, ``past_sequence_length`` and
     ``total_sequence_length`` stay symbolic. Weights are fp32; a checkpoint with lazy ``weights`` is traced
-    without them and its initializers read the checkpoint's files when a later stage needs the bytes. When
-    its layers are alike (``stampable``), three are traced and the rest
-    stamped out (``stamp_layers``) unless ``trace_all_layers``.
+    without them and its initializers read the checkpoint's files when a later stage needs the bytes; when
+    its layers are alike (``stampable``), three are traced and the rest stamped out (``stamp_layers``),
+    unless ``trace_all_layers``.
     """
     config = checkpoint.config
     num_layers = config.num_hidden_layers

@@ -1,10 +1,11 @@
 """Capture a deep decoder by tracing three of its layers and stamping out the rest in ONNX.
 
 Tracing costs time in proportion to the ops traced: capturing Qwen2.5-0.5B's 24 layers took 22.6 s of a 57 s
-export (7.5 s with three traced), the onnxruntime-genai builder's whole export 16.5 s. Decoder layers of one attention type are
-the same computation on their own weights and cache, so a trace of three layers holds everything: the first
-keeps what the exporter hoists out of the loop of layers (constants the later ones share), the third is the
-template, and what the third reads from the second shows where each copy reads from the copy before it.
+export (7.5 s with three traced), the onnxruntime-genai builder's whole export 16.5 s. Decoder layers of one
+attention type are the same computation on their own weights and cache, so a trace of three layers holds
+everything: the first keeps what the exporter hoists out of the loop of layers (constants the later ones
+share), the third is the template, and what the third reads from the second shows where each copy reads
+from the copy before it.
 """
 
 from __future__ import annotations
