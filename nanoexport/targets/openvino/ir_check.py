@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanoexport.errors import NanoexportError, first_line
@@ -24,9 +25,19 @@ ELEMENT_BITS = {"boolean": 8, "u1": 1, "i4": 4, "u4": 4, "nf4": 4, "f4e2m1": 4, 
 STATE_LAYERS = ("ReadValue", "Assign")
 
 
-def check_ir(xml_path: Path, weights_path: Path) -> None:
+@dataclass(frozen=True)
+class IrConstant:
+    """Where a Const layer's bytes are in the weights file, and what they hold."""
+
+    element_type: str  # OpenVINO's element type name: i4, u8, f16...
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+def check_ir(xml_path: Path, weights_path: Path) -> dict[str, IrConstant]:
     """Refuse the IR ``xml_path`` unless its layers, ports, edges, variables and constants are sound (see the
-    module docstring); ``weights_path`` is the ``.bin`` its constants read."""
+    module docstring); ``weights_path`` is the ``.bin`` its constants read. Returns the constants by name."""
     what = f"{xml_path.name} in {xml_path.parent}"
     try:
         root = ElementTree.parse(xml_path).getroot()
@@ -37,6 +48,7 @@ def check_ir(xml_path: Path, weights_path: Path) -> None:
         raise NanoexportError(f"{what} is not an OpenVINO IR (no net with layers and edges); {FIX}")
     weights_bytes = weights_path.stat().st_size if weights_path.is_file() else 0
     ports: dict[int, tuple[set[int], set[int]]] = {}  # layer id -> (input ports, output ports)
+    constants: dict[str, IrConstant] = {}
     for layer in layers.iter("layer"):
         layer_id = _integer(layer.get("id"), f"a layer of {what} has the id")
         if layer_id in ports:
@@ -49,7 +61,7 @@ def check_ir(xml_path: Path, weights_path: Path) -> None:
         if kind in STATE_LAYERS and (data is None or not data.get("variable_id")):
             raise NanoexportError(f"{kind} layer {layer_id} of {what} names no variable_id; {FIX}")
         if kind == "Const":
-            _check_constant(layer_id, data, what, weights_bytes)
+            constants[layer.get("name", "")] = _check_constant(layer_id, data, what, weights_bytes)
     for edge in edges.iter("edge"):
         ends = [_integer(edge.get(key), f"an edge of {what} has {key}")
                 for key in ("from-layer", "from-port", "to-layer", "to-port")]
@@ -57,6 +69,7 @@ def check_ir(xml_path: Path, weights_path: Path) -> None:
         if source is None or target is None or ends[1] not in source[1] or ends[3] not in target[0]:
             raise NanoexportError(f"{what} has an edge from layer {ends[0]} port {ends[1]} to layer {ends[2]} port "
                                   f"{ends[3]}, which do not exist; {FIX}")
+    return constants
 
 
 def _port_ids(layer: ElementTree.Element, side: str, what: str) -> set[int]:
@@ -67,7 +80,7 @@ def _port_ids(layer: ElementTree.Element, side: str, what: str) -> set[int]:
             for port in element.iter("port")}
 
 
-def _check_constant(layer_id: int, data: ElementTree.Element | None, what: str, weights_bytes: int) -> None:
+def _check_constant(layer_id: int, data: ElementTree.Element | None, what: str, weights_bytes: int) -> IrConstant:
     where = f"constant layer {layer_id} of {what}"
     if data is None:
         raise NanoexportError(f"{where} has no data element; {FIX}")
@@ -86,6 +99,7 @@ def _check_constant(layer_id: int, data: ElementTree.Element | None, what: str, 
     if offset + size > weights_bytes:
         raise NanoexportError(f"{where} reads bytes {offset:,} to {offset + size:,} of a weights file of "
                               f"{weights_bytes:,}; {FIX}")
+    return IrConstant(element_type, tuple(shape), offset, size)
 
 
 def _integer(text: str | None, what: str) -> int:
