@@ -16,6 +16,8 @@ import re
 
 import onnx_ir as ir
 
+from nanoexport.interface import io_names
+
 TRACED_LAYERS = 3  # the hoisting layer, the previous layer and the template
 LAYER_SCOPE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # model.layers.3.mlp, transformer.h.3.attn
 SCOPES = "pkg.torch.onnx.name_scopes"
@@ -106,10 +108,9 @@ def stamp_layers(model: ir.Model, num_layers: int) -> None:
         for user, index in list(old.uses()):
             if _layer_of(user) is None and user not in copies:
                 user.replace_input_with(index, new)
-    cache_inputs = sorted((v for v in inputs.values() if _layer_index(v.name) is not None), key=_cache_order)
-    graph.inputs[:] = [v for v in graph.inputs if _layer_index(v.name) is None] + cache_inputs
-    cache_outputs = sorted((v for v in outputs.values() if _layer_index(v.name) is not None), key=_cache_order)
-    graph.outputs[:] = [v for v in graph.outputs if _layer_index(v.name) is None] + cache_outputs
+    input_names, output_names = io_names(num_layers)
+    graph.inputs[:] = [inputs[name] for name in input_names]
+    graph.outputs[:] = [outputs[name] for name in output_names]
 
 
 def _cache_readers(inputs: dict[str, ir.Value], layer: int) -> list[ir.Node]:
@@ -138,15 +139,6 @@ def _renamed(text: str, layer: int) -> str:
     template = TRACED_LAYERS - 1
     text = re.sub(rf"((?:^|\.|')(?:layers|h)\.){template}(?=\.|$|')", rf"\g<1>{layer}", text)
     return re.sub(rf"^(past_key_values|present)\.{template}\.", rf"\g<1>.{layer}.", text)
-
-
-def _layer_index(name: str) -> int | None:
-    match = re.fullmatch(r"(?:past_key_values|present)\.(\d+)\.(?:key|value)", name)
-    return int(match.group(1)) if match else None
-
-
-def _cache_order(value: ir.Value) -> tuple[int, bool]:
-    return _layer_index(value.name), value.name.endswith(".value")
 
 
 def _layer_weight(graph: ir.Graph, template: ir.Value, name: str) -> ir.Value:
