@@ -113,8 +113,18 @@ def blocked_dequantize_weights(model: ir.Model) -> Iterator[tuple[str, Quantized
         constants = [value.const_value if value is not None else None for value in node.inputs]
         if any(tensor is None for tensor in constants[:2]) or len(constants[0].shape) != 2:
             continue
-        points = constants[2].numpy() if len(constants) > 2 and constants[2] is not None else None
-        yield layer_name(node.inputs[0].name), QuantizedWeight(constants[0].numpy(), constants[1].numpy(), points)
+        points = read_array(constants[2]) if len(constants) > 2 and constants[2] is not None else None
+        yield layer_name(node.inputs[0].name), QuantizedWeight(read_array(constants[0]), read_array(constants[1]),
+                                                               points)
+
+
+def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A copy of ``tensor``'s array, its memory map closed: kept mapped, a file's pages count in the process's
+    resident memory until the whole data file does (reading the 3.8B onnx artifact back: 2.7 GB peak, 0.5 GB)."""
+    array = np.array(tensor.numpy())
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return array
 
 
 class CanonicalWeights:
