@@ -180,8 +180,8 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--pad-blocks", action="store_true", default=None,
                        help="allow a last partial block where the block size does not divide a dimension")
     quant.add_argument("--keep-float", type=_names, metavar="PATTERNS",
-                       help="layers left in float, comma-separated name patterns; '' quantizes every layer "
-                            "(default: lm_head,*embed_tokens)")
+                       help="layers left unquantized (stored in fp16), comma-separated name patterns; '' "
+                            "quantizes every layer (default: lm_head,*embed_tokens)")
     quant.add_argument("--dynamic-int8", action=argparse.BooleanOptionalAction, default=None,
                        help="4-bit MatMuls quantize activations to int8 on the fly where the runtime can "
                             "(ONNX Runtime's accuracy_level 4, OpenVINO CPU's dynamic quantization; "

@@ -91,6 +91,29 @@ def constants(model, element_type) -> list:
             if node.get_type_name() == "Constant" and node.get_element_type() == element_type]
 
 
+def scale_constants(model) -> list:
+    """The f16 constants that scale an i4 one (its decompression Multiply's other operand, through the
+    frontend's Unsqueeze/Reshape/Convert): the block scales, not the fp16 weights of a layer kept unquantized."""
+    passing = ("Convert", "Reshape", "Unsqueeze", "Subtract")
+
+    def source(output):
+        node = output.get_node()
+        return source(node.input_value(0)) if node.get_type_name() in passing else node
+
+    scales = []
+    for weight in constants(model, ov.Type.i4):
+        frontier = [weight]
+        while frontier:
+            node = frontier.pop()
+            for target in (t.get_node() for output in node.outputs() for t in output.get_target_inputs()):
+                if target.get_type_name() in passing:
+                    frontier.append(target)
+                elif target.get_type_name() == "Multiply":
+                    scales += [other for other in map(source, target.input_values())
+                               if other.get_type_name() == "Constant" and other.get_element_type() == ov.Type.f16]
+    return scales
+
+
 def runtime_layers(artifact: Path, properties: dict) -> list:
     compiled = ov.Core().compile_model(artifact / files.MODEL_FILE, "CPU", properties)
     return compiled.get_runtime_model().get_ordered_ops()
@@ -291,7 +314,8 @@ def test_int4_weights_are_our_integers_and_scales(int4):
             for kind, index in (("values", 0), ("scales", 1))}
     model = ov.Core().read_model(artifact / files.MODEL_FILE)
     theirs = {kind: Counter(node.get_data().tobytes() for node in constants(model, element_type))
-              for kind, element_type in (("values", ov.Type.i4), ("scales", ov.Type.f16))}
+              for kind, element_type in (("values", ov.Type.i4),)}
+    theirs["scales"] = Counter(node.get_data().tobytes() for node in scale_constants(model))
     assert theirs == ours
 
 
@@ -336,15 +360,19 @@ def test_weights_are_stored_output_major_with_the_same_logits(int4, tiny_checkpo
 
 
 def test_int4_weights_take_4_5_bits_in_the_bin(int4):
-    """32 int4 values and one fp16 scale per block; the .bin holds nothing else of size but the float weights."""
+    """32 int4 values and one fp16 scale per block; the .bin holds nothing else of size but the kept layers'
+    fp16 weights and the float norms."""
     artifact, _ = int4
     model = ov.Core().read_model(artifact / files.MODEL_FILE)
     quantized = constants(model, ov.Type.i4)
+    scales = scale_constants(model)
     weights = sum(int(np.prod(node.get_output_shape(0))) for node in quantized)
-    quantized_bytes = sum(node.get_byte_size() for node in [*quantized, *constants(model, ov.Type.f16)])
+    quantized_bytes = sum(node.get_byte_size() for node in [*quantized, *scales])
     assert quantized_bytes * 8 / weights == 4.5
-    float_bytes = sum(node.get_byte_size() for node in constants(model, ov.Type.f32))
-    assert float_bytes < 4.3e6  # the tied embedding / lm_head (4096 x 256 fp32) and the norms: none expanded
+    kept = [node for node in constants(model, ov.Type.f16) if all(node is not scale for scale in scales)]
+    assert [list(node.get_output_shape(0)) for node in kept] == [[4096, 256]]  # the tied embedding / lm_head
+    float_bytes = sum(node.get_byte_size() for node in [*kept, *constants(model, ov.Type.f32)])
+    assert float_bytes < 2.2e6  # the head in fp16 (2 MiB) and the norms: none expanded to fp32
     assert (artifact / files.WEIGHTS_FILE).stat().st_size < quantized_bytes + float_bytes + 64 * 1024
 
 

@@ -154,8 +154,9 @@ def test_quantized_graph_computes_with_exactly_the_stored_integers(demo_graph, t
     plans = {plan.linear.name: plan for plan in plan_layers(model, QuantConfig(weights=weights))}
     expected = {name: rtn(plan.linear.matrix(), plan.format(QuantConfig(weights=weights))).dequantize()
                 for name, plan in plans.items() if plan.weight_type not in ("float", "fp16")}
+    # The kept head is stored in fp16.
     summary = quantize(model, QuantConfig(weights=weights), checkpoint.tokenizer_files, DEMO_MODEL)
-    assert summary["layers"]["lm_head"] == "float"
+    assert summary["layers"]["lm_head"] == "fp16"
     assert not find_linears(model)[:-1], "every decoder linear is quantized; only lm_head stays float"
     if weights != "fp16":
         dequantize = [node for node in model.graph if node.op_type == "DequantizeLinear"]
@@ -166,6 +167,9 @@ def test_quantized_graph_computes_with_exactly_the_stored_integers(demo_graph, t
         for linear in find_linears(floats):
             if linear.name in expected:
                 linear.initializer.const_value = ir.Tensor(expected[linear.name])
+            elif linear.name == "lm_head":  # kept, in fp16
+                stored = linear.initializer.const_value.numpy()
+                linear.initializer.const_value = ir.Tensor(stored.astype(np.float16).astype(np.float32))
         runner = GraphRunner(floats)
         assert np.abs(runner.logits(model) - runner.logits(floats)).max() < 1e-4
 
@@ -275,12 +279,12 @@ def test_saved_datasets_dataset_is_calibration_data(tmp_path):
 
 def test_size_budget_mixes_precisions_to_fit(tmp_path):
     config = ExportConfig()
-    config.quant.weights, config.quant.size_budget = "int4", "6.2MB"
+    config.quant.weights, config.quant.size_budget = "int4", "4.2MB"
     artifact = nanoexport.export(out=tmp_path / "budget", config=config, progress=False)
     layers = artifact.manifest["quantization"]["layers"]
     chosen = {kind for name, kind in layers.items() if name != "lm_head"}
     assert chosen == {"int4", "int8"}
-    assert artifact.manifest["quantization"]["weights_bytes"] <= parse_size("6.2MB", "--size-budget")
+    assert artifact.manifest["quantization"]["weights_bytes"] <= parse_size("4.2MB", "--size-budget")
 
 
 def test_cli_gptq_export_validates_with_perplexity(tmp_path):
