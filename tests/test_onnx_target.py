@@ -96,6 +96,39 @@ def test_four_bit_weights_lower_to_ort_kernels(weights, asymmetric, keep_float, 
     assert nanoexport.validate(artifact, write=False).passed
 
 
+@pytest.mark.parametrize("asymmetric, scale_dtype", [(False, "fp32"), (True, "fp32"), (False, "fp16")])
+def test_an_eight_bit_head_lowers_to_eight_bit_kernels(asymmetric, scale_dtype, tmp_path):
+    """An int8 head (an override beside int4 layers) runs as an 8-bit MatMulNBits, and the tied lookup as an
+    8-bit GatherBlockQuantized: one byte a weight rather than the four of a float head ONNX Runtime expands
+    at load. With fp32 scales the kernels compute what the canonical DequantizeLinear graph computes (the
+    verified pass); with fp16 ones the canonical graph rounds each weight to fp16 and the kernels do not,
+    which verification allows for. The bytes the kernels read are the canonical integers (the manifest's
+    digests; signed integers with zero points are stored shifted, and read back as they were)."""
+    from nanoexport.targets import QUANTIZED_WEIGHTS_TOLERANCE
+
+    config = nanoexport.ExportConfig(verify_passes=True)
+    config.quant.weights, config.quant.asymmetric, config.quant.scale_dtype = "int4", asymmetric, scale_dtype
+    config.quant.dynamic_int8 = False  # int8 activations would move the logits: the kernels alone are compared
+    config.quant.overrides = {"lm_head": "int8"}
+    artifact = nanoexport.export(out=tmp_path / "head8", config=config, progress=False)
+    graph = load_graph(artifact)
+    bits = Counter((node.op_type, attribute.i) for node in graph.node for attribute in node.attribute
+                   if attribute.name == "bits")
+    assert bits == {("MatMulNBits", 4): 4 * 5, ("MatMulNBits", 8): 1, ("GatherBlockQuantized", 8): 1}
+    assert not [node for node in graph.node if node.op_type == "DequantizeLinear"]
+    changes = {stat["name"]: stat["logits_change"]
+               for stat in json.loads((artifact.path / "build.json").read_text())["target_passes"]}
+    assert changes["ort_kernels"] <= (1e-4 if scale_dtype == "fp32" else QUANTIZED_WEIGHTS_TOLERANCE)
+    digests = artifact.manifest["weight_digests"]
+    assert "model.lm_head.weight" in digests["stored"]["layers"]
+    assert digests["stored"]["layers"] == digests["canonical"]["layers"] and digests["stored"]["equals_canonical"]
+    head = next(node for node in graph.node if node.op_type == "MatMulNBits" and node.output[0] == "logits")
+    vocab, hidden, block = 4096, 256, 32
+    stored = next(tensor for tensor in graph.initializer if tensor.name == head.input[1])
+    assert list(stored.dims) == [vocab, hidden // block, block]  # a byte a weight
+    assert nanoexport.validate(artifact, write=False).passed
+
+
 def test_unpadded_batches_compute_no_padding_bias(demo_artifact, tmp_path):
     """``padded_batches`` off: every attention_mask entry is 1 by contract, genai's, so no per-call bias.
 
@@ -177,7 +210,7 @@ def test_an_untied_embedding_table_is_quantized_only_when_asked(quantized, tmp_p
         config.quant.keep_float = ["lm_head", "model.layers.*"]
     artifact = nanoexport.export(checkpoint, out=tmp_path / "out", config=config, progress=False)
     ops = Counter(node.op_type for node in load_graph(artifact).node)
-    assert artifact.manifest["quantization"]["layers"]["model.embed_tokens"] == ("int4" if quantized else "float")
+    assert artifact.manifest["quantization"]["layers"]["model.embed_tokens"] == ("int4" if quantized else "fp16")
     assert ops["GatherBlockQuantized"] == quantized and ops["Gather"] == (not quantized)
     assert ops["MatMulNBits"] == (0 if quantized else 2 * 5) and ops["DequantizeLinear"] == 0
     if not quantized:

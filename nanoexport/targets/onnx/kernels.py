@@ -1,6 +1,6 @@
 """ONNX Runtime's fused kernels as rewrite rules on the canonical graph, and the pass that applies them.
 
-Residual Add + RMSNormalization -> SkipSimplifiedLayerNormalization; blocked 4-bit DequantizeLinear ->
+Residual Add + RMSNormalization -> SkipSimplifiedLayerNormalization; blocked 4- or 8-bit DequantizeLinear ->
 MatMul / Gather -> MatMulNBits / GatherBlockQuantized over our integers and scales, re-laid out as the
 kernels read them; Swish -> QuickGelu. All are ``com.microsoft`` ops, which ONNX shape inference does not
 know: the rewrites record the output shapes themselves.
@@ -16,6 +16,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
 from nanoexport.passes import GraphPass
+from nanoexport.targets.onnx.stored import SHIFTED, UNSHIFTED
 
 
 class SkipRMSNorm(pattern.RewriteRuleClassBase):
@@ -54,15 +55,19 @@ class SkipRMSNorm(pattern.RewriteRuleClassBase):
         return output, total
 
 
-def _four_bit_weight(values, scales, weight, axis: int) -> pattern.MatchResult:
-    """Whether ``weight`` is a blocked 4-bit DequantizeLinear of initializers, blocks along ``axis``, that
-    ONNX Runtime's 4-bit kernels can read as stored."""
+BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+SIGNED = (ir.DataType.INT4, ir.DataType.INT8)
+
+
+def _blocked_weight(values, scales, weight, axis: int) -> pattern.MatchResult:
+    """Whether ``weight`` is a blocked 4- or 8-bit DequantizeLinear of initializers, blocks along ``axis``,
+    that ONNX Runtime's n-bit kernels can read as stored."""
     result = pattern.MatchResult()
     node = weight.producer()
     if values.const_value is None or scales.const_value is None:
         return result.fail("the integers and scales must be initializers")
-    if values.dtype not in (ir.DataType.INT4, ir.DataType.UINT4):
-        return result.fail("4-bit weights only", values)
+    if values.dtype not in BITS:
+        return result.fail("4- or 8-bit weights only", values)
     if node.attributes.get_int("axis", 1) != axis or values.shape is None or values.shape.rank() != 2:
         return result.fail(f"blocks must run along axis {axis} of a 2-D weight")
     block = node.attributes.get_int("block_size", 0)
@@ -77,10 +82,16 @@ def _dequantized(op, cast: bool, zero_point: bool, values, scales, zero_points):
     return op.Cast(weight, to=ir.DataType.FLOAT) if cast else weight
 
 
-def _nibbles(values: ir.Value) -> np.ndarray:
-    """The integers as MatMulNBits stores them: unsigned, around a zero point of 8 when signed."""
+def _unsigned(values: ir.Value) -> np.ndarray:
+    """The integers as MatMulNBits stores them: unsigned, around its default zero point (8 for 4 bits, 128
+    for 8) when signed."""
     integers = values.const_value.numpy().astype(np.int16)
-    return (integers + 8 if values.dtype == ir.DataType.INT4 else integers).astype(np.uint8)
+    return (integers + (1 << (BITS[values.dtype] - 1)) if values.dtype in SIGNED else integers).astype(np.uint8)
+
+
+def _bytes_suffix(values: ir.Value) -> str:
+    """How the kernel's bytes are named, which says how to read them back (stored.py)."""
+    return (SHIFTED if values.dtype in SIGNED else UNSHIFTED).removeprefix(".")
 
 
 def _kernel_initializer(op, source: ir.Value, suffix: str, make: Callable[[], np.ndarray], dtype: ir.DataType,
@@ -97,14 +108,35 @@ def _kernel_initializer(op, source: ir.Value, suffix: str, make: Callable[[], np
     return op.initializer(tensor, name=name)
 
 
-def _packed_nibbles(op, values: ir.Value, block: int, by_output: Callable[[np.ndarray], np.ndarray],
-                    columns: int, rows: int) -> ir.Value:
-    """MatMulNBits' B: ``[N, blocks, block / 2]`` bytes, two integers each, low nibble first."""
-    def pack() -> np.ndarray:
-        stored = by_output(_nibbles(values)).reshape(columns, rows // block, block)
-        return (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
+def _packed_integers(op, values: ir.Value, block: int, by_output: Callable[[np.ndarray], np.ndarray],
+                     columns: int, rows: int) -> ir.Value:
+    """MatMulNBits' B: ``[N, blocks, block * bits / 8]`` bytes; 4-bit integers two a byte, low nibble first."""
+    bits = BITS[values.dtype]
 
-    return _kernel_initializer(op, values, "nbits", pack, ir.DataType.UINT8, [columns, rows // block, block // 2])
+    def pack() -> np.ndarray:
+        stored = by_output(_unsigned(values)).reshape(columns, rows // block, block)
+        return stored if bits == 8 else (stored[..., 0::2] | (stored[..., 1::2] << 4)).astype(np.uint8)
+
+    return _kernel_initializer(op, values, _bytes_suffix(values), pack, ir.DataType.UINT8,
+                               [columns, rows // block, block * bits // 8])
+
+
+def _packed_zero_points(op, zero_points: ir.Value, values: ir.Value, by_output: Callable[[np.ndarray], np.ndarray],
+                        columns: int, blocks: int) -> ir.Value:
+    """MatMulNBits' zero points, flat: ``[N * blocks]`` bytes at 8 bits; at 4, two a byte, each row padded to
+    whole bytes. Shifted as the integers are (named alike)."""
+    bits = BITS[values.dtype]
+
+    def pack() -> np.ndarray:
+        points = by_output(_unsigned(zero_points))  # [N, blocks]
+        if bits == 4:
+            padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
+            padded[:, :blocks] = points
+            points = padded[:, 0::2] | (padded[:, 1::2] << 4)
+        return points.reshape(-1)
+
+    per_row = blocks if bits == 8 else -(-blocks // 2)
+    return _kernel_initializer(op, zero_points, _bytes_suffix(values), pack, ir.DataType.UINT8, [columns * per_row])
 
 
 def _float_scales(op, scales: ir.Value, by_output: Callable[[np.ndarray], np.ndarray], columns: int,
@@ -115,10 +147,11 @@ def _float_scales(op, scales: ir.Value, by_output: Callable[[np.ndarray], np.nda
 
 
 class BlockwiseMatMul(pattern.RewriteRuleClassBase):
-    """MatMul by a blocked 4-bit DequantizeLinear weight -> ONNX Runtime's MatMulNBits.
+    """MatMul by a blocked 4- or 8-bit DequantizeLinear weight -> ONNX Runtime's MatMulNBits.
 
     MatMulNBits reads the packed integers directly, one kernel instead of expanding the weight to float on
-    every call. The integers and scales are ours, re-laid out ([N, blocks, block/2] bytes, fp32 scales).
+    every call. The integers and scales are ours, re-laid out ([N, blocks, block * bits / 8] bytes, fp32
+    scales).
     ``transposed`` matches a tied output head, ``MatMul(x, Transpose(weight [N, K]))``: that layout is
     already MatMulNBits' own. The dequantized weight may have other readers (the tied embedding's Gather),
     so matched nodes stay until the unused-node sweep.
@@ -135,7 +168,7 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, values, scales, weight, zero_points=None, **_) -> pattern.MatchResult:
         # Blocks run along K: axis 0 of a [K, N] weight, axis 1 of a transposed [N, K] one.
-        result = _four_bit_weight(values, scales, weight, axis=1 if self.transposed else 0)
+        result = _blocked_weight(values, scales, weight, axis=1 if self.transposed else 0)
         if result and x.dtype != ir.DataType.FLOAT:
             return result.fail("float32 activations only", x)
         return result
@@ -147,27 +180,23 @@ class BlockwiseMatMul(pattern.RewriteRuleClassBase):
             return array if self.transposed else array.T
 
         rows, columns = tuple(values.shape)[::-1] if self.transposed else tuple(values.shape)
-        blocks = rows // block
-        packed = _packed_nibbles(op, values, block, by_output, columns, rows)
+        blocks, bits = rows // block, BITS[values.dtype]
+        packed = _packed_integers(op, values, block, by_output, columns, rows)
         inputs = [x, packed, _float_scales(op, scales, by_output, columns, blocks)]
         if zero_points is not None:
-            points = by_output(_nibbles(zero_points))  # [N, blocks]
-            padded = np.zeros((columns, blocks + blocks % 2), np.uint8)
-            padded[:, :blocks] = points
-            packed_points = padded[:, 0::2] | (padded[:, 1::2] << 4)
-            inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(packed_points.reshape(-1))),
-                                         name=f"{zero_points.name}.nbits"))
-        return op.MatMulNBits(*inputs, K=rows, N=columns, bits=4, block_size=block,
+            inputs.append(_packed_zero_points(op, zero_points, values, by_output, columns, blocks))
+        return op.MatMulNBits(*inputs, K=rows, N=columns, bits=bits, block_size=block,
                               accuracy_level=self.accuracy_level, _domain="com.microsoft")
 
 
 class BlockwiseGather(pattern.RewriteRuleClassBase):
-    """Embedding lookup in a blocked 4-bit ``[vocab, hidden]`` weight -> ONNX Runtime's GatherBlockQuantized.
+    """Embedding lookup in a blocked 4- or 8-bit ``[vocab, hidden]`` weight -> ONNX Runtime's
+    GatherBlockQuantized.
 
     Only the looked-up rows are dequantized, not the whole table on every call. Symmetric weights are read
-    from the bytes and float32 scales MatMulNBits takes (the kernel's default zero point for bytes is 8, as
-    MatMulNBits'), so a tied output head and the embedding share one copy. Asymmetric weights are read as
-    our integers, scales and zero points unchanged; the kernel returns the scales' dtype.
+    from the bytes and float32 scales MatMulNBits takes (the kernel's default zero point for bytes is 8 or
+    128, as MatMulNBits'), so a tied output head and the embedding share one copy. Asymmetric weights are
+    read as our integers, scales and zero points unchanged; the kernel returns the scales' dtype.
     """
 
     def __init__(self, name: str, cast: bool, zero_point: bool):
@@ -179,21 +208,30 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
         return op.Gather(weight, indices, _allow_other_attributes=True, _outputs=["rows"])
 
     def check(self, context, values, scales, weight, rows, zero_points=None, **_) -> pattern.MatchResult:
-        result = _four_bit_weight(values, scales, weight, axis=1)
+        result = _blocked_weight(values, scales, weight, axis=1)
         if result and rows.producer().attributes.get_int("axis", 0) != 0:
             return result.fail("rows must be gathered along axis 0")
         return result
 
     def rewrite(self, op, values, scales, weight, indices, zero_points=None, **_):
         block = weight.producer().attributes.get_int("block_size")
-        attributes = dict(gather_axis=0, quantize_axis=1, bits=4, block_size=block, _domain="com.microsoft")
+        bits = BITS[values.dtype]
+        attributes = dict(gather_axis=0, quantize_axis=1, bits=bits, block_size=block, _domain="com.microsoft")
         if zero_points is None and (self.cast or scales.dtype == ir.DataType.FLOAT):
             vocab, hidden = tuple(values.shape)
-            packed = _packed_nibbles(op, values, block, lambda array: array, vocab, hidden)
+            packed = _packed_integers(op, values, block, lambda array: array, vocab, hidden)
             # The kernel wants the bytes 2-D; ONNX Runtime folds this Reshape of an initializer at load.
-            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden // 2]))
+            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden * bits // 8]))
             scales = _float_scales(op, scales, lambda array: array, vocab, hidden // block)
             return op.GatherBlockQuantized(table, indices, scales, **attributes)
+        if bits == 8:  # the kernel reads 8-bit integers as bytes only: MatMulNBits' bytes, shared with a tied head
+            vocab, hidden = tuple(values.shape)
+            packed = _packed_integers(op, values, block, lambda array: array, vocab, hidden)
+            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden]))
+            if zero_points is not None:
+                points = _packed_zero_points(op, zero_points, values, lambda array: array, vocab, hidden // block)
+                zero_points = op.Reshape(points, op.Constant(value_ints=[vocab, hidden // block]))
+            values = table
         inputs = [values, indices, scales] + ([zero_points] if zero_points is not None else [])
         rows = op.GatherBlockQuantized(*inputs, **attributes)
         return op.Cast(rows, to=ir.DataType.FLOAT) if self.cast else rows
@@ -226,21 +264,21 @@ def ort_kernel_rules(accuracy_level: int) -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([
         SkipRMSNorm.rule(),
         SwishAsQuickGelu.rule(),
-        *(BlockwiseMatMul.rule(f"4-bit {'tied head ' if transposed else ''}matmul{' after cast' if cast else ''}"
+        *(BlockwiseMatMul.rule(f"n-bit {'tied head ' if transposed else ''}matmul{' after cast' if cast else ''}"
                                f"{' with zero points' if zero else ''}", cast=cast, zero_point=zero,
                                transposed=transposed, accuracy_level=accuracy_level)
           for transposed in (True, False) for cast, zero in variants),
-        *(BlockwiseGather.rule(f"4-bit gather{' after cast' if cast else ''}{' with zero points' if zero else ''}",
+        *(BlockwiseGather.rule(f"n-bit gather{' after cast' if cast else ''}{' with zero points' if zero else ''}",
                                cast=cast, zero_point=zero)
           for cast, zero in variants),
     ])
 
 
 def ort_kernels_pass(dynamic_int8: bool) -> GraphPass:
-    """The ORT kernel rules as a pass; ``dynamic_int8``: 4-bit MatMuls quantize activations to int8."""
+    """The ORT kernel rules as a pass; ``dynamic_int8``: n-bit MatMuls quantize activations to int8."""
 
     def ort_kernels(model: ir.Model) -> None:
-        """Blocked 4-bit weights -> MatMulNBits / GatherBlockQuantized, residual Add + RMSNormalization ->
+        """Blocked 4- and 8-bit weights -> MatMulNBits / GatherBlockQuantized, residual Add + RMSNormalization ->
         SkipSimplifiedLayerNormalization, Swish -> QuickGelu; the logits stay within rounding."""
         if ort_kernel_rules(accuracy_level=4 if dynamic_int8 else 0).apply_to_model(model):
             model.opset_imports.setdefault("com.microsoft", 1)
