@@ -398,3 +398,23 @@ def test_fixed_size_caches_are_refused_before_any_work(tmp_path):
     with pytest.raises(NanoexportError, match="choose --kv-cache from stateful"):
         nanoexport.export(target="openvino", out=tmp_path / "static", config=ExportConfig(kv_cache="static"),
                           progress=False)
+
+
+@pytest.mark.parametrize("head", ["int4", "int8"])
+def test_a_quantized_embedding_table_stays_compressed_in_the_cpu_plugin(head, tmp_path):
+    """A quantized tied embedding is looked up by the CPU plugin's compressed Gather straight from its integers
+    (the frontend's blocked form had it expanded to fp32 when compiling: 544 MB on Qwen2.5-0.5B), and the head
+    multiplies by the same integers; the stored integers are still the canonical ones and validation passes."""
+    config = ExportConfig(target="openvino")
+    config.quant.weights, config.quant.overrides = "int4", {"lm_head": head}
+    artifact = nanoexport.export(out=tmp_path / head, config=config, progress=False)
+    ops = runtime_layers(artifact.path, {})
+    integers = ov.Type.i4 if head == "int4" else ov.Type.i8
+    lookup = next(node for node in ops
+                  if layer_type(node) == "Gather" and node.get_output_partial_shape(0).rank.get_length() == 3)
+    assert lookup.input_value(0).get_element_type() == integers
+    weights = Counter(node.input_value(1).get_element_type() for node in ops if layer_type(node) == "FullyConnected")
+    assert weights[integers] == (QUANTIZED_LINEARS + 1 if head == "int4" else 1)
+    digests = artifact.manifest["weight_digests"]
+    assert "model.lm_head.weight" in digests["stored"]["layers"] and digests["stored"]["equals_canonical"]
+    assert nanoexport.validate(artifact, write=False).passed

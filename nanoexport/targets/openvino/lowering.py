@@ -33,6 +33,7 @@ def lower(model: ir.Model, build: Build) -> list[str]:
         ov_passes.additive_attention_mask(ov_model)
         ov_passes.drop_nan_guards(ov_model)
         ov_passes.compress_nf4(ov_model)
+        ov_passes.compress_embedding_tables(ov_model)
         ov_passes.set_runtime_options(ov_model, build.config.quant)
         ov_passes.name_deterministically(ov_model)
         model_files = files.write_model(ov_model, build.folder)  # while the frontend's weights file exists

@@ -2,8 +2,9 @@
 
 The lowering stores each linear's weights output-major (``[N, K]`` integers, ``[N, K / block]`` fp16 scales)
 under its canonical initializer's name with ``.output_major`` appended (``.partN`` before it where a merged
-projection was cut); an embedding table keeps its name and layout. The IR keeps those names on its Constants.
-4-bit constants come back packed two to a byte.
+projection was cut); an embedding table keeps its name and layout, its integers and scales in blocks
+(``[N, blocks, block]``, ``[N, blocks, 1]``) where the compressed Gather reads them so. The IR keeps those names
+on its Constants. 4-bit constants come back packed two to a byte.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ def stored_weights(folder: Path) -> Iterator[tuple[str, QuantizedWeight]]:
     with open(folder / WEIGHTS_FILE, "rb") as weights:
         for name, constant in sorted(constants.items()):
             # A linear's integers are output-major; an embedding table's (read by a Gather) stay as they were.
-            if not QUANTIZED.search(name) or constant.element_type not in INTEGER_TYPES or len(constant.shape) != 2:
+            blocked = len(constant.shape) in (2, 3)
+            if not QUANTIZED.search(name) or constant.element_type not in INTEGER_TYPES or not blocked:
                 continue
             scales = constants.get(QUANTIZED.sub(".scale", name))
             points = constants.get(QUANTIZED.sub(".zero_point", name))
             if scales is None:
                 continue
-            zero_points = None if points is None else _array(weights, points)
-            yield layer_name(name, SUFFIX), QuantizedWeight(_array(weights, constant), _array(weights, scales),
-                                                            zero_points)
+            rows = constant.shape[0]
+            zero_points = None if points is None else _array(weights, points).reshape(rows, -1)
+            yield layer_name(name, SUFFIX), QuantizedWeight(_array(weights, constant).reshape(rows, -1),
+                                                            _array(weights, scales).reshape(rows, -1), zero_points)
 
 
 def _array(weights: BinaryIO, constant: IrConstant) -> np.ndarray:
