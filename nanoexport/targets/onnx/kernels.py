@@ -195,8 +195,9 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
 
     Only the looked-up rows are dequantized, not the whole table on every call. Symmetric weights are read
     from the bytes and float32 scales MatMulNBits takes (the kernel's default zero point for bytes is 8 or
-    128, as MatMulNBits'), so a tied output head and the embedding share one copy. Asymmetric weights are
-    read as our integers, scales and zero points unchanged; the kernel returns the scales' dtype.
+    128, as MatMulNBits'), so a tied output head and the embedding share one copy. Asymmetric 4-bit weights
+    are read as our integers, scales and zero points unchanged, 8-bit ones from MatMulNBits' bytes and zero
+    points (the kernel takes 8-bit integers as bytes only); the kernel returns the scales' dtype.
     """
 
     def __init__(self, name: str, cast: bool, zero_point: bool):
