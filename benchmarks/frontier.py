@@ -23,6 +23,7 @@ Examples:
     python benchmarks/frontier.py
     python benchmarks/frontier.py --runtimes openvino --runs 8 --new-tokens 64
     python benchmarks/frontier.py --speed-model demo --runs 2       # a quick look, all on the demo
+    python benchmarks/frontier.py --runtimes onnxruntime --only "int4/128" "gptq"
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,16 +74,21 @@ POINTS = (
     _ours("onnxruntime", "ours int4/32, head int8", head="int8"),
     _ours("onnxruntime", "ours int4/64, head int4", "--block-size", "64", head="int4"),
     _ours("onnxruntime", "ours int4/128, head int8", "--block-size", "128", head="int8"),
+    _ours("onnxruntime", "ours int4/128, head int4", "--block-size", "128", head="int4"),
+    _ours("onnxruntime", "ours int4/128 gptq, head int4", "--block-size", "128", "--algo", "gptq", head="int4"),
+    _ours("onnxruntime", "ours int4/64 gptq, head int4", "--block-size", "64", "--algo", "gptq", head="int4"),
     Point("openvino", "optimum-intel int4 (default)", peer=True),
     _ours("openvino", "ours int4/32, head fp16"),
     _ours("openvino", "ours int4/32, head int8", head="int8"),
     _ours("openvino", "ours int4/64, head int8", "--block-size", "64", head="int8"),
     _ours("openvino", "ours int4/128, head int4", "--block-size", "128", head="int4"),
+    _ours("openvino", "ours int4/64 gptq, head int8", "--block-size", "64", "--algo", "gptq", head="int8"),
 )
 
 
 def export(point: Point, model: Path, out: Path) -> Path:
-    """``point``'s artifact of ``model`` in ``out``."""
+    """``point``'s artifact of ``model`` in ``out`` (replacing an earlier run's)."""
+    shutil.rmtree(out, ignore_errors=True)
     if point.peer and point.runtime == "onnxruntime":
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
                    "-p", "int4", "-e", "cpu"]
@@ -189,7 +196,8 @@ def speed(runtime: str, folders: dict[str, Path], vocab: int, args: argparse.Nam
 
 
 def frontier(runtime: str, args: argparse.Namespace, scratch: Path) -> list[dict]:
-    points = [point for point in POINTS if point.runtime == runtime]
+    points = [point for point in POINTS if point.runtime == runtime
+              and (point.peer or not args.only or any(label in point.label for label in args.only))]
     rows = {point.label: {"runtime": runtime, "label": point.label, "peer": point.peer} for point in points}
     quality_model = checkpoint("demo", scratch)
     windows = heldout_windows(quality_model)
@@ -253,6 +261,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     parser.add_argument("--speed-model", default="qwen2.5-0.5b", help="checkpoint of the speed runs (models.py)")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="our points whose label contains one of these (the peer's always runs)")
     parser.add_argument("--runs", type=int, default=8, help="alternating runs per point (default: 8)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--scratch", type=Path,

@@ -44,6 +44,7 @@ examples:
   nanoexport --target qnn --soc-model 57 --htp-arch 75   HTP context binaries for one Snapdragon SoC
   nanoexport --target qnn --max-part-bytes 300MB   layers split into graphs of at most 300 MB of weights
   nanoexport --quant int4 --keep-float ''      quantize the output head too (smaller, faster, less exact)
+  nanoexport --target openvino --preset speed  the frontier's fastest settings for the target (int4)
   nanoexport --quant int4 --no-padded-batches  for onnxruntime-genai, which feeds unpadded masks: no padding bias
 
 other verbs:
@@ -117,6 +118,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--target", help="target backend (default: onnx); see `nanoexport targets`")
         parser.add_argument("--out", help="artifact folder (default: ./nanoexport-out/<model>-<target>)")
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
+        parser.add_argument("--preset", help="the target's tested settings, under the config file and flags: "
+                                             "speed (fastest decode at no more perplexity change than the peer "
+                                             "exporter's default int4; see benchmarks/frontier.py)")
         _add_export_flags(parser)
     elif verb == "build":
         parser.add_argument("--targets", type=_names, help="comma-separated targets, e.g. onnx,openvino,coreml,qnn "
@@ -264,8 +268,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_config(args: argparse.Namespace, **settings: object) -> ExportConfig:
-    """The settings file (or ./nanoexport.toml), then the flags export and build share, then ``settings``."""
-    return load_config(args.config, {
+    """The preset, the settings file (or ./nanoexport.toml), then the flags export and build share, then
+    ``settings``."""
+    return load_config(args.config, preset=getattr(args, "preset", None) or "", overrides={
         "model": args.model, "out": args.out, "passes": args.passes, **settings,
         "skip_passes": args.skip_passes, "verify_passes": args.verify_passes, "kv_cache": args.kv_cache,
         "max_context": args.max_context, "split_prefill_decode": args.split_prefill_decode,

@@ -176,15 +176,33 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ExportConfig:
-    """Defaults, then ``path`` (or ``./nanoexport.toml`` when it exists), then ``overrides`` (flags set)."""
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None, preset: str = "") -> ExportConfig:
+    """Defaults, then the target's ``preset`` (``presets/<target>-<preset>.toml`` in the package), then ``path``
+    (or ``./nanoexport.toml`` when it exists), then ``overrides`` (flags set)."""
     config = ExportConfig()
     if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
         path = Path(DEFAULT_CONFIG_FILE)
-    if path is not None:
-        _apply(config, _read_toml(path), str(path))
-    _apply(config, _without_unset(overrides or {}), "flags")
+    settings = _read_toml(path) if path is not None else {}
+    flags = _without_unset(overrides or {})
+    if preset:
+        target = flags.get("target") or settings.get("target") or config.target
+        _apply(config, _read_toml(preset_file(str(target), preset)), f"preset {preset!r}")
+    _apply(config, settings, str(path))
+    _apply(config, flags, "flags")
     return config
+
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def preset_file(target: str, name: str) -> Path:
+    """The settings file of preset ``name`` for ``target``; refused in one line, listing those that exist."""
+    path = PRESETS / f"{target}-{name}.toml"
+    if not path.is_file():
+        known = sorted(file.stem.removeprefix(f"{target}-") for file in PRESETS.glob(f"{target}-*.toml"))
+        raise NanoexportError(f"no preset {name!r} for target {target}; "
+                              f"{'choose one of ' + ', '.join(known) if known else 'it has none'}")
+    return path
 
 
 def validation_config(values: dict[str, Any], origin: str) -> ValidationConfig:

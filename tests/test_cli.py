@@ -99,3 +99,23 @@ def test_an_error_quoting_a_name_with_line_breaks_stays_one_line(tmp_path, capsy
     assert main(["validate", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == \
         r"error: the MIL interpreter has no kernel for op \nadd_21\n\n; it cannot run this package"
+
+
+def test_a_preset_sits_under_the_config_file_and_the_flags(tmp_path, capsys):
+    """``--preset speed`` loads the target's preset; a config file and flags still override it; an unknown
+    preset is refused in one line naming the ones there are."""
+    from nanoexport.config import load_config, preset_file
+
+    preset = load_config(None, {"target": "onnx"}, preset="speed")
+    assert preset.quant.weights == "int4" and preset.quant.keep_float == []
+    assert preset.quant.block_size != 32  # the preset, not the default
+    settings = tmp_path / "settings.toml"
+    settings.write_text("[quant]\nblock_size = 128\n")
+    assert load_config(settings, {"target": "onnx"}, preset="speed").quant.block_size == 128
+    assert load_config(settings, {"target": "onnx", "quant": {"block_size": 16}}, preset="speed").quant.block_size == 16
+    assert preset_file("openvino", "speed").is_file()
+
+    assert main(["--preset", "fastest", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "no preset 'fastest' for target onnx; choose one of speed" in error
+    assert not (tmp_path / "out").exists()
