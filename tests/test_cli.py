@@ -117,5 +117,5 @@ def test_a_preset_sits_under_the_config_file_and_the_flags(tmp_path, capsys):
 
     assert main(["--preset", "fastest", "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "no preset 'fastest' for target onnx; choose one of speed" in error
+    assert "\n" not in error and "no preset 'fastest' for target onnx; choose one of speed, speed-gptq" in error
     assert not (tmp_path / "out").exists()
