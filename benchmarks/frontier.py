@@ -63,9 +63,9 @@ class Point:
     peer: bool = False
 
 
-def _ours(runtime: str, label: str, *flags: str, head: str = "fp16") -> Point:
+def _ours(runtime: str, label: str, *flags: str, head: str = "fp16", weights: str = "int4") -> Point:
     quant = {"overrides": '{ lm_head = "%s", "*embed_tokens" = "%s" }' % (head, head)} if head != "fp16" else {}
-    return Point(runtime, label, ("--quant", "int4", *flags), quant)
+    return Point(runtime, label, ("--quant", weights, *flags), quant)
 
 
 POINTS = (
@@ -77,6 +77,11 @@ POINTS = (
     _ours("onnxruntime", "ours int4/128, head int4", "--block-size", "128", head="int4"),
     _ours("onnxruntime", "ours int4/128 gptq, head int4", "--block-size", "128", "--algo", "gptq", head="int4"),
     _ours("onnxruntime", "ours int4/64 gptq, head int4", "--block-size", "64", "--algo", "gptq", head="int4"),
+    # Zero points (NNCF's default form) keep blocks of 128 close to the float weights.
+    _ours("onnxruntime", "ours uint4/128 asym, head uint4", "--asymmetric", "--block-size", "128",
+          head="uint4", weights="uint4"),
+    _ours("onnxruntime", "ours uint4/128 asym gptq, head uint4", "--asymmetric", "--block-size", "128",
+          "--algo", "gptq", head="uint4", weights="uint4"),
     Point("openvino", "optimum-intel int4 (default)", peer=True),
     _ours("openvino", "ours int4/32, head fp16"),
     _ours("openvino", "ours int4/32, head int8", head="int8"),
