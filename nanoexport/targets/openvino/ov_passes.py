@@ -1,6 +1,7 @@
 """The openvino target's OpenVINO-side edits of the model the ONNX frontend read, before it is saved: the
 stateful cache openvino-genai expects, the attention forms the CPU plugin's fused kernels want, NF4
-constants, the compile options the IR carries, and names that do not depend on what ran before.
+constants, quantized embedding tables in the form its compressed Gather reads, the compile options the IR
+carries, and names that do not depend on what ran before.
 
 Pattern edits are ``openvino.passes.MatcherPass`` classes (a ``WrapType`` pattern and a rewrite of what it
 matched), each run on its own by a ``Manager`` through a function that returns how many places it changed;
