@@ -42,9 +42,10 @@ from pathlib import Path
 import numpy as np
 
 from decode_bench import (
-    PROMPT_TOKENS, measure_onnxruntime, measure_openvino, optimum_cli, peak_memory_mib,
+    PROMPT_TOKENS, measure_onnxruntime, measure_openvino, optimum_cli, peak_memory_mib, run_ratios,
 )
 from models import RESULTS, checkpoint, write_results
+from quant_anchors import heldout_windows
 
 log = logging.getLogger("frontier")
 
@@ -119,12 +120,6 @@ def folder_bytes(folder: Path) -> int:
 
 # --- quality --------------------------------------------------------------------------------------------------
 
-def heldout_windows(model: Path) -> list[list[int]]:
-    from nanoexport.validate.perplexity import text_windows
-
-    return text_windows(model / "heldout.txt", model, 256, 0)
-
-
 def perplexity_of(runtime: str, folder: Path, model: Path, windows: list[list[int]]) -> float:
     """Perplexity of the artifact in ``folder`` over ``windows``, each from an empty cache, in its runtime."""
     from nanoexport.validate.perplexity import perplexity
@@ -187,8 +182,7 @@ def speed(runtime: str, folders: dict[str, Path], vocab: int, args: argparse.Nam
     peer = next(iter(folders))
     figures = {}
     for label, runs in samples.items():
-        decode = [round(ours[1] / theirs[1], 3) for ours, theirs in zip(runs, samples[peer])]
-        first = [round(theirs[0] / ours[0], 3) for ours, theirs in zip(runs, samples[peer])]
+        decode, first = run_ratios(runs, samples[peer])
         figures[label] = {
             "decode_tokens_per_s": round(statistics.median(rate for _, rate in runs), 2),
             "time_to_first_token_s": round(statistics.median(ttft for ttft, _ in runs), 5),

@@ -218,21 +218,19 @@ class BlockwiseGather(pattern.RewriteRuleClassBase):
         block = weight.producer().attributes.get_int("block_size")
         bits = BITS[values.dtype]
         attributes = dict(gather_axis=0, quantize_axis=1, bits=bits, block_size=block, _domain="com.microsoft")
-        if zero_points is None and (self.cast or scales.dtype == ir.DataType.FLOAT):
-            vocab, hidden = tuple(values.shape)
-            packed = _packed_integers(op, values, block, lambda array: array, vocab, hidden)
-            # The kernel wants the bytes 2-D; ONNX Runtime folds this Reshape of an initializer at load.
-            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden * bits // 8]))
-            scales = _float_scales(op, scales, lambda array: array, vocab, hidden // block)
-            return op.GatherBlockQuantized(table, indices, scales, **attributes)
-        if bits == 8:  # the kernel reads 8-bit integers as bytes only: MatMulNBits' bytes, shared with a tied head
-            vocab, hidden = tuple(values.shape)
-            packed = _packed_integers(op, values, block, lambda array: array, vocab, hidden)
-            table = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden]))
+        vocab, hidden = tuple(values.shape)
+        float_scales = zero_points is None and (self.cast or scales.dtype == ir.DataType.FLOAT)
+        # MatMulNBits' bytes, shared with a tied head; the kernel takes 8-bit integers as bytes only.
+        if float_scales or bits == 8:
             if zero_points is not None:
                 points = _packed_zero_points(op, zero_points, values, lambda array: array, vocab, hidden // block)
                 zero_points = op.Reshape(points, op.Constant(value_ints=[vocab, hidden // block]))
-            values = table
+            packed = _packed_integers(op, values, block, lambda array: array, vocab, hidden)
+            # The kernel wants the bytes 2-D; ONNX Runtime folds this Reshape of an initializer at load.
+            values = op.Reshape(packed, op.Constant(value_ints=[vocab, hidden * bits // 8]))
+        if float_scales:
+            scales = _float_scales(op, scales, lambda array: array, vocab, hidden // block)
+            return op.GatherBlockQuantized(values, indices, scales, **attributes)
         inputs = [values, indices, scales] + ([zero_points] if zero_points is not None else [])
         rows = op.GatherBlockQuantized(*inputs, **attributes)
         return op.Cast(rows, to=ir.DataType.FLOAT) if self.cast else rows

@@ -44,6 +44,7 @@ def _kernel_weights(model: ir.Model) -> Iterator[tuple[str, QuantizedWeight]]:
     for node in model.graph:
         if node.domain != "com.microsoft" or node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
             continue
+        bits = node.attributes.get_int("bits", 4)
         if node.op_type == "MatMulNBits":
             packed, scales = node.inputs[1], node.inputs[2]
             points = node.inputs[3] if len(node.inputs) > 3 else None
@@ -62,10 +63,9 @@ def _kernel_weights(model: ir.Model) -> Iterator[tuple[str, QuantizedWeight]]:
                                                                read_array(scales.const_value), zero_points)
                 continue
             columns = scales.shape[0]
-            rows = packed.const_value.size * 8 // node.attributes.get_int("bits", 4) // columns
+            rows = packed.const_value.size * 8 // bits // columns
         if packed.const_value is None or scales.const_value is None:
             continue
-        bits = node.attributes.get_int("bits", 4)
         shift = (1 << (bits - 1)) if packed.name.endswith(SHIFTED) else 0
         integers = _unpacked(read_array(packed.const_value), bits).reshape(columns, rows).astype(np.int16) - shift
         zero_points = None
