@@ -42,7 +42,7 @@ class Linear:
 
     def matrix(self) -> np.ndarray:
         """The float weight ``[K, N]``."""
-        array = self.initializer.const_value.numpy().astype(np.float32)
+        array = self.initializer.const_value.numpy().astype(np.float32, copy=False)  # lazy weights: read as float32
         return array.T if self.transposed else array
 
     @property
