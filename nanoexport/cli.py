@@ -78,7 +78,7 @@ examples:
   nanoexport build --model ./my-llama --targets onnx,openvino --quant int4 --algo gptq --calib data.jsonl
   nanoexport build --targets onnx,qnn --quant int4 --no-compare --out build/demo
 Each target's artifact is written to OUT/<target> (default OUT: ./nanoexport-out/<model>-build), the
-comparison to OUT/report.json. A target that fails does not stop the others.
+comparison to OUT/report.json and, with plots, OUT/report.html. A target that fails does not stop the others.
 exit codes: 0 every target built (and the comparison passed), 1 a target failed or the comparison failed,
 2 bad input.
 """
@@ -136,8 +136,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
                                                         "evaluation text from [validate]")
         parser.add_argument("--eval", type=Path, help="text for perplexity (default: the demo's held-out plays)")
         parser.add_argument("--eval-windows", type=int, help="windows of the text to score; 0: all (default: 16)")
-        parser.add_argument("--report", type=Path, help="where to write the JSON report (default: report.json in "
-                                                        "the artifacts' common parent folder)")
+        parser.add_argument("--report", type=Path, help="where to write the JSON report, its HTML page with plots "
+                                                        "beside it as .html (default: report.json in the artifacts' "
+                                                        "common parent folder)")
     elif verb == "validate":
         parser.add_argument("artifact", type=Path, help="artifact folder")
         parser.add_argument("--reference", help="reference checkpoint (default: the one in the manifest)")

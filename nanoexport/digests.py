@@ -217,16 +217,19 @@ def stored_digests(stored: Iterable[tuple[str, QuantizedWeight]], canonical: dic
 
 def _weight_error(changed: dict[str, np.ndarray], canonical: CanonicalWeights) -> dict[str, Any]:
     """How far the target's dequantized weights are from the canonical graph's: relative RMS over the changed
-    layers (sqrt of summed squared differences over summed squares), and the largest per-layer figure."""
+    layers (sqrt of summed squared differences over summed squares), the largest per-layer figure, and every
+    changed layer's figure (which the compare report plots)."""
     difference = total = 0.0
     worst_name, worst = "", 0.0
+    by_layer = {}
     for name in sorted(changed):
         reference = dequantized(canonical.weight(name))
         squared_difference = float(np.square(changed[name] - reference).sum())
         squared = float(np.square(reference).sum())
         difference, total = difference + squared_difference, total + squared
         layer_error = (squared_difference / squared) ** 0.5 if squared else 0.0
+        by_layer[name] = round(layer_error, 6)
         if layer_error >= worst:
             worst_name, worst = name, layer_error
     return {"relative_rms": round((difference / total) ** 0.5 if total else 0.0, 6), "layers": len(changed),
-            "worst_layer": worst_name, "worst_layer_relative_rms": round(worst, 6)}
+            "worst_layer": worst_name, "worst_layer_relative_rms": round(worst, 6), "layer_relative_rms": by_layer}

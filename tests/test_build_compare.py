@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from filelock import FileLock
+from report_pages import NO_BROWSER, assert_self_contained, find_browser, plots_of, rendered_plots
 
 from nanoexport.artifact import MANIFEST, sha256_of
 from nanoexport.build import build
@@ -87,6 +89,37 @@ def test_four_targets_share_one_quantization_and_agree(built):
         assert abs(pair["perplexity_change"]) <= report["thresholds"]["quantized_perplexity_spread"], pair
 
 
+def test_compare_writes_a_page_of_plots_beside_report_json(built):
+    report = json.loads((built / "report.json").read_text())
+    page = (built / "report.html").read_text()
+    # Perplexity per artifact; the agreement matrix; the one quantization's bits per layer; qnn's re-rounding.
+    perplexity, agreement, bits, rerounding = plots_of(page)
+    for row in report["artifacts"]:
+        assert f"{row['perplexity']:.3f} ({row['perplexity_change']:+.2%})" in perplexity
+        assert row["layer_bits"] == report["artifacts"][0]["layer_bits"]  # one plot for the four
+    assert f"reference {report['reference']['perplexity']:.3f}" in perplexity
+    qnn_to_onnx = next(pair for pair in report["pairs"] if {pair["a"], pair["b"]} == {"onnx", "qnn"})
+    cells = re.findall(r">(\d+\.\d)%</text>", agreement)
+    assert len(cells) == 25 and f"{qnn_to_onnx['top1_agreement'] * 100:.1f}" in cells  # reference and 4 artifacts
+    layer_bits = report["artifacts"][0]["layer_bits"]
+    assert len(layer_bits) == 17 and set(layer_bits.values()) == {4.5, 16.0}  # int4 blocks of 32, fp16 lm_head
+    assert "(onnx, openvino, coreml, qnn)" in page and "layers.3.mlp.down_proj" in bits
+    qnn = report["artifacts"][3]
+    assert [row["layer_weight_error"] is not None for row in report["artifacts"]] == [False, False, False, True]
+    assert len(qnn["layer_weight_error"]) == 16 and 0 < max(qnn["layer_weight_error"].values()) < 0.5
+    assert "layers.0.self_attn.o_proj" in rerounding
+    assert_self_contained(page)
+
+
+@pytest.mark.skipif(find_browser() is None, reason=NO_BROWSER)
+def test_compare_page_renders_its_plots_in_a_browser(built, tmp_path):
+    plots = rendered_plots(built / "report.html", tmp_path)
+    assert len(plots) == 4
+    for plot in plots:
+        assert plot["width"] > 200 and plot["height"] > 150, plot
+        assert plot["shapes"] > 10 and plot["texts"] > 8, plot
+
+
 def test_compare_names_an_artifact_whose_weights_changed(built, tmp_path, capsys):
     for name in ("onnx", "openvino"):
         shutil.copytree(built / name, tmp_path / name)
@@ -112,6 +145,7 @@ def test_compare_names_an_artifact_whose_weights_changed(built, tmp_path, capsys
     assert "FAIL" in out and "onnx: its stored weights no longer match the digest its manifest recorded" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert not report["passed"]
+    assert "compare demo: FAILED" in (tmp_path / "report.html").read_text()
     onnx_row, openvino_row = report["artifacts"]
     assert onnx_row["weights_intact"] is False and openvino_row["weights_intact"] is True
     assert onnx_row["weights_changed_layers"] == ["model.layers.1.mlp.down_proj.weight.T"]

@@ -211,6 +211,8 @@ def _plan_summary(plans: list[LayerPlan], config: QuantConfig) -> dict[str, Any]
     bits = sum(plan.bits_per_weight(config) * np.prod(plan.linear.shape) for plan in quantized)
     return {
         "layers": {plan.linear.name: plan.weight_type for plan in plans},
+        # Each layer's bits per weight (scales and zero points included), which the reports plot.
+        "layer_bits": {plan.linear.name: round(float(plan.bits_per_weight(config)), 4) for plan in plans},
         "quantized_weights": int(weights),
         "bits_per_weight": round(float(bits / weights), 4) if weights else None,
         "algorithm": config.algorithm,

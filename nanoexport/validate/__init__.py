@@ -55,6 +55,11 @@ class ValidationReport:
     checks: list[Check] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)  # figures reported without a threshold
     notes: list[str] = field(default_factory=list)  # the target's structural findings (not gated)
+    # Per prompt, per position (what the HTML report plots): the logits' error against the reference, as
+    # {"max_abs": [...], "one_minus_cosine": [...]}, and the KV-cache path's against one full forward, as
+    # {"prefill": tokens prefilled before the one-token steps, "max_abs": [...]}.
+    logits_error_by_position: list[dict[str, list[float]]] = field(default_factory=list)
+    kv_error_by_position: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -168,9 +173,12 @@ def _compare_logits(report, full_logits, torch_model, prompts, config: Validatio
     max_abs, min_cosine, agree, positions = 0.0, 1.0, 0, 0
     for prompt, ours in zip(prompts, full_logits):
         theirs = torch_model.logits(prompt)
-        max_abs = max(max_abs, float(np.abs(ours - theirs).max()))
+        max_abs_by_position = np.abs(ours - theirs).max(-1)
+        max_abs = max(max_abs, float(max_abs_by_position.max()))
         cosine = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
         min_cosine = min(min_cosine, float(cosine.min()))
+        report.logits_error_by_position.append({"max_abs": _rounded(max_abs_by_position),
+                                                "one_minus_cosine": _rounded(1 - cosine)})
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         positions += len(prompt)
     if gate_max_abs:
@@ -181,6 +189,11 @@ def _compare_logits(report, full_logits, torch_model, prompts, config: Validatio
     report.add("top-1 agreement", agree / positions, config.top1_agreement, True, f"{positions} positions")
 
 
+def _rounded(values: np.ndarray) -> list[float]:
+    """``values`` to four significant digits: enough to plot, and a report.json people can still read."""
+    return [float(f"{value:.4g}") for value in values.tolist()]
+
+
 def _kv_consistency(report, full_logits, decoder, prompts, config: ValidationConfig) -> None:
     steps = config.decode_steps
     worst = 0.0
@@ -188,7 +201,9 @@ def _kv_consistency(report, full_logits, decoder, prompts, config: ValidationCon
         if len(prompt) <= steps:
             raise NanoexportError(f"validation prompt of {len(prompt)} tokens is too short for {steps} decode steps")
         stepped = decoder.prefill_then_decode(prompt, len(prompt) - steps)
-        worst = max(worst, float(np.abs(full - stepped).max()))
+        error_by_position = np.abs(full - stepped).max(-1)
+        worst = max(worst, float(error_by_position.max()))
+        report.kv_error_by_position.append({"prefill": len(prompt) - steps, "max_abs": _rounded(error_by_position)})
     report.add("KV consistency max-abs", worst, config.kv_max_abs, False, f"prefill, then {steps} decode steps")
 
 

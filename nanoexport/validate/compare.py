@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoexport.artifact import Artifact, write_json
+from nanoexport.artifact import Artifact
 from nanoexport.capture.checkpoint import DEMO_MODEL
 from nanoexport.config import CompareConfig, ValidationConfig
 from nanoexport.digests import stored_digests
@@ -35,6 +35,7 @@ from nanoexport.targets import get_target
 from nanoexport.validate import reference_checkpoint, runtime_refusals, scoring_decoder
 from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
 from nanoexport.validate.perplexity import perplexity, text_windows
+from nanoexport.validate.report import write_compare_report
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class Workload:
 def compare(artifacts: list[Artifact | str | Path], reference: Any = None, validation: ValidationConfig | None = None,
             thresholds: CompareConfig | None = None, report_path: Path | None = None) -> dict[str, Any]:
     """Run ``artifacts`` and their reference on one workload and compare them; returns the report (written to
-    ``report_path`` as JSON when given). ``validation`` sets the workload (prompts' greedy tokens, decode
-    steps, evaluation text and windows), ``thresholds`` the gates."""
+    ``report_path`` as JSON, and beside it as HTML with plots, when given: ``report.html_twin``).
+    ``validation`` sets the workload (prompts' greedy tokens, decode steps, evaluation text and windows),
+    ``thresholds`` the gates."""
     loaded = [item if isinstance(item, Artifact) else Artifact.load(item) for item in artifacts]
     if len(loaded) < 2:
         raise NanoexportError("compare needs at least two artifacts; pass their folders, e.g. "
@@ -108,7 +110,7 @@ def compare(artifacts: list[Artifact | str | Path], reference: Any = None, valid
         "passed": not failures,
     }
     if report_path is not None:
-        write_json(report_path, report)
+        write_compare_report(report_path, report)
     return report
 
 
@@ -235,6 +237,10 @@ def _artifact_row(label: str, artifact: Artifact, outputs: Outputs, reference: O
         "stored_equals_canonical": None,
         "weights_intact": None,  # the stored weights still have the digest the build recorded
         "weights_changed_layers": [],
+        # From the manifest, for the HTML report's plots: each layer's bits per weight, and where the target
+        # re-rounded the canonical integers, each changed layer's relative RMS error (None: not recorded).
+        "layer_bits": (artifact.manifest.get("quantization") or {}).get("layer_bits"),
+        "layer_weight_error": ((recorded or {}).get("weight_error") or {}).get("layer_relative_rms"),
         "seconds": outputs.seconds,
     }
     target = get_target(artifact.target)
