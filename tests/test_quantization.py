@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import nanoexport
-from nanoexport.calibration import check_config, plan_layers, quantize
+from nanoexport.calibration import algorithms, check_config, plan_layers, quantize
 from nanoexport.config import parse_size
 from nanoexport.calibration.algorithms import awq, gptq, output_error as hessian_error
 from nanoexport.calibration.blocks import NF4_CODEBOOK, WeightFormat, block_hessians, rtn
@@ -81,6 +81,23 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(act_order):
     hessian = 2 * x.T.astype(np.float64) @ x / len(x)
     ours = output_error(x, weight, gptq(weight, hessian, fmt, act_order=act_order).dequantize())
     assert ours < output_error(x, weight, rtn(weight, fmt, grid=1).dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32), WeightFormat("uint4", 64, asymmetric=True)],
+                         ids=["int4-sym", "uint4-asym"])
+def test_gptq_in_column_pieces_is_gptq_on_the_whole_matrix(act_order, fmt, monkeypatch):
+    x = correlated_inputs(1024, 128)
+    x[:, 3] = 0  # a dead input row, which GPTQ zeroes in every piece
+    weight = np.random.default_rng(4).standard_normal((128, 300)).astype(np.float32) * 0.05
+    hessian = 2 * x.T.astype(np.float64) @ x / len(x)
+    whole = gptq(weight, hessian, fmt, act_order=act_order)
+    monkeypatch.setattr(algorithms, "GPTQ_PIECE_BYTES", 8 * 128 * 64)  # five pieces, the last of 44 columns
+    pieces = gptq(weight, hessian, fmt, act_order=act_order)
+    np.testing.assert_array_equal(pieces.values, whole.values)
+    np.testing.assert_array_equal(pieces.scales, whole.scales)
+    if fmt.has_zero_point:
+        np.testing.assert_array_equal(pieces.zero_points, whole.zero_points)
 
 
 def test_block_hessians_are_the_diagonal_blocks_a_last_partial_one_padded():
