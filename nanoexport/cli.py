@@ -77,9 +77,12 @@ examples:
   nanoexport build --config build.toml    targets = [...] and every other setting from a file
   nanoexport build --model ./my-llama --targets onnx,openvino --quant int4 --algo gptq --calib data.jsonl
   nanoexport build --targets onnx,qnn --quant int4 --no-compare --out build/demo
+  nanoexport build --config variants.toml --targets onnx,openvino
+                                      each [quant_variants.NAME] table quantized once, into OUT/NAME/<target>
 Each target's artifact is written to OUT/<target> (default OUT: ./nanoexport-out/<model>-build), the
-comparison to OUT/report.json. A target that fails does not stop the others.
-exit codes: 0 every target built (and the comparison passed), 1 a target failed or the comparison failed,
+comparison to OUT/report.json; with quantization variants, to OUT/<variant>/<target> and
+OUT/<variant>/report.json. A target that fails does not stop the others.
+exit codes: 0 every target built (and the comparisons passed), 1 a target failed or a comparison failed,
 2 bad input.
 """
 COMPARE_EXAMPLES = """\
@@ -284,7 +287,7 @@ def _export_config(args: argparse.Namespace, **settings: object) -> ExportConfig
 
 
 def _build(args: argparse.Namespace) -> int:
-    from nanoexport.build import build
+    from nanoexport.build import artifact_name, build
     from nanoexport.validate.compare import compare
     from nanoexport.validate.report import compare_tables
 
@@ -293,22 +296,26 @@ def _build(args: argparse.Namespace) -> int:
     table = Table(title=escape(f"build {result.out}"))
     for column in ("target", "result", "folder", "integers"):
         table.add_column(column)
-    for name in config.targets:
-        if name in result.failures:
-            table.add_row(name, "[red]failed[/]", "-", escape(result.failures[name]))
-            continue
-        stored = (result.artifacts[name].manifest.get("weight_digests") or {}).get("stored")
-        integers = "-" if stored is None else "canonical" if stored["equals_canonical"] else \
-            f"re-rounded by the target (relative RMS {stored.get('weight_error', {}).get('relative_rms', '-')})"
-        table.add_row(name, "[green]written[/]", escape(str(result.artifacts[name].path)), integers)
+    for variant in config.quant_variants or [""]:
+        for target in config.targets:
+            name = artifact_name(variant, target)
+            if name in result.failures:
+                table.add_row(name, "[red]failed[/]", "-", escape(result.failures[name]))
+                continue
+            stored = (result.artifacts[name].manifest.get("weight_digests") or {}).get("stored")
+            integers = "-" if stored is None else "canonical" if stored["equals_canonical"] else \
+                f"re-rounded by the target (relative RMS {stored.get('weight_error', {}).get('relative_rms', '-')})"
+            table.add_row(name, "[green]written[/]", escape(str(result.artifacts[name].path)), integers)
     console.print(table)
     passed = True
-    if not args.no_compare and len(result.artifacts) > 1:
-        report = compare(list(result.artifacts.values()), validation=config.validate, thresholds=config.compare,
-                         report_path=result.out / "report.json")
+    for folder, artifacts in result.groups().items():  # one quantization's targets are compared together
+        if args.no_compare or len(artifacts) < 2:
+            continue
+        report = compare(artifacts, validation=config.validate, thresholds=config.compare,
+                         report_path=folder / "report.json")
         for table in compare_tables(report):
             console.print(table)
-        passed = report["passed"]
+        passed = passed and report["passed"]
     for name, reason in result.failures.items():
         written = f"; written: {', '.join(result.artifacts)}" if result.artifacts else ""
         Console(stderr=True).print(Text.assemble(("failed:", "red"), f" {name}: {reason}{written}"),

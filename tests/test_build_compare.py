@@ -12,10 +12,14 @@ import onnx_ir as ir
 import pytest
 from filelock import FileLock
 
+import nanoexport
+from nanoexport import pipeline
+
 from nanoexport.artifact import MANIFEST, sha256_of
 from nanoexport.build import build
 from nanoexport.cli import main
-from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.capture.onnx_export import export_onnx
+from nanoexport.config import ExportConfig, QuantConfig, load_config, quant_settings
 from nanoexport.targets import TARGETS as TARGETS_BY_NAME
 
 TARGETS = ("onnx", "openvino", "coreml", "qnn")
@@ -153,3 +157,50 @@ def test_stored_integers_read_back_with_zero_points_and_a_quantized_embedding(ti
         assert any("embed_tokens" in layer for layer in digests["canonical"]["layers"])
         assert digests["stored"]["equals_canonical"], (name, digests["stored"])
         assert digests["stored"]["layers"] == digests["canonical"]["layers"], name
+
+
+def test_each_quantization_variant_is_quantized_once_and_written_as_its_export(tiny_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    captures = []
+    monkeypatch.setattr(pipeline, "export_onnx", lambda checkpoint: captures.append(1) or export_onnx(checkpoint))
+    model = tiny_checkpoint("qwen2")
+    config = ExportConfig(quant=QuantConfig(weights="int4", block_size=16),
+                          quant_variants={"int4": {}, "int8-asym": {"weights": "int8", "asymmetric": True}})
+    result = build(model=model, targets=["onnx", "openvino"], out=tmp_path / "build", config=config, progress=False)
+    assert result.failures == {} and len(captures) == 1  # captured once for both quantizations
+    assert list(result.artifacts) == ["int4/onnx", "int4/openvino", "int8-asym/onnx", "int8-asym/openvino"]
+    assert sorted(os.listdir(tmp_path / "build")) == ["int4", "int8-asym"]
+    assert {folder.name: len(artifacts) for folder, artifacts in result.groups().items()} == {"int4": 2, "int8-asym": 2}
+    for variant, quant in (("int4", QuantConfig(weights="int4", block_size=16)),
+                           ("int8-asym", QuantConfig(weights="int8", block_size=16, asymmetric=True))):
+        alone = nanoexport.export(model, target="openvino", out=tmp_path / variant, progress=False,
+                                  config=ExportConfig(quant=quant))
+        assert _manifest(tmp_path / "build" / variant / "openvino") == _manifest(alone.path), variant
+
+
+@pytest.mark.parametrize("settings, message", [
+    ('[quant_variants."../int4"]\n', "quantization variant name '../int4' in"),
+    ('[quant_variants.a]\nbits = 4\n', "unknown setting 'bits' in"),
+    ('[quant_variants.a]\nblock_size = "x"\n', "setting 'block_size' in"),
+    ('quant_variants = ["int4"]\n', "setting 'quant_variants' in"),
+    ('[quant_variants.a]\nweights = "int9"\n', "quantization variant a: "),
+    ('[quant]\nweights = "int4"\n[quant_variants.a]\n[quant_variants.b]\nweights = "int4"\n',
+     "quantization variants a and b quantize alike"),
+])
+def test_a_bad_quantization_variant_is_refused_in_one_line(tmp_path, capsys, settings, message):
+    (tmp_path / "build.toml").write_text(settings)
+    assert main(["build", "--targets", "onnx", "--config", str(tmp_path / "build.toml"),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quant_flag_holds_for_every_variant(tmp_path):
+    (tmp_path / "build.toml").write_text('[quant_variants.awq]\nalgo = "awq"\n[quant_variants.int8]\n'
+                                         'weights = "int8"\n')
+    config = load_config(tmp_path / "build.toml", overrides={"quant": {"weights": "int4", "block_size": 64}})
+    settings = quant_settings(config)
+    assert [(quant.weights, quant.algo, quant.block_size) for quant in settings.values()] == [
+        ("int4", "awq", 64), ("int4", "", 64)]  # the flag's int4 over the variant's int8, as over [quant]
+
