@@ -6,7 +6,8 @@ of that quantized graph (nodes cloned, tensors shared) into ``<out>/<target>`` (
 ``<out>/<variant>/<target>``), staged and moved into place as ``export`` does, and writes the same bytes
 ``export`` would with that setting. A target whose activations are quantized (qnn's W4A16) calibrates them
 on its copy: activation ranges belong to the graph a target runs, the weights' integers to every target. A
-target that fails is reported and the others are still written.
+target that fails is reported and the others are still written. With ``ray_address``, the targets' lowerings
+run as Ray tasks (``nanoexport.distributed``) and write the same bytes.
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ def build(
     config: ExportConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> BuildResult:
     """Export ``model`` for every one of ``targets`` (default: the config's ``targets``), each quantization
     setting once (see ``quant_settings``), into ``out/<target>``, or ``out/<variant>/<target>`` with variants.
     Settings are checked for every target and variant before capture; a target that fails while lowering or
-    writing is recorded in the result and the others are still built."""
+    writing is recorded in the result and the others are still built. ``ray_address`` ("local", "auto", a
+    cluster's address) lowers the targets as Ray tasks; every Ray node must see ``out`` at the same path."""
     config = copy.deepcopy(config) if config else ExportConfig()
     targets = list(targets or config.targets)
     if not targets:
@@ -107,7 +110,12 @@ def build(
     for variant, variant_plans in plans.items():
         for name in variant_plans:
             check_destination(root / variant / name, overwrite)  # before any work, as export does
-    lowering = SequentialLowering(root, overwrite)
+    if ray_address is None:
+        lowering = SequentialLowering(root, overwrite)
+    else:
+        from nanoexport.distributed import RayLowering  # Ray is imported only when asked for
+
+        lowering = RayLowering(ray_address, root, overwrite)
 
     with Steps(progress) as steps, lowering:
         floating = float_canonical(model, config, passes, steps)

@@ -79,6 +79,8 @@ examples:
   nanoexport build --targets onnx,qnn --quant int4 --no-compare --out build/demo
   nanoexport build --config variants.toml --targets onnx,openvino
                                       each [quant_variants.NAME] table quantized once, into OUT/NAME/<target>
+  nanoexport build --targets onnx,openvino,coreml,qnn --quant int4 --ray auto
+                                      each target lowered as a task on the Ray cluster `ray start` runs here
 Each target's artifact is written to OUT/<target> (default OUT: ./nanoexport-out/<model>-build), the
 comparison to OUT/report.json; with quantization variants, to OUT/<variant>/<target> and
 OUT/<variant>/report.json. A target that fails does not stop the others.
@@ -131,6 +133,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", help="output root, one folder per target (default: "
                                           "./nanoexport-out/<model>-build)")
         parser.add_argument("--no-compare", action="store_true", help="skip comparing the artifacts after the build")
+        parser.add_argument("--ray", metavar="ADDRESS",
+                            help="lower each target as a Ray task: 'local' starts Ray on this machine, 'auto' joins "
+                                 "the cluster `ray start` runs here, or a cluster's address; every Ray node must see "
+                                 "--out at the same path (pip install 'nanoexport[ray]')")
         _add_export_flags(parser)
     elif verb == "compare":
         parser.add_argument("artifacts", type=Path, nargs="+", help="artifact folders of one model")
@@ -292,7 +298,7 @@ def _build(args: argparse.Namespace) -> int:
     from nanoexport.validate.report import compare_tables
 
     config = _export_config(args, targets=args.targets)
-    result = build(config=config, overwrite=args.overwrite)
+    result = build(config=config, overwrite=args.overwrite, ray_address=args.ray)
     table = Table(title=escape(f"build {result.out}"))
     for column in ("target", "result", "folder", "integers"):
         table.add_column(column)

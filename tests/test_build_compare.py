@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from filelock import FileLock
 import nanoexport
 from nanoexport import pipeline
 
-from nanoexport.artifact import MANIFEST, sha256_of
+from nanoexport.artifact import MANIFEST, Artifact, sha256_of
 from nanoexport.build import build
 from nanoexport.cli import main
 from nanoexport.capture.onnx_export import export_onnx
@@ -204,3 +205,35 @@ def test_a_quant_flag_holds_for_every_variant(tmp_path):
     assert [(quant.weights, quant.algo, quant.block_size) for quant in settings.values()] == [
         ("int4", "awq", 64), ("int4", "", 64)]  # the flag's int4 over the variant's int8, as over [quant]
 
+
+def test_ray_without_ray_installed_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    assert main(["build", "--targets", "onnx", "--ray", "local", "--out", str(tmp_path / "out")]) == 2
+    assert "--ray needs Ray, which is not installed: pip install 'nanoexport[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_build_on_ray_writes_the_bytes_of_the_sequential_build(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -c constraints.txt -e '.[ray]'")
+    config_file = tmp_path / "build.toml"
+    config_file.write_text(CONFIG)
+    flags = ["build", "--quant", "int4", "--config", str(config_file), "--no-compare"]
+    assert main([*flags, "--targets", "onnx,openvino", "--out", str(tmp_path / "sequential")]) == 0
+
+    def broken_writer(model, build):
+        raise RuntimeError("the backend's compiler crashed")
+
+    # A third target fails in its task (the plan, its target with it, travels to the worker).
+    monkeypatch.setitem(TARGETS_BY_NAME, "coreml", dataclasses.replace(TARGETS_BY_NAME["coreml"], lower=broken_writer))
+    # Started here to keep it to this machine's two cores and quiet; the build uses the Ray it finds.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        code = main([*flags, "--targets", "onnx,openvino,coreml", "--out", str(tmp_path / "ray"), "--ray", "local"])
+    finally:
+        ray.shutdown()
+    assert code == 1 and "failed: coreml: RuntimeError: the backend's compiler crashed" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "ray")) == ["onnx", "openvino"]  # no scratch or staging folder left
+    for name in ("onnx", "openvino"):
+        # The manifest holds every file's sha256: equal manifests, equal bytes.
+        assert _manifest(tmp_path / "ray" / name) == _manifest(tmp_path / "sequential" / name), name
+        assert not Artifact.load(tmp_path / "ray" / name).verify()
