@@ -161,7 +161,11 @@ class RayLowering:
 
     def __enter__(self) -> RayLowering:
         self._ray, self._started = connect(self.address)
-        self._task = self._ray.remote(num_cpus=1)(lower_shared)
+        # A fresh worker process per task (max_calls=1): what a backend leaves in its process changes what the
+        # next one writes (qnn's decode context binary differs after a coreml lowering), and a reused worker
+        # would make the bytes depend on which tasks Ray scheduled together. Each target is then written as
+        # ``nanoexport export --target X`` writes it.
+        self._task = self._ray.remote(num_cpus=1, max_calls=1)(lower_shared)
         return self
 
     def lower(self, job: LoweringJob, steps: Steps) -> None:
