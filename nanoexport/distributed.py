@@ -37,6 +37,7 @@ from nanoexport.capture.weights import meta_model
 from nanoexport.digests import CanonicalWeights
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interrupts import HANDLED, Interrupted
+from nanoexport.passes import PassStats
 from nanoexport.pipeline import Canonical, TargetPlan, lower_into, naming_counters
 from nanoexport.progress import Steps
 
@@ -60,7 +61,7 @@ class SharedCanonical:
     counters: tuple[int, int]
     checkpoint: Checkpoint
     model_config: Any
-    pass_stats: list
+    pass_stats: list[PassStats]
     quantization: dict[str, Any] | None
     quantize_seconds: float | None
 
@@ -87,9 +88,11 @@ class SharedCanonical:
                          CanonicalWeights(graph))
 
 
-def lower_shared(shared: SharedCanonical, plan: TargetPlan, folder: str) -> str | None:
+def lower_shared(shared: SharedCanonical, plan: TargetPlan, folder: str, log_level: int) -> str | None:
     """A Ray task: lower ``shared`` for ``plan``'s target into the staging ``folder``. Returns None when done,
-    else the one-line reason it failed (formatted here, where the traceback is)."""
+    else the one-line reason it failed (formatted here, where the traceback is). ``log_level``: the driver's,
+    so that -v shows the task's steps and tracebacks (Ray forwards them then, see ``connect``)."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(message)s")
     staged = Path(folder)
     try:
         if not staged.is_dir():
@@ -178,7 +181,8 @@ class RayLowering:
         except Exception as error:
             self.result.failed(job.name, failure_reason(error, job.name))
             return
-        self._pending[self._task.remote(shared, job.plan, str(folder))] = (job.name, job.destination, stage)
+        task = self._task.remote(shared, job.plan, str(folder), log.getEffectiveLevel())
+        self._pending[task] = (job.name, job.destination, stage)
 
     def finish(self) -> BuildResult:
         """Wait for every task; move each finished artifact into place, record each failure."""
