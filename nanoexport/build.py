@@ -126,7 +126,7 @@ def build(
                 lowering.lower(LoweringJob(artifact_name(variant, name), root / variant / name, canonical, plan),
                                steps)
             del canonical  # the lowering keeps what it still needs; the next variant's integers replace these
-        return lowering.finish()
+        return lowering.finish(steps)
 
 
 def _plan_variant(config: ExportConfig, quant: QuantConfig, targets: list[str],
@@ -168,7 +168,8 @@ class SequentialLowering:
         except Exception as error:  # a backend's own failure: the other targets still get built
             self.result.failed(job.name, failure_reason(error, job.name))
 
-    def finish(self) -> BuildResult:
+    def finish(self, steps: Steps) -> BuildResult:
+        """The result: every job was done as it came."""
         return self.result
 
 

@@ -184,31 +184,38 @@ class RayLowering:
         task = self._task.remote(shared, job.plan, str(folder), log.getEffectiveLevel())
         self._pending[task] = (job.name, job.destination, stage)
 
-    def finish(self) -> BuildResult:
+    def finish(self, steps: Steps) -> BuildResult:
         """Wait for every task; move each finished artifact into place, record each failure."""
-        while self._pending:
-            with interrupts_as_raised():
-                done, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=WAIT_SECONDS)
-            for reference in done:
-                name, destination, stage = self._pending.pop(reference)
-                try:
-                    with interrupts_as_raised():
-                        reason = self._ray.get(reference)
-                except self._ray.exceptions.RayError as error:  # the worker died, was killed, ran out of memory
-                    reason = f"its Ray task failed: {type(error).__name__}: {first_line(error)[:300]}"
-                try:
-                    if reason is not None:
-                        stage.__exit__(TaskFailed, TaskFailed(reason), None)
-                        self.result.failed(name, reason)
-                        continue
-                    stage.__exit__(None, None, None)
-                    self.result.artifacts[name] = Artifact.load(destination)
-                except Exception as error:  # moving it into place failed: a full disk, the folder filled meanwhile
-                    self.result.failed(name, failure_reason(error, name))
+        with steps.step(f"ray: {len(self._pending)} targets lowering as tasks") as detail:
+            while self._pending:
+                with interrupts_as_raised():
+                    done, _ = self._ray.wait(list(self._pending), num_returns=1, timeout=WAIT_SECONDS)
+                for reference in done:
+                    self._collect(reference)
+                    detail(f"{len(self._pending)} left")
         # In the order the jobs came, as without Ray, not the order the tasks finished in.
         self.result.artifacts = {name: self.result.artifacts[name] for name in self._order
                                  if name in self.result.artifacts}
         return self.result
+
+    def _collect(self, reference: Any) -> None:
+        """Move a finished task's folder into place, or remove it and record why the task failed."""
+        name, destination, stage = self._pending.pop(reference)
+        try:
+            with interrupts_as_raised():
+                reason = self._ray.get(reference)
+        except self._ray.exceptions.RayError as error:  # the worker died, was killed, ran out of memory
+            reason = f"its Ray task failed: {type(error).__name__}: {first_line(error)[:300]}"
+        try:
+            if reason is not None:
+                stage.__exit__(TaskFailed, TaskFailed(reason), None)
+                self.result.failed(name, reason)
+                return
+            stage.__exit__(None, None, None)
+            self.result.artifacts[name] = Artifact.load(destination)
+            log.info("%s: written by its Ray task", name)
+        except Exception as error:  # moving it into place failed: a full disk, the folder filled meanwhile
+            self.result.failed(name, failure_reason(error, name))
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
         try:
