@@ -1,4 +1,5 @@
-"""``nanoexport build --ray``: each target's lowering as a Ray task. Imported only when asked for.
+"""``nanoexport build --ray``: each target's lowering, and each quantization's comparison, as a Ray task.
+Imported only when asked for.
 
 The driver (the process that runs ``build``) captures, runs the passes and quantizes, as without Ray. It saves
 each quantized canonical graph once, with its external data, into a scratch folder under the output root, and
@@ -34,6 +35,7 @@ from nanoexport.artifact import Artifact, staging
 from nanoexport.build import BuildResult, LoweringJob, failure_reason, target_activations
 from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.weights import meta_model
+from nanoexport.config import CompareConfig, ValidationConfig
 from nanoexport.digests import CanonicalWeights
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interrupts import HANDLED, Interrupted
@@ -129,6 +131,61 @@ def connect(address: str) -> tuple[ModuleType, bool]:
         for number, handler in handlers.items():  # ray.init sets its own SIGTERM handler; ours cleans up
             signal.signal(number, handler)
     return ray, True
+
+
+@contextmanager
+def session(address: str) -> Iterator[None]:
+    """Ray connected for a whole command, so that a build's lowerings and then its comparisons share one start;
+    shut down at the end when started here (``connect`` then finds it initialized)."""
+    ray, started = connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def compare_task(artifacts: list[Artifact], validation: ValidationConfig, thresholds: CompareConfig,
+                 report_path: Path, log_level: int) -> dict[str, Any] | str:
+    """A Ray task: ``compare`` the ``artifacts``; the report, or the one-line reason they could not be compared."""
+    from nanoexport.validate.compare import compare
+
+    logging.basicConfig(level=log_level, format="%(levelname)s %(message)s")
+    try:
+        return compare(artifacts, validation=validation, thresholds=thresholds, report_path=report_path)
+    except NanoexportError as error:
+        return str(error)
+
+
+def compare_groups(groups: dict[Path, list[Artifact]], validation: ValidationConfig,
+                   thresholds: CompareConfig) -> dict[Path, dict[str, Any]]:
+    """Each group's ``compare`` as a Ray task of its own, all at once, its report written to
+    ``<group>/report.json``; the reports by group. Ray must be connected (``session``)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_calls=1)(compare_task)  # a fresh process each, as the lowerings have
+    pending = {task.remote(artifacts, validation, thresholds, folder / "report.json", log.getEffectiveLevel()): folder
+               for folder, artifacts in groups.items()}
+    reports: dict[Path, dict[str, Any]] = {}
+    try:
+        while pending:
+            with interrupts_as_raised():
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS)
+            for reference in done:
+                folder = pending.pop(reference)
+                try:
+                    with interrupts_as_raised():
+                        report = ray.get(reference)
+                except ray.exceptions.RayError as error:  # the worker died, was killed, ran out of memory
+                    report = f"the comparison of {folder} failed on Ray: {type(error).__name__}: " \
+                             f"{first_line(error)[:300]}"
+                if isinstance(report, str):
+                    raise NanoexportError(report)
+                reports[folder] = report
+    finally:
+        for reference in pending:  # stopped early: the other comparisons are not wanted any more
+            ray.cancel(reference, force=True)
+    return {folder: reports[folder] for folder in groups}
 
 
 @contextmanager
