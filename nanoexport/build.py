@@ -1,10 +1,13 @@
-"""One quantization, many targets: ``nanoexport build``.
+"""One capture, each quantization once, many targets: ``nanoexport build``.
 
-Capture, the canonical passes and weight quantization run once. Each target lowers its own copy of the
-quantized canonical graph (nodes cloned, tensors shared) into ``<out>/<target>``, staged and moved into place
-as ``export`` does, and writes the same bytes ``export`` would. A target whose activations are quantized
-(qnn's W4A16) calibrates them on its copy: activation ranges belong to the graph a target runs, the weights'
-integers to every target. A target that fails is reported and the others are still written.
+Capture and the canonical passes run once. Each quantization setting (``[quant]``, or each variant of
+``quant_variants``) quantizes its own copy of the float canonical graph, and each target lowers its own copy
+of that quantized graph (nodes cloned, tensors shared) into ``<out>/<target>`` (with variants,
+``<out>/<variant>/<target>``), staged and moved into place as ``export`` does, and writes the same bytes
+``export`` would with that setting. A target whose activations are quantized (qnn's W4A16) calibrates them
+on its copy: activation ranges belong to the graph a target runs, the weights' integers to every target. A
+target that fails is reported and the others are still written. With ``ray_address``, the targets' lowerings
+run as Ray tasks (``nanoexport.distributed``) and write the same bytes.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import onnx_ir as ir
 
 from nanoexport.artifact import Artifact, check_destination, staging
 from nanoexport.calibration import quantize
-from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.config import ExportConfig, QuantConfig, quant_settings
 from nanoexport.errors import NanoexportError, first_line
-from nanoexport.pipeline import (Canonical, TargetPlan, canonical_graph, checkpoint_folder, lower_into, model_argument,
-                                 model_name, plan_target)
+from nanoexport.pipeline import (Canonical, TargetPlan, checkpoint_folder, copy_graph, float_canonical, lower_into,
+                                 model_argument, model_name, plan_target, quantized_canonical)
 from nanoexport.passes import select_passes
 from nanoexport.progress import Steps
 
@@ -35,11 +38,41 @@ ACTIVATION_SETTINGS = ("activations", "observer", "activation_exclude")
 
 @dataclass
 class BuildResult:
-    """The artifacts a build wrote under ``out``, and the targets that failed with their one-line reasons."""
+    """The artifacts a build wrote under ``out`` and the ones that failed with their one-line reasons, each
+    named by its folder relative to ``out``: ``onnx``, or ``int4-gptq/onnx`` with quantization variants."""
 
     out: Path
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+    def failed(self, name: str, reason: str) -> None:
+        """Record that ``name`` failed; said now, in the run's log, and again in the command's summary."""
+        self.failures[name] = reason
+        log.error("%s failed: %s; the build goes on with the others", name, reason)
+
+    def groups(self) -> dict[Path, list[Artifact]]:
+        """The written artifacts by the folder that holds them (``out``, or ``out/<variant>``): each group is one
+        quantization's targets, which ``compare`` runs side by side."""
+        groups: dict[Path, list[Artifact]] = {}
+        for artifact in self.artifacts.values():
+            groups.setdefault(artifact.path.parent, []).append(artifact)
+        return groups
+
+
+@dataclass
+class LoweringJob:
+    """One target to lower from one quantized canonical graph into ``destination`` (``name`` under the root)."""
+
+    name: str
+    destination: Path
+    canonical: Canonical
+    plan: TargetPlan
+
+
+def artifact_name(variant: str, target: str) -> str:
+    """How a build names the artifact of ``target`` from quantization ``variant`` ("" without variants): its
+    folder relative to the output root."""
+    return f"{variant}/{target}" if variant else target
 
 
 def default_root(model: Any) -> Path:
@@ -53,10 +86,13 @@ def build(
     config: ExportConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> BuildResult:
-    """Export ``model`` for every one of ``targets`` (default: the config's ``targets``) from one quantized
-    canonical graph, each into ``out/<target>``. Settings are checked for every target before capture; a
-    target that fails while lowering or writing is recorded in the result and the others are still built."""
+    """Export ``model`` for every one of ``targets`` (default: the config's ``targets``), each quantization
+    setting once (see ``quant_settings``), into ``out/<target>``, or ``out/<variant>/<target>`` with variants.
+    Settings are checked for every target and variant before capture; a target that fails while lowering or
+    writing is recorded in the result and the others are still built. ``ray_address`` ("local", "auto", a
+    cluster's address) lowers the targets as Ray tasks; every Ray node must see ``out`` at the same path."""
     config = copy.deepcopy(config) if config else ExportConfig()
     targets = list(targets or config.targets)
     if not targets:
@@ -66,43 +102,83 @@ def build(
     if repeated:
         raise NanoexportError(f"target {repeated[0]} is listed twice in --targets; list each target once")
     model = model_argument(model, config)
-    plans = {name: plan_target(dataclasses.replace(copy.deepcopy(config), target=name)) for name in targets}
-    shared = copy.deepcopy(config)
-    shared.quant = shared_weight_quantization(plans)
+    plans, weights = {}, {}
+    for variant, quant in quant_settings(config).items():
+        plans[variant], weights[variant] = _plan_variant(config, quant, targets, variant)
     passes = select_passes(config.passes, config.skip_passes)
     root = Path(out or config.out or default_root(model))
-    for name in targets:
-        check_destination(root / name, overwrite)  # before any work, as export does
-    result = BuildResult(root)
+    for variant, variant_plans in plans.items():
+        for name in variant_plans:
+            check_destination(root / variant / name, overwrite)  # before any work, as export does
+    if ray_address is None:
+        lowering = SequentialLowering(root, overwrite)
+    else:
+        from nanoexport.distributed import RayLowering  # Ray is imported only when asked for
 
-    with Steps(progress) as steps:
-        canonical = canonical_graph(model, shared, passes, steps)
-        for name, plan in plans.items():
-            try:
-                with staging(root / name, overwrite) as folder:
-                    graph = _copy(canonical.graph)
-                    quantization = _target_activations(graph, plan, canonical, steps)
-                    lower_into(folder, canonical, graph, plan, quantization, steps)
-                result.artifacts[name] = Artifact.load(root / name)
-            except NanoexportError as error:
-                result.failures[name] = str(error)
-            except Exception as error:  # a backend's own failure: the other targets still get built
-                log.info("the %s target failed", name, exc_info=True)
-                result.failures[name] = f"{type(error).__name__}: {first_line(error)[:300]} (-v for the traceback)"
-            if name in result.failures:  # said now, in the run's log; the command's summary repeats it
-                log.error("%s failed: %s; the build goes on with the other targets", name, result.failures[name])
-    return result
+        lowering = RayLowering(ray_address, root, overwrite)
+
+    with Steps(progress) as steps, lowering:
+        floating = float_canonical(model, config, passes, steps)
+        for variant, variant_plans in plans.items():
+            label = f"quantize {variant}" if variant else "quantize"
+            canonical = quantized_canonical(floating, copy_graph(floating.graph), weights[variant], steps, label)
+            for name, plan in variant_plans.items():
+                lowering.lower(LoweringJob(artifact_name(variant, name), root / variant / name, canonical, plan),
+                               steps)
+            del canonical  # the lowering keeps what it still needs; the next variant's integers replace these
+        return lowering.finish(steps)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    """A target's own copy of the canonical graph, for its passes to edit: every node and value cloned, the
-    tensors shared (nothing is read or written). The names the target's passes then give new nodes continue
-    the canonical graph's count, as they do in ``export``, so a build writes the same bytes as an export."""
-    copy = model.clone()
-    # onnx_ir has no public way to carry a graph's naming counters over; a fresh copy would start at 0.
-    source, target = model.graph._name_authority, copy.graph._name_authority
-    target._node_counter, target._value_counter = source._node_counter, source._value_counter
-    return copy
+def _plan_variant(config: ExportConfig, quant: QuantConfig, targets: list[str],
+                  variant: str) -> tuple[dict[str, TargetPlan], QuantConfig]:
+    """Each target's plan with quantization ``quant``, and the weight quantization they share; an error names
+    ``variant`` when there are variants."""
+    try:
+        plans = {name: plan_target(dataclasses.replace(copy.deepcopy(config), target=name, quant=copy.deepcopy(quant),
+                                                       quant_variants={}))
+                 for name in targets}
+        return plans, shared_weight_quantization(plans)
+    except NanoexportError as error:
+        if not variant:
+            raise
+        raise NanoexportError(f"quantization variant {variant}: {error}") from None
+
+
+class SequentialLowering:
+    """Lowers each job in this process as it comes, each target from its own copy of the graph."""
+
+    def __init__(self, root: Path, overwrite: bool):
+        self.result = BuildResult(root)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> SequentialLowering:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def lower(self, job: LoweringJob, steps: Steps) -> None:
+        """Lower ``job`` and move it into place now; a failure is recorded, not raised."""
+        try:
+            with staging(job.destination, self.overwrite) as folder:
+                graph = copy_graph(job.canonical.graph)
+                quantization = target_activations(graph, job.plan, job.canonical, steps)
+                lower_into(folder, job.canonical, graph, job.plan, quantization, steps)
+            self.result.artifacts[job.name] = Artifact.load(job.destination)
+        except Exception as error:  # a backend's own failure: the other targets still get built
+            self.result.failed(job.name, failure_reason(error, job.name))
+
+    def finish(self, steps: Steps) -> BuildResult:
+        """The result: every job was done as it came."""
+        return self.result
+
+
+def failure_reason(error: Exception, name: str) -> str:
+    """The one line a build reports for a target that raised ``error`` (its traceback logged at -v)."""
+    if isinstance(error, NanoexportError):
+        return str(error)
+    log.info("%s failed", name, exc_info=error)
+    return f"{type(error).__name__}: {first_line(error)[:300]} (-v for the traceback)"
 
 
 def shared_weight_quantization(plans: dict[str, TargetPlan]) -> QuantConfig:
@@ -123,7 +199,7 @@ def shared_weight_quantization(plans: dict[str, TargetPlan]) -> QuantConfig:
     return dataclasses.replace(first, activations="none")
 
 
-def _target_activations(graph: ir.Model, plan: TargetPlan, canonical: Canonical, steps: Steps) -> dict | None:
+def target_activations(graph: ir.Model, plan: TargetPlan, canonical: Canonical, steps: Steps) -> dict | None:
     """Quantize ``graph``'s activations when ``plan``'s target computes on them; returns its manifest's
     quantization record (the shared weights' record, with the activations' when quantized here)."""
     quant = plan.config.quant

@@ -77,9 +77,14 @@ examples:
   nanoexport build --config build.toml    targets = [...] and every other setting from a file
   nanoexport build --model ./my-llama --targets onnx,openvino --quant int4 --algo gptq --calib data.jsonl
   nanoexport build --targets onnx,qnn --quant int4 --no-compare --out build/demo
+  nanoexport build --config variants.toml --targets onnx,openvino
+                                      each [quant_variants.NAME] table quantized once, into OUT/NAME/<target>
+  nanoexport build --targets onnx,openvino,coreml,qnn --quant int4 --ray auto
+                                      each target lowered as a task on the Ray cluster `ray start` runs here
 Each target's artifact is written to OUT/<target> (default OUT: ./nanoexport-out/<model>-build), the
-comparison to OUT/report.json and, with plots, OUT/report.html. A target that fails does not stop the others.
-exit codes: 0 every target built (and the comparison passed), 1 a target failed or the comparison failed,
+comparison to OUT/report.json with its plots in OUT/report.html; with quantization variants, to
+OUT/<variant>/<target> and OUT/<variant>/report.json (and .html). A target that fails does not stop the others.
+exit codes: 0 every target built (and the comparisons passed), 1 a target failed or a comparison failed,
 2 bad input.
 """
 COMPARE_EXAMPLES = """\
@@ -128,6 +133,11 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", help="output root, one folder per target (default: "
                                           "./nanoexport-out/<model>-build)")
         parser.add_argument("--no-compare", action="store_true", help="skip comparing the artifacts after the build")
+        parser.add_argument("--ray", metavar="ADDRESS",
+                            help="lower each target as a Ray task: 'local' starts Ray on this machine, 'auto' joins "
+                                 "the cluster `ray start` runs here, or a cluster's address; each quantization's "
+                                 "comparison runs as a task too; every Ray node must see --out at the same path "
+                                 "(pip install 'nanoexport[ray]')")
         _add_export_flags(parser)
     elif verb == "compare":
         parser.add_argument("artifacts", type=Path, nargs="+", help="artifact folders of one model")
@@ -285,36 +295,56 @@ def _export_config(args: argparse.Namespace, **settings: object) -> ExportConfig
 
 
 def _build(args: argparse.Namespace) -> int:
-    from nanoexport.build import build
-    from nanoexport.validate.compare import compare
+    from nanoexport.build import artifact_name, build
     from nanoexport.validate.report import compare_tables
 
     config = _export_config(args, targets=args.targets)
-    result = build(config=config, overwrite=args.overwrite)
-    table = Table(title=escape(f"build {result.out}"))
-    for column in ("target", "result", "folder", "integers"):
-        table.add_column(column)
-    for name in config.targets:
-        if name in result.failures:
-            table.add_row(name, "[red]failed[/]", "-", escape(result.failures[name]))
-            continue
-        stored = (result.artifacts[name].manifest.get("weight_digests") or {}).get("stored")
-        integers = "-" if stored is None else "canonical" if stored["equals_canonical"] else \
-            f"re-rounded by the target (relative RMS {stored.get('weight_error', {}).get('relative_rms', '-')})"
-        table.add_row(name, "[green]written[/]", escape(str(result.artifacts[name].path)), integers)
-    console.print(table)
-    passed = True
-    if not args.no_compare and len(result.artifacts) > 1:
-        report = compare(list(result.artifacts.values()), validation=config.validate, thresholds=config.compare,
-                         report_path=result.out / "report.json")
+    session = contextlib.nullcontext()
+    if args.ray:
+        from nanoexport.distributed import session as ray_session
+
+        session = ray_session(args.ray)  # one Ray start for the lowerings and the comparisons
+    with session:
+        result = build(config=config, overwrite=args.overwrite, ray_address=args.ray)
+        table = Table(title=escape(f"build {result.out}"))
+        for column in ("target", "result", "folder", "integers"):
+            table.add_column(column)
+        for variant in config.quant_variants or [""]:
+            for target in config.targets:
+                name = artifact_name(variant, target)
+                if name in result.failures:
+                    table.add_row(name, "[red]failed[/]", "-", escape(result.failures[name]))
+                    continue
+                stored = (result.artifacts[name].manifest.get("weight_digests") or {}).get("stored")
+                integers = "-" if stored is None else "canonical" if stored["equals_canonical"] else \
+                    f"re-rounded by the target (relative RMS {stored.get('weight_error', {}).get('relative_rms', '-')})"
+                table.add_row(name, "[green]written[/]", escape(str(result.artifacts[name].path)), integers)
+        console.print(table)
+        # One quantization's targets are compared together.
+        groups = {} if args.no_compare else {folder: artifacts for folder, artifacts in result.groups().items()
+                                             if len(artifacts) > 1}
+        reports = _compare_groups(groups, config, args.ray)
+    for report in reports.values():
         for table in compare_tables(report):
             console.print(table)
-        passed = report["passed"]
+    passed = all(report["passed"] for report in reports.values())
     for name, reason in result.failures.items():
         written = f"; written: {', '.join(result.artifacts)}" if result.artifacts else ""
         Console(stderr=True).print(Text.assemble(("failed:", "red"), f" {name}: {reason}{written}"),
                                    highlight=False, soft_wrap=True)
     return 0 if passed and not result.failures else 1
+
+
+def _compare_groups(groups: dict[Path, list[Artifact]], config: ExportConfig, ray: str | None) -> dict[Path, dict]:
+    """Each group's report (written to ``<group>/report.json``): as Ray tasks with ``--ray``, else in turn."""
+    if ray:
+        from nanoexport.distributed import compare_groups
+
+        return compare_groups(groups, config.validate, config.compare)
+    from nanoexport.validate.compare import compare
+
+    return {folder: compare(artifacts, validation=config.validate, thresholds=config.compare,
+                            report_path=folder / "report.json") for folder, artifacts in groups.items()}
 
 
 def _compare(args: argparse.Namespace) -> int:

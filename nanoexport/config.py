@@ -12,6 +12,12 @@ Example ``nanoexport.toml``::
     algo = "gptq"
     overrides = { lm_head = "int8" }
 
+    # `nanoexport build` quantizes once per variant: [quant] with the variant's settings over it
+    [quant_variants.int4-gptq]
+    [quant_variants.int8-rtn]
+    weights = "int8"
+    algo = "rtn"
+
     [validate]
     logits_max_abs = 1e-4
     greedy_tokens = 32
@@ -29,6 +35,7 @@ Example ``nanoexport.toml``::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import re
@@ -41,6 +48,8 @@ from typing import Any
 from nanoexport.errors import NanoexportError
 
 DEFAULT_CONFIG_FILE = "nanoexport.toml"
+# A quantization variant's name is the folder its artifacts go into: one path component, never hidden.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -143,6 +152,9 @@ class ExportConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
     targets: list[str] = field(default_factory=list)  # what `nanoexport build` lowers the one quantization for
+    # Variant name -> the [quant] settings it changes: `nanoexport build` quantizes once per variant and lowers
+    # every target from each (see ``quant_settings``). Empty: one quantization, as [quant] says.
+    quant_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare: CompareConfig = field(default_factory=CompareConfig)
     # Target name -> that target's settings (its ``Target.options`` dataclass): the ``[onnx]``, ``[qnn]``...
     # tables of the config file, each checked by the target that declares it.
@@ -152,7 +164,8 @@ class ExportConfig:
         """The settings that shape the artifact's bytes, without where it was written; each target's
         settings as a table of its own name, as in the config file."""
         view = dataclasses.asdict(self)
-        for elsewhere in ("out", "targets", "compare"):  # where it goes, its siblings, how they are compared
+        # Where it goes, its siblings, how they are compared; a variant's settings are in its own "quant".
+        for elsewhere in ("out", "targets", "quant_variants", "compare"):
             view.pop(elsewhere)
         view.update(view.pop("options"))
         return view
@@ -188,7 +201,48 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         _apply(config, _read_toml(preset_file(str(target), preset)), f"preset {preset!r}")
     _apply(config, settings, str(path))
     _apply(config, flags, "flags")
+    for variant in config.quant_variants.values():  # flags are the last word, in every variant too
+        variant.update(flags.get("quant", {}))
     return config
+
+
+def quant_settings(config: ExportConfig) -> dict[str, QuantConfig]:
+    """The quantizations ``nanoexport build`` runs, by name: each variant of ``quant_variants`` is ``quant``
+    with the variant's settings over it; without variants, ``{"": quant}``. Two variants that would quantize
+    alike are refused (one would redo the other's work into another folder)."""
+    if not config.quant_variants:
+        return {"": copy.deepcopy(config.quant)}
+    settings: dict[str, QuantConfig] = {}
+    for name, table in _checked_variants(config.quant_variants, "the config").items():
+        quant = copy.deepcopy(config.quant)
+        _apply(quant, table, f"[quant_variants.{name}]")
+        alike = next((other for other, theirs in settings.items() if _effective(theirs) == _effective(quant)), None)
+        if alike is not None:
+            raise NanoexportError(f"quantization variants {alike} and {name} quantize alike; remove one or make "
+                                  "them differ (a quant flag such as --algo sets every variant)")
+        settings[name] = quant
+    return settings
+
+
+def _effective(quant: QuantConfig) -> QuantConfig:
+    """``quant`` with its quantizer resolved: ``algo = ""`` and ``algo = "rtn"`` without data quantize alike."""
+    return dataclasses.replace(quant, algo=quant.algorithm)
+
+
+def _checked_variants(variants: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """``quant_variants`` read from ``origin``: tables of [quant] settings (names and types checked now, values
+    with each target's plan), named so that each can be a folder."""
+    if not isinstance(variants, dict):
+        raise NanoexportError(f"setting 'quant_variants' in {origin} must be a table of tables, like "
+                              "[quant_variants.int4-gptq]")
+    for name, table in variants.items():
+        if not VARIANT_NAME.fullmatch(name):
+            raise NanoexportError(f"quantization variant name {name!r} in {origin} cannot name a folder; use at most "
+                                  "64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if not isinstance(table, dict):
+            raise NanoexportError(f"setting 'quant_variants.{name}' in {origin} must be a table of [quant] settings")
+        _apply(QuantConfig(), table, f"{origin} [quant_variants.{name}]")
+    return copy.deepcopy(variants)
 
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -243,6 +297,9 @@ def _apply(target: Any, values: dict[str, Any], origin: str) -> None:
             if not isinstance(value, dict):
                 raise NanoexportError(f"setting {key!r} in {origin} must be a table")
             _apply(tables[key], value, f"{origin} [{key}]")
+            continue
+        if key == "quant_variants" and isinstance(target, ExportConfig):
+            target.quant_variants = _checked_variants(value, origin)
             continue
         if key not in fields or key == "options":
             known = ", ".join(sorted([*(set(fields) - {"options"}), *tables]))

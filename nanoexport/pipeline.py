@@ -18,7 +18,7 @@ from nanoexport.artifact import BUILD_LOG, Artifact, staging, write_json, write_
 from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import export_onnx
-from nanoexport.config import ExportConfig, ValidationConfig
+from nanoexport.config import ExportConfig, QuantConfig, ValidationConfig
 from nanoexport.digests import CanonicalWeights, stored_digests
 from nanoexport.interface import KvCache, kv_shape
 from nanoexport.passes import PassStats, run_passes, select_passes, static_kv_cache_pass
@@ -111,20 +111,53 @@ class Canonical:
 
 def canonical_graph(model: Any, config: ExportConfig, passes: list, steps: Steps) -> Canonical:
     """Capture ``model``, run the canonical ``passes`` and quantize as ``config.quant`` says."""
+    floating = float_canonical(model, config, passes, steps)
+    return quantized_canonical(floating, floating.graph, config.quant, steps)
+
+
+def float_canonical(model: Any, config: ExportConfig, passes: list, steps: Steps) -> Canonical:
+    """Capture ``model`` and run the canonical ``passes``: the canonical graph before quantization."""
     with steps.step("capture: load checkpoint"):
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
     with steps.step("capture: torch -> ONNX"):
         graph = export_onnx(checkpoint)
     with steps.step("passes") as detail:
         pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
+    return Canonical(checkpoint, graph, pass_stats, None, None, CanonicalWeights(graph))
+
+
+def quantized_canonical(floating: Canonical, graph: ir.Model, quant: QuantConfig, steps: Steps,
+                        label: str = "quantize") -> Canonical:
+    """``floating`` with ``graph`` (its graph, or a ``copy_graph`` of it to keep the float one) quantized as
+    ``quant`` says; ``label`` names the step."""
     quantization, quantize_seconds = None, None
-    if config.quant.weights != "none" or config.quant.activations != "none":
-        with steps.step(f"quantize: {config.quant.weights}, {config.quant.algorithm}") as detail:
+    if quant.weights != "none" or quant.activations != "none":
+        with steps.step(f"{label}: {quant.weights}, {quant.algorithm}") as detail:
             started = time.perf_counter()
-            quantization = quantize(graph, config.quant, checkpoint.tokenizer_files, checkpoint_folder(checkpoint),
-                                    detail)
+            checkpoint = floating.checkpoint
+            quantization = quantize(graph, quant, checkpoint.tokenizer_files, checkpoint_folder(checkpoint), detail)
             quantize_seconds = time.perf_counter() - started
-    return Canonical(checkpoint, graph, pass_stats, quantization, quantize_seconds, CanonicalWeights(graph))
+    return dataclasses.replace(floating, graph=graph, quantization=quantization, quantize_seconds=quantize_seconds,
+                               weights=CanonicalWeights(graph))
+
+
+def copy_graph(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` for a later stage to edit (quantization, a target's passes): every node and value
+    cloned, the tensors shared (nothing is read or written). The names that stage then gives new nodes
+    continue ``model``'s count, as they would on ``model`` itself, so a copy is written to the same bytes."""
+    clone = model.clone()
+    naming_counters(clone, naming_counters(model))
+    return clone
+
+
+def naming_counters(model: ir.Model, counters: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The counters ``model`` numbers new nodes and values from; set to ``counters`` when given. A graph
+    cloned or read from a file starts at 0, and would name new nodes as ``export`` does not."""
+    # onnx_ir has no public way to read or carry a graph's naming counters.
+    authority = model.graph._name_authority
+    if counters is not None:
+        authority._node_counter, authority._value_counter = counters
+    return authority._node_counter, authority._value_counter
 
 
 def lower_into(folder: Path, canonical: Canonical, graph: ir.Model, plan: TargetPlan,

@@ -602,6 +602,8 @@ def _check_types(settings: Any, where: str = "") -> None:
 
 def _fits(value: Any, hint: Any) -> bool:
     origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:  # a quantization variant's settings, checked as [quant]'s are
+        return True
     if origin is list:
         return isinstance(value, list) and all(_fits(item, arguments[0]) for item in value)
     if origin is dict:

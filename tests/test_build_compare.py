@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,14 @@ import pytest
 from filelock import FileLock
 from report_pages import NO_BROWSER, assert_self_contained, find_browser, plots_of, rendered_plots
 
-from nanoexport.artifact import MANIFEST, sha256_of
+import nanoexport
+from nanoexport import pipeline
+
+from nanoexport.artifact import MANIFEST, Artifact, sha256_of
 from nanoexport.build import build
 from nanoexport.cli import main
-from nanoexport.config import ExportConfig, QuantConfig
+from nanoexport.capture.onnx_export import export_onnx
+from nanoexport.config import ExportConfig, QuantConfig, load_config, quant_settings
 from nanoexport.targets import TARGETS as TARGETS_BY_NAME
 
 TARGETS = ("onnx", "openvino", "coreml", "qnn")
@@ -187,3 +192,86 @@ def test_stored_integers_read_back_with_zero_points_and_a_quantized_embedding(ti
         assert any("embed_tokens" in layer for layer in digests["canonical"]["layers"])
         assert digests["stored"]["equals_canonical"], (name, digests["stored"])
         assert digests["stored"]["layers"] == digests["canonical"]["layers"], name
+
+
+def test_each_quantization_variant_is_quantized_once_and_written_as_its_export(tiny_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    captures = []
+    monkeypatch.setattr(pipeline, "export_onnx", lambda checkpoint: captures.append(1) or export_onnx(checkpoint))
+    model = tiny_checkpoint("qwen2")
+    config = ExportConfig(quant=QuantConfig(weights="int4", block_size=16),
+                          quant_variants={"int4": {}, "int8-asym": {"weights": "int8", "asymmetric": True}})
+    result = build(model=model, targets=["onnx", "openvino"], out=tmp_path / "build", config=config, progress=False)
+    assert result.failures == {} and len(captures) == 1  # captured once for both quantizations
+    assert list(result.artifacts) == ["int4/onnx", "int4/openvino", "int8-asym/onnx", "int8-asym/openvino"]
+    assert sorted(os.listdir(tmp_path / "build")) == ["int4", "int8-asym"]
+    assert {folder.name: len(artifacts) for folder, artifacts in result.groups().items()} == {"int4": 2, "int8-asym": 2}
+    for variant, quant in (("int4", QuantConfig(weights="int4", block_size=16)),
+                           ("int8-asym", QuantConfig(weights="int8", block_size=16, asymmetric=True))):
+        alone = nanoexport.export(model, target="openvino", out=tmp_path / variant, progress=False,
+                                  config=ExportConfig(quant=quant))
+        assert _manifest(tmp_path / "build" / variant / "openvino") == _manifest(alone.path), variant
+
+
+@pytest.mark.parametrize("settings, message", [
+    ('[quant_variants."../int4"]\n', "quantization variant name '../int4' in"),
+    ('[quant_variants.a]\nbits = 4\n', "unknown setting 'bits' in"),
+    ('[quant_variants.a]\nblock_size = "x"\n', "setting 'block_size' in"),
+    ('quant_variants = ["int4"]\n', "setting 'quant_variants' in"),
+    ('[quant_variants.a]\nweights = "int9"\n', "quantization variant a: "),
+    ('[quant]\nweights = "int4"\n[quant_variants.a]\n[quant_variants.b]\nweights = "int4"\n',
+     "quantization variants a and b quantize alike"),
+])
+def test_a_bad_quantization_variant_is_refused_in_one_line(tmp_path, capsys, settings, message):
+    (tmp_path / "build.toml").write_text(settings)
+    assert main(["build", "--targets", "onnx", "--config", str(tmp_path / "build.toml"),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quant_flag_holds_for_every_variant(tmp_path):
+    (tmp_path / "build.toml").write_text('[quant_variants.awq]\nalgo = "awq"\n[quant_variants.int8]\n'
+                                         'weights = "int8"\n')
+    config = load_config(tmp_path / "build.toml", overrides={"quant": {"weights": "int4", "block_size": 64}})
+    settings = quant_settings(config)
+    assert [(quant.weights, quant.algo, quant.block_size) for quant in settings.values()] == [
+        ("int4", "awq", 64), ("int4", "", 64)]  # the flag's int4 over the variant's int8, as over [quant]
+
+
+def test_ray_without_ray_installed_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    assert main(["build", "--targets", "onnx", "--ray", "local", "--out", str(tmp_path / "out")]) == 2
+    assert "--ray needs Ray, which is not installed: pip install 'nanoexport[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_build_on_ray_writes_the_bytes_of_the_sequential_build(tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -c constraints.txt -e '.[ray]'")
+    config_file = tmp_path / "build.toml"
+    config_file.write_text(CONFIG)
+    flags = ["build", "--quant", "int4", "--config", str(config_file)]
+    assert main([*flags, "--targets", "onnx,openvino", "--out", str(tmp_path / "sequential"), "--no-compare"]) == 0
+
+    def broken_writer(model, build):
+        raise RuntimeError("the backend's compiler crashed")
+
+    # A third target fails in its task (the plan, its target with it, travels to the worker).
+    monkeypatch.setitem(TARGETS_BY_NAME, "coreml", dataclasses.replace(TARGETS_BY_NAME["coreml"], lower=broken_writer))
+    # Started here to keep it to this machine's two cores and quiet; the build uses the Ray it finds.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        code = main([*flags, "--targets", "onnx,openvino,coreml", "--out", str(tmp_path / "ray"), "--ray", "local"])
+    finally:
+        ray.shutdown()
+    assert code == 1 and "failed: coreml: RuntimeError: the backend's compiler crashed" in capsys.readouterr().err
+    out = tmp_path / "ray"
+    folders = sorted(path.name for path in out.iterdir() if path.is_dir() or path.name.startswith("."))
+    assert folders == ["onnx", "openvino"]  # no scratch or staging folder left
+    for name in ("onnx", "openvino"):
+        # The manifest holds every file's sha256: equal manifests, equal bytes.
+        assert _manifest(out / name) == _manifest(tmp_path / "sequential" / name), name
+        assert not Artifact.load(out / name).verify()
+    report = json.loads((out / "report.json").read_text())  # compared in a task of its own
+    assert report["passed"] and [row["artifact"] for row in report["artifacts"]] == ["onnx", "openvino"]

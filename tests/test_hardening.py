@@ -126,7 +126,8 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["targets"], ["validate", "--help"], ["--quant", "int9"]])
+@pytest.mark.parametrize("argv", [["--help"], ["targets"], ["validate", "--help"], ["build", "--help"],
+                                  ["--quant", "int9"]])
 def test_the_command_line_answers_without_loading_torch_or_a_runtime(argv):
     probe = (
         "import sys\n"
@@ -135,7 +136,8 @@ def test_the_command_line_answers_without_loading_torch_or_a_runtime(argv):
         f"    main({argv!r})\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('torch', 'onnxruntime', 'onnx', 'onnx_ir', 'transformers', 'openvino', 'coremltools')\n"
+        # Ray too: only `build --ray` imports it (see nanoexport/distributed.py).
+        "heavy = ('torch', 'onnxruntime', 'onnx', 'onnx_ir', 'transformers', 'openvino', 'coremltools', 'ray')\n"
         "print('loaded:', sorted(name for name in heavy if name in sys.modules), file=sys.stderr)\n"
     )
     process = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
