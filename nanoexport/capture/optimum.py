@@ -24,7 +24,7 @@ from onnxscript import version_converter
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interface import io_names
 from nanoexport.passes import fold_constants
-from nanoexport.passes.torchscript import STATIC_SIZE_RULES
+from nanoexport.passes.torchscript import TORCHSCRIPT_RULES
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,11 @@ def import_optimum_onnx(path: Path, num_layers: int) -> ir.Model:
     _name_weights(model)
     _order_interface(model, num_layers)
     _name_total_length(model)
-    sizes = STATIC_SIZE_RULES.apply_to_model(model)
+    fold_constants(model)  # the rules read constants as initializers, which folding lifts them to
+    rewrites = TORCHSCRIPT_RULES.apply_to_model(model)
     fold_constants(model)
     fused = onnxscript.rewriter.onnx_fusions.fuse(model)
-    log.info("optimum import: %d static sizes folded, fused %s", sizes, fused)
+    log.info("optimum import: %d static sizes and rotary angles rewritten, fused %s", rewrites, fused)
     return model
 
 
