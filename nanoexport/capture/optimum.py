@@ -121,44 +121,28 @@ def _module_of(node: ir.Node) -> str | None:
     return ".".join(parts[:-1]) if len(parts) > 1 else None
 
 
-def _rename(graph: ir.Graph, value: ir.Value, name: str) -> None:
-    graph.initializers.pop(value.name)
-    value.name = name
-    graph.register_initializer(value)
-
-
 def _name_weights(model: ir.Model) -> None:
-    """Name the weights as the torch capture does, after their modules (quantization plans, per-layer overrides
-    and cuts at layer boundaries go by these names).
+    """Name the projection weights as the torch capture does, after their modules (quantization plans,
+    per-layer overrides and cuts at layer boundaries go by these names).
 
     The exporter stores a projection's weight transposed under an anonymous name (``onnx::MatMul_733``): it
-    becomes ``<module>.weight.T``. It also stores equal weights once (every layer's all-ones norm of a
-    random-weight checkpoint reads ``model.layers.0.input_layernorm.weight``): each other module using it gets
-    a value of its own, named for it, over the same tensor.
+    becomes ``<module>.weight.T``. The other weights keep their checkpoint names; where the exporter stored
+    equal weights once (every all-ones norm of a random-weight checkpoint), it gives each module an Identity
+    of its own name, which constant folding turns into an initializer of that name.
     """
     graph = model.graph
     for value in list(graph.initializers.values()):
         uses = value.uses()
-        if value.const_value is None or not uses or value.is_graph_output():
+        if not value.name.startswith("onnx::") or len(uses) != 1 or value.is_graph_output():
             continue
-        if value.name.startswith("onnx::") and len(uses) == 1 and uses[0].node.op_type == "MatMul" \
-                and uses[0].idx == 1 and value.shape is not None and value.shape.rank() == 2:
-            module = _module_of(uses[0].node)
-            if module is not None and f"{module}.weight.T" not in graph.initializers:
-                _rename(graph, value, f"{module}.weight.T")
+        node, index = uses[0].node, uses[0].idx
+        if node.op_type != "MatMul" or index != 1 or value.shape is None or value.shape.rank() != 2:
             continue
-        if not value.name.endswith(".weight"):
-            continue
-        owner = value.name.removesuffix(".weight")
-        for use in uses:
-            module = _module_of(use.node)
-            if module is None or module == owner:
-                continue
-            name = f"{module}.weight"
-            if name not in graph.initializers:
-                graph.register_initializer(ir.Value(name=name, shape=value.shape, type=value.type,
-                                                    const_value=value.const_value))
-            use.node.replace_input_with(use.idx, graph.initializers[name])
+        module = _module_of(node)
+        if module is not None and f"{module}.weight.T" not in graph.initializers:
+            graph.initializers.pop(value.name)
+            value.name = f"{module}.weight.T"
+            graph.register_initializer(value)
 
 
 def _order_interface(model: ir.Model, num_layers: int) -> None:
