@@ -18,6 +18,7 @@ from nanoexport.artifact import BUILD_LOG, Artifact, staging, write_json, write_
 from nanoexport.calibration import check_config, quantize
 from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoint, module_name
 from nanoexport.capture.onnx_export import export_onnx
+from nanoexport.capture.optimum import check_optimum_folder, import_optimum_onnx, optimum_onnx_file
 from nanoexport.config import ExportConfig, QuantConfig, ValidationConfig
 from nanoexport.digests import CanonicalWeights, stored_digests
 from nanoexport.interface import KvCache, kv_shape
@@ -116,11 +117,22 @@ def canonical_graph(model: Any, config: ExportConfig, passes: list, steps: Steps
 
 
 def float_canonical(model: Any, config: ExportConfig, passes: list, steps: Steps) -> Canonical:
-    """Capture ``model`` and run the canonical ``passes``: the canonical graph before quantization."""
+    """Capture ``model`` and run the canonical ``passes``: the canonical graph before quantization.
+
+    A folder holding an Optimum ONNX decoder (``model.onnx``) is read instead of captured from torch; its
+    checkpoint files beside it are the model's description and validation's reference.
+    """
+    onnx_file = optimum_onnx_file(model)
+    if onnx_file is not None:
+        check_optimum_folder(onnx_file.parent)
     with steps.step("capture: load checkpoint"):
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
-    with steps.step("capture: torch -> ONNX"):
-        graph = export_onnx(checkpoint)
+    if onnx_file is not None:
+        with steps.step("capture: read Optimum ONNX"):
+            graph = import_optimum_onnx(onnx_file, checkpoint.config.num_hidden_layers)
+    else:
+        with steps.step("capture: torch -> ONNX"):
+            graph = export_onnx(checkpoint)
     with steps.step("passes") as detail:
         pass_stats = run_passes(graph, passes, on_pass=detail, verify=config.verify_passes)
     return Canonical(checkpoint, graph, pass_stats, None, None, CanonicalWeights(graph))

@@ -24,11 +24,12 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """``family``'s tiny random model; ``overrides`` change its config (smaller sizes for a committed fixture)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **TINY_CONFIGS[family])
+    config = AutoConfig.for_model(family, **{**TINY_CONFIGS[family], **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # transformers initializes biases to zero; a trained checkpoint's are not
         for name, parameter in model.named_parameters():

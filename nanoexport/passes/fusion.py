@@ -1,7 +1,8 @@
 """Fusions to canonical ONNX ops, declared as pattern/replacement rules on onnx-ir (onnxscript's rewriter).
 
 The dynamo exporter at opset 23 already emits ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention``
-for most families; these rules take the rest of the way.
+for most families; these rules take the rest of the way, and fuse what the TorchScript exporter (Optimum's
+ONNX files) writes op by op.
 """
 
 from __future__ import annotations
@@ -94,6 +95,95 @@ class EagerAttention(pattern.RewriteRuleClassBase):
         return op.Attention(query, key, value, mask, scale=float(scale.const_value.numpy().item()), softcap=softcap)
 
 
+class SplitScaleAttention(pattern.RewriteRuleClassBase):
+    """Attention as torch's TorchScript exporter writes ``scaled_dot_product_attention`` (Optimum's ONNX files)
+    -> ``Attention``.
+
+    The query and the transposed key are each scaled by the square root of the scale before their product,
+    the mask is added, and with ``nan_guarded`` the softmax's NaNs (rows with every position masked) become
+    zeros. ``Attention`` gives such rows no NaN-free value either way; their outputs are padding that no
+    later position reads. A mask built as ``Where(allowed, 0, -inf)`` is passed as its boolean condition,
+    the form the dynamo capture gives ``Attention``, so that the targets' lowerings see one canonical mask.
+    """
+
+    def __init__(self, name: str, nan_guarded: bool):
+        super().__init__(name)
+        self.nan_guarded = nan_guarded
+
+    def pattern(self, op, query, key, value, query_scale, key_scale, mask, zero):
+        key_transposed = op.Mul(op.Transpose(key, perm=[0, 1, 3, 2]), key_scale)
+        weights = op.Softmax(op.Add(op.MatMul(op.Mul(query, query_scale), key_transposed), mask), axis=-1)
+        if self.nan_guarded:
+            weights = op.Where(op.IsNaN(weights), zero, weights)
+        return op.MatMul(weights, value)
+
+    def check(self, context, query, key, value, query_scale, key_scale, mask, zero=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        for constant in (query_scale, key_scale, *([zero] if self.nan_guarded else [])):
+            if constant.const_value is None or constant.const_value.size != 1:
+                return result.fail("the scales and the NaN replacement must be scalar constants", constant)
+        if self.nan_guarded and zero.const_value.numpy().item() != 0:
+            return result.fail("NaNs must become zeros", zero)
+        for tensor in (query, key, value):
+            if tensor.shape is None or tensor.shape.rank() != 4:
+                return result.fail("query, key and value must be 4-D [batch, heads, seq, head_dim]", tensor)
+        if mask.dtype != query.dtype:
+            return result.fail("the mask must be additive, of the query's type", mask)
+        return result
+
+    def rewrite(self, op, query, key, value, query_scale, key_scale, mask, **_):
+        scale = float(query_scale.const_value.numpy().item()) * float(key_scale.const_value.numpy().item())
+        return op.Attention(query, key, value, _boolean_condition(mask) or mask, scale=scale)
+
+
+def _boolean_condition(mask: ir.Value) -> ir.Value | None:
+    """``allowed`` of an additive mask built as ``Where(allowed, 0, -inf)``, else None."""
+    node = mask.producer()
+    if node is None or node.op_type != "Where" or node.domain not in ("", "ai.onnx"):
+        return None
+    allowed, kept, hidden = node.inputs
+    if kept.const_value is None or hidden.const_value is None or kept.const_value.size != 1 \
+            or hidden.const_value.size != 1:
+        return None
+    if kept.const_value.numpy().item() != 0 or hidden.const_value.numpy().item() != -np.inf:
+        return None
+    return allowed
+
+
+class RMSNormByParts(pattern.RewriteRuleClassBase):
+    """``scale * x * (1 / sqrt(mean(x^2) + eps))`` over the last axis -> ``RMSNormalization``.
+
+    How torch's TorchScript exporter writes transformers' RMS norms (onnxscript's rule wants a ``Reciprocal``
+    and a ReduceMean that names every attribute).
+    """
+
+    def pattern(self, op, x, axes, epsilon, one, scale):
+        mean_square = op.ReduceMean(op.Pow(x, 2.0), axes, _allow_other_attributes=True, _outputs=["mean_square"])
+        return op.Mul(scale, op.Mul(x, op.Div(one, op.Sqrt(op.Add(mean_square, epsilon)))))
+
+    def check(self, context, x, axes, epsilon, one, scale, mean_square, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.shape is None or x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            return result.fail("x must be a float tensor of known rank", x)
+        attributes = mean_square.producer().attributes
+        if attributes.get_int("keepdims", 1) != 1 or attributes.get_int("noop_with_empty_axes", 0) != 0:
+            return result.fail("the mean must keep its axis", mean_square)
+        if axes.const_value is None or axes.const_value.numpy().tolist() not in ([-1], [x.shape.rank() - 1]):
+            return result.fail("the mean must run over the last axis only", axes)
+        for constant in (epsilon, one):
+            if constant.const_value is None or constant.const_value.size != 1:
+                return result.fail("epsilon and the numerator must be scalar constants", constant)
+        if one.const_value.numpy().item() != 1:
+            return result.fail("the numerator must be 1", one)
+        if scale.const_value is None or scale.shape is None or scale.shape.rank() != 1 \
+                or scale.shape[0] != x.shape[x.shape.rank() - 1]:
+            return result.fail("the scale must be a constant per feature", scale)
+        return result
+
+    def rewrite(self, op, x, epsilon, scale, **_):
+        return op.RMSNormalization(x, scale, axis=-1, epsilon=float(epsilon.const_value.numpy().item()))
+
+
 class TanhGelu(pattern.RewriteRuleClassBase):
     """GELU's tanh approximation written out (GPT-2's ``gelu_new``) -> ``Gelu(approximate="tanh")``.
 
@@ -129,6 +219,9 @@ FUSION_RULES = pattern.RewriteRuleSet([
     SiLU.rule("silu, sigmoid first", sigmoid_first=True),
     EagerAttention.rule("softcapped eager attention", softcapped=True),
     EagerAttention.rule("eager attention", softcapped=False),
+    SplitScaleAttention.rule("split-scale attention, NaN-guarded", nan_guarded=True),
+    SplitScaleAttention.rule("split-scale attention", nan_guarded=False),
+    *RMSNormByParts.rule().commute(),
     AttentionOnSharedKVHeads.rule(),
 ])
 MAX_ROUNDS = 4  # a rewrite can expose another (eager attention first, then its KV repeat)

@@ -1,0 +1,162 @@
+"""An ONNX decoder exported by Optimum, read as the capture of its checkpoint.
+
+``optimum-cli export onnx --task text-generation-with-past`` writes ``model.onnx`` with the interface our
+capture gives (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/.value`` in;
+``logits``, ``present.{i}.key/.value`` out; caches ``[batch, kv_heads, seq, head_dim]``), through torch's
+TorchScript exporter at an opset below 23: attention, norms and rotary op by op, sizes computed from
+shapes, projection weights anonymous. ``import_optimum_onnx`` leaves it as ``export_onnx`` leaves a torch
+capture: opset 23, weights named after their modules, static sizes folded, rotary fused; the canonical
+passes fuse the rest. The checkpoint's config.json, tokenizer and safetensors beside it describe the model
+and are validation's reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import onnxscript.rewriter.onnx_fusions
+from onnxscript import version_converter
+
+from nanoexport.errors import NanoexportError, first_line
+from nanoexport.interface import io_names
+from nanoexport.passes import fold_constants
+from nanoexport.passes.torchscript import TORCHSCRIPT_RULES
+
+log = logging.getLogger(__name__)
+
+OPTIMUM_FILE = "model.onnx"  # the merged decoder (with and without past) Optimum writes
+OPSET = 23
+REEXPORT = "export it with `optimum-cli export onnx --model CHECKPOINT --task text-generation-with-past DIR`"
+# Optimum's name for the growing cache's length; ours is total_sequence_length.
+OPTIMUM_TOTAL_LENGTH = "past_sequence_length + sequence_length"
+
+
+def optimum_onnx_file(model: Any) -> Path | None:
+    """The Optimum ONNX decoder in ``model`` when it is a folder holding ``model.onnx``, else None."""
+    if not isinstance(model, (str, Path)):
+        return None
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    if (folder / OPTIMUM_FILE).is_file():
+        return folder / OPTIMUM_FILE
+    if any(folder.glob("decoder*_model.onnx")):
+        raise NanoexportError(f"{folder} holds Optimum's older split decoder files (decoder_model.onnx, "
+                              f"decoder_with_past_model.onnx); {REEXPORT}")
+    return None
+
+
+def check_optimum_folder(folder: Path) -> None:
+    """The checkpoint files an Optimum folder needs beside its ONNX file: the config (the architecture) and
+    the safetensors weights (the reference validation compares against)."""
+    if not (folder / "config.json").is_file():
+        raise NanoexportError(f"{folder} holds {OPTIMUM_FILE} but no config.json; copy the checkpoint's "
+                              "config.json (and its tokenizer files) beside it")
+    if not any(folder.glob("*.safetensors")):
+        raise NanoexportError(f"{folder} holds an ONNX decoder but not its checkpoint's *.safetensors, which "
+                              "validation compares against; copy the checkpoint's safetensors files beside it")
+
+
+def import_optimum_onnx(path: Path, num_layers: int) -> ir.Model:
+    """Read Optimum's decoder at ``path`` (a model of ``num_layers`` layers) in the form ``export_onnx`` gives.
+
+    The weights stay on disk (external data is read when a stage needs it). Raises ``NanoexportError`` for a
+    file that is not ONNX or not a decoder with this KV-cache interface.
+    """
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError, OSError: any means "not an ONNX file we can read"
+        raise NanoexportError(f"{path} is not a readable ONNX file ({first_line(error)[:200]}); {REEXPORT}") \
+            from None
+    _check_interface(proto.graph, num_layers, path)
+    proto = _infer_shapes(proto, path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    version_converter.convert_version(model, OPSET)
+    _name_weights(model)
+    _order_interface(model, num_layers)
+    _name_total_length(model)
+    fold_constants(model)  # the rules read constants as initializers, which folding lifts them to
+    rewrites = TORCHSCRIPT_RULES.apply_to_model(model)
+    fold_constants(model)
+    fused = onnxscript.rewriter.onnx_fusions.fuse(model)
+    log.info("optimum import: %d static sizes and rotary angles rewritten, fused %s", rewrites, fused)
+    return model
+
+
+def _check_interface(graph: onnx.GraphProto, num_layers: int, path: Path) -> None:
+    """The graph's inputs and outputs are our captured interface, in any order; raises naming what differs."""
+    weights = {initializer.name for initializer in graph.initializer}
+    inputs = {value.name for value in graph.input} - weights
+    outputs = {value.name for value in graph.output}
+    expected_inputs, expected_outputs = io_names(num_layers)
+    missing = sorted(set(expected_inputs) - inputs) + sorted(set(expected_outputs) - outputs)
+    extra = sorted(inputs - set(expected_inputs)) + sorted(outputs - set(expected_outputs))
+    if missing or extra:
+        found = "missing " + ", ".join(missing[:4]) if missing else "unexpected " + ", ".join(extra[:4])
+        raise NanoexportError(f"{path} is not a decoder with the {num_layers}-layer KV-cache interface of "
+                              f"config.json ({found}); {REEXPORT}")
+
+
+def _infer_shapes(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """Shapes with symbolic arithmetic (ONNX Runtime's inference), which the fusions need: ONNX's own
+    inference leaves the head count of ``Reshape(q, [batch, seq, -1, head_dim])`` unknown."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as error:  # the tool raises bare Exceptions and asserts on graphs it cannot follow
+        raise NanoexportError(f"cannot infer the shapes in {path} ({first_line(error)[:200]}); {REEXPORT}") \
+            from None
+
+
+def _module_of(node: ir.Node) -> str | None:
+    """The module the TorchScript exporter named ``node`` after: ``/model/layers.0/mlp/up_proj/MatMul`` ->
+    ``model.layers.0.mlp.up_proj``."""
+    parts = (node.name or "").strip("/").split("/")
+    return ".".join(parts[:-1]) if len(parts) > 1 else None
+
+
+def _name_weights(model: ir.Model) -> None:
+    """Name the projection weights as the torch capture does, after their modules (quantization plans,
+    per-layer overrides and cuts at layer boundaries go by these names).
+
+    The exporter stores a projection's weight transposed under an anonymous name (``onnx::MatMul_733``): it
+    becomes ``<module>.weight.T``. The other weights keep their checkpoint names; where the exporter stored
+    equal weights once (every all-ones norm of a random-weight checkpoint), it gives each module an Identity
+    of its own name, which constant folding turns into an initializer of that name.
+    """
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        uses = value.uses()
+        if not value.name.startswith("onnx::") or len(uses) != 1 or value.is_graph_output():
+            continue
+        node, index = uses[0].node, uses[0].idx
+        if node.op_type != "MatMul" or index != 1 or value.shape is None or value.shape.rank() != 2:
+            continue
+        module = _module_of(node)
+        if module is not None and f"{module}.weight.T" not in graph.initializers:
+            graph.initializers.pop(value.name)
+            value.name = f"{module}.weight.T"
+            graph.register_initializer(value)
+
+
+def _order_interface(model: ir.Model, num_layers: int) -> None:
+    """Inputs and outputs in the captured order (Optimum's is the same today; the targets index by position)."""
+    input_names, output_names = io_names(num_layers)
+    inputs = {value.name: value for value in model.graph.inputs}
+    outputs = {value.name: value for value in model.graph.outputs}
+    model.graph.inputs[:] = [inputs[name] for name in input_names]
+    model.graph.outputs[:] = [outputs[name] for name in output_names]
+
+
+def _name_total_length(model: ir.Model) -> None:
+    """Optimum's ``past_sequence_length + sequence_length`` dimension -> ``total_sequence_length``, as captured."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is not None and any(str(dim) == OPTIMUM_TOTAL_LENGTH for dim in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim("total_sequence_length") if str(dim) == OPTIMUM_TOTAL_LENGTH
+                                    else dim for dim in value.shape])

@@ -1,0 +1,102 @@
+"""An Optimum ONNX decoder folder as ``--model``: fused to our canonical graph, exported, validated.
+
+The fixture (tests/fixtures/optimum-llama, made by make_optimum_fixture.py in Optimum's own environment) is a
+tiny Llama exported by ``optimum-cli export onnx --task text-generation-with-past``, beside its checkpoint.
+"""
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+
+import nanoexport
+from nanoexport.capture.checkpoint import load_checkpoint
+from nanoexport.capture.onnx_export import export_onnx
+from nanoexport.capture.optimum import import_optimum_onnx
+from nanoexport.errors import NanoexportError
+from nanoexport.passes import PASSES, run_passes
+
+FIXTURE = Path(__file__).parent / "fixtures" / "optimum-llama"
+CANONICAL_OPS = ("RMSNormalization", "RotaryEmbedding", "Attention", "Swish", "Split")
+
+
+@pytest.fixture(scope="module")
+def torch_capture(tmp_path_factory) -> Path:
+    """The fixture's checkpoint without Optimum's ONNX file: what our own capture exports."""
+    folder = tmp_path_factory.mktemp("torch-capture")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURE / name, folder / name)
+    return folder
+
+
+def canonical_ops(graph) -> Counter:
+    run_passes(graph, PASSES, verify=True)
+    return Counter(node.op_type for node in graph.graph if node.op_type in CANONICAL_OPS)
+
+
+def test_optimum_graph_fuses_to_the_ops_of_our_capture():
+    optimum = canonical_ops(import_optimum_onnx(FIXTURE / "model.onnx", num_layers=2))
+    ours = canonical_ops(export_onnx(load_checkpoint(FIXTURE, lazy=True)))
+    # Per layer: two norms, query and key rotations, one attention on the shared KV head, the SwiGLU gate,
+    # the merged QKV and gate/up projections; plus the final norm.
+    assert optimum == ours == {"RMSNormalization": 5, "RotaryEmbedding": 4, "Attention": 2, "Swish": 2, "Split": 4}
+
+
+def test_optimum_folder_exports_to_onnx_and_matches_pytorch(tmp_path):
+    artifact = nanoexport.export(FIXTURE, target="onnx", out=tmp_path / "onnx",
+                                 config=nanoexport.ExportConfig(verify_passes=True), progress=False)
+    graph = onnx.load(artifact.path / "model.onnx", load_external_data=False)
+    assert Counter(node.op_type for node in graph.graph.node)["GroupQueryAttention"] == 2
+    assert [value["name"] for value in artifact.manifest["io"]["outputs"]][:2] == ["logits", "present.0.key"]
+    report = nanoexport.validate(nanoexport.Artifact.load(artifact.path))
+    checks = {check.name: check for check in report.checks}
+    assert checks["logits max-abs error"].value <= 1e-4
+    assert checks["greedy agreement"].value == 1.0
+    assert report.passed, [check for check in report.checks if not check.passed]
+
+
+def test_optimum_int4_quantizes_as_our_capture_does(torch_capture, tmp_path):
+    """The same integers from either capture, and the same validation figures (a random model's int4 logits
+    are far from its float ones, so the figures are compared, not held to the thresholds)."""
+    config = nanoexport.ExportConfig()
+    config.quant.weights = "int4"
+    reports = {}
+    for name, source in (("optimum", FIXTURE), ("torch", torch_capture)):
+        artifact = nanoexport.export(source, target="onnx", out=tmp_path / name, config=config, progress=False)
+        reports[name] = (artifact.manifest["weight_digests"]["canonical"],
+                         {check.name: check.value for check in nanoexport.validate(artifact, write=False).checks})
+    assert reports["optimum"][0] == reports["torch"][0]
+    for name, value in reports["torch"][1].items():
+        assert reports["optimum"][1][name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_optimum_folder_exports_to_openvino(tmp_path):
+    artifact = nanoexport.export(FIXTURE, target="openvino", out=tmp_path / "openvino", progress=False)
+    assert nanoexport.validate(artifact, write=False).passed
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("encoder", "not a decoder with the 2-layer KV-cache interface"),
+    ("no weights", "not its checkpoint's *.safetensors"),
+    ("split decoder", "older split decoder files"),
+])
+def test_an_onnx_folder_we_do_not_understand_is_refused_in_one_line(damage, message, tmp_path):
+    folder = tmp_path / damage.replace(" ", "-")
+    shutil.copytree(FIXTURE, folder)
+    if damage == "encoder":  # an ONNX model without the cache: Optimum's export without "-with-past"
+        graph = onnx.load(folder / "model.onnx")
+        kept = [value for value in graph.graph.input if not value.name.startswith("past_key_values.")]
+        del graph.graph.input[:]
+        graph.graph.input.extend(kept)
+        onnx.save(graph, folder / "model.onnx")
+    elif damage == "no weights":
+        (folder / "model.safetensors").unlink()
+    else:
+        (folder / "model.onnx").rename(folder / "decoder_model.onnx")
+    with pytest.raises(NanoexportError, match=message.replace("*", r"\*")) as error:
+        nanoexport.export(folder, target="onnx", out=tmp_path / "out", progress=False)
+    assert "\n" not in str(error.value)
+    if damage != "no weights":  # the fix for a file we cannot read: export it again, this way
+        assert "optimum-cli export onnx" in str(error.value)
