@@ -79,6 +79,10 @@ class Checkpoint:
             self.weights_digest = self.weights_digest.result()
         return self.weights_digest
 
+    def __getstate__(self) -> dict:
+        # A pickled checkpoint (a Ray task's) carries the digest, not the thread computing it.
+        return {**self.__dict__, "weights_digest": self.weights_sha256}
+
     @property
     def config(self):
         return self.model.config
