@@ -83,12 +83,7 @@ class EagerAttention(pattern.RewriteRuleClassBase):
         for constant in constants:
             if constant.const_value is None or constant.const_value.size != 1:
                 return result.fail("scale and cap must be scalar constants", constant)
-        for tensor in (query, key, value):
-            if tensor.shape is None or tensor.shape.rank() != 4:
-                return result.fail("query, key and value must be 4-D [batch, heads, seq, head_dim]", tensor)
-        if mask.dtype != query.dtype:
-            return result.fail("the mask must be additive, of the query's type", mask)
-        return result
+        return _check_operands(result, query, key, value, mask)
 
     def rewrite(self, op, query, key, value, scale, cap, mask, **_):
         softcap = float(cap.const_value.numpy().item()) if self.softcapped else 0.0
@@ -124,16 +119,22 @@ class SplitScaleAttention(pattern.RewriteRuleClassBase):
                 return result.fail("the scales and the NaN replacement must be scalar constants", constant)
         if self.nan_guarded and zero.const_value.numpy().item() != 0:
             return result.fail("NaNs must become zeros", zero)
-        for tensor in (query, key, value):
-            if tensor.shape is None or tensor.shape.rank() != 4:
-                return result.fail("query, key and value must be 4-D [batch, heads, seq, head_dim]", tensor)
-        if mask.dtype != query.dtype:
-            return result.fail("the mask must be additive, of the query's type", mask)
-        return result
+        return _check_operands(result, query, key, value, mask)
 
     def rewrite(self, op, query, key, value, query_scale, key_scale, mask, **_):
         scale = float(query_scale.const_value.numpy().item()) * float(key_scale.const_value.numpy().item())
         return op.Attention(query, key, value, _boolean_condition(mask) or mask, scale=scale)
+
+
+def _check_operands(result: pattern.MatchResult, query: ir.Value, key: ir.Value, value: ir.Value,
+                    mask: ir.Value) -> pattern.MatchResult:
+    """What ``Attention`` takes from a decomposed attention: 4-D query, key and value, an additive mask."""
+    for tensor in (query, key, value):
+        if tensor.shape is None or tensor.shape.rank() != 4:
+            return result.fail("query, key and value must be 4-D [batch, heads, seq, head_dim]", tensor)
+    if mask.dtype != query.dtype:
+        return result.fail("the mask must be additive, of the query's type", mask)
+    return result
 
 
 def _boolean_condition(mask: ir.Value) -> ir.Value | None:
