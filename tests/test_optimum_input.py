@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 import nanoexport
-from nanoexport.capture.checkpoint import load_checkpoint
+from nanoexport.build import build
+from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
 from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.capture.optimum import import_optimum_onnx
 from nanoexport.errors import NanoexportError
@@ -75,6 +76,19 @@ def test_optimum_int4_quantizes_as_our_capture_does(torch_capture, tmp_path):
 def test_optimum_folder_exports_to_openvino(tmp_path):
     artifact = nanoexport.export(FIXTURE, target="openvino", out=tmp_path / "openvino", progress=False)
     assert nanoexport.validate(artifact, write=False).passed
+
+
+def test_every_static_shape_target_builds_from_an_optimum_folder(tmp_path):
+    """Optimum's reshapes read the shape of a normalized activation; the static-shape targets (coreml, qnn,
+    tvm) need it folded once the sequence length is fixed. Float validation of each is the targets' own
+    tests' business; here each must build, and carry the canonical graph's integers."""
+    config = nanoexport.ExportConfig()
+    config.quant.weights = "int4"
+    config.quant.calib = str(DEMO_MODEL / "calibration.txt")  # qnn's activations
+    result = build(FIXTURE, targets=["coreml", "qnn", "tvm"], out=tmp_path / "build", config=config, progress=False)
+    assert not result.failures, result.failures
+    digests = {name: artifact.manifest["weight_digests"]["canonical"] for name, artifact in result.artifacts.items()}
+    assert len(set(map(str, digests.values()))) == 1, digests
 
 
 @pytest.mark.parametrize("damage, message", [

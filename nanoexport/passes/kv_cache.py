@@ -154,6 +154,11 @@ def specialize(model: ir.Model, sequence_length: int) -> None:
                 value.shape = None  # the tracer's symbolic shapes; inferred again below
     optimize(model)
     common.ShapeInferencePass()(model)
+    if any(node.op_type == "Shape" for node in graph):
+        # The folder infers no shape through some fused ops (RMSNormalization): a Shape of their output, as
+        # Optimum's graphs take for their reshapes, is folded once onnx's inference has given it.
+        optimize(model)
+        common.ShapeInferencePass()(model)
     dynamic = [
         value.name for node in graph for value in node.outputs
         if value.shape is None or not value.shape.is_static()
