@@ -2,10 +2,12 @@
 (``nanoexport compare``): equal canonical integers in every manifest, and a damaged artifact named."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,6 +94,33 @@ def test_four_targets_share_one_quantization_and_agree(built):
     assert report["artifacts"][3]["scoring_runner_agreement"]["top1_agreement"] > 0.9
     for pair in report["pairs"]:
         assert abs(pair["perplexity_change"]) <= report["thresholds"]["quantized_perplexity_spread"], pair
+
+
+# What importing coremltools sets in os.environ (coremltools 9), which a process that never ran it lacks.
+COREMLTOOLS_VARIABLES = ("KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TF_CPP_MIN_LOG_LEVEL")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None, reason="onnxruntime-qnn is not installed")
+def test_qnn_after_coreml_in_one_process_writes_the_bytes_of_a_qnn_export(tmp_path):
+    """A build lowering coreml, which imports coremltools, before qnn in this process writes the qnn context
+    binaries of ``nanoexport --target qnn`` in a fresh process that never imported coremltools, started from
+    another environment."""
+    # The default cache capacity: with CONFIG's 64 rows, decode's binary held no environment-dependent bytes.
+    config_file = tmp_path / "build.toml"
+    config_file.write_text("[quant]\ncalib_samples = 4\ncalib_window = 64\n")
+    settings = ["--quant", "int4", "--config", str(config_file)]
+    assert main(["build", "--targets", "coreml,qnn", *settings, "--out", str(tmp_path / "build"), "--no-compare"]) == 0
+    environment = {name: value for name, value in os.environ.items() if name not in COREMLTOOLS_VARIABLES}
+    # Another shell differs in more than that (PWD, the terminal's variables...). Unfixed, the binaries changed
+    # with each 16 bytes of environment: this long variable makes a difference certain, not a matter of luck.
+    environment["NANOEXPORT_TEST_ANOTHER_SHELL"] = "x" * 200
+    package_root = Path(nanoexport.__file__).resolve().parents[1]  # where `-m` finds this very checkout
+    result = subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "qnn", *settings, "--no-validate",
+                             "--out", str(tmp_path / "qnn")], cwd=package_root, env=environment,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # The manifest holds every file's sha256: equal manifests, equal bytes.
+    assert _manifest(tmp_path / "qnn") == _manifest(tmp_path / "build" / "qnn")
 
 
 def test_compare_writes_a_page_of_plots_beside_report_json(built):

@@ -114,7 +114,8 @@ def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOp
     part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
     written; ``seconds`` receives each graph's compile time.
 
-    Compiled in a fresh worker process, so that a rebuild is byte-identical (see ``_compile_in_worker``)."""
+    Compiled in a fresh worker process with an environment of its own, so that a rebuild is byte-identical
+    whatever ran before in this process (see ``_compile_in_worker`` and ``worker_environment``)."""
     job = {"settings": dataclasses.asdict(settings), "graph_files": graph_files}
     with _compile_folder() as scratch:
         inputs = {path.relative_to(folder) for path in folder.rglob("*") if path.suffix in (".onnx", ".data")}
@@ -122,7 +123,7 @@ def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOp
             (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(folder / relative, scratch / relative)
         worker = subprocess.run([sys.executable, "-m", WORKER_MODULE], input=json.dumps(job), cwd=scratch,
-                                capture_output=True, text=True)
+                                env=worker_environment(), capture_output=True, text=True)
         if worker.returncode != 0:
             lines = worker.stderr.strip().splitlines() or [f"the worker exited with code {worker.returncode}"]
             message = next((line for line in reversed(lines) if line.startswith(WORKER_ERROR)), lines[-1])
@@ -153,6 +154,26 @@ def _compile_folder() -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def worker_environment() -> dict[str, str]:
+    """The compile worker's whole environment, the same whatever this process imported or ran before.
+
+    The HTP builder copies a few bytes of uninitialized memory into a context binary, and what they hold moves
+    with the process's environment block, which sits at the top of its stack: any variable, even one nothing
+    reads, can change them (measured on onnxruntime-qnn 2.7: importing coremltools sets KMP_DUPLICATE_LIB_OK,
+    KMP_INIT_AT_FORK and TF_CPP_MIN_LOG_LEVEL, and three unused variables of the same lengths changed decode's
+    6 MB binary just as they did, in 36 bytes; torch sets TORCHINDUCTOR_CACHE_DIR, the shell PWD and so on). So
+    the worker inherits nothing but where to find code: this very ``nanoexport`` package first (the worker
+    runs in a scratch folder, where ``-m`` would otherwise import whichever copy is installed), then the user's
+    ``PYTHONPATH`` and ``LD_LIBRARY_PATH``."""
+    package_root = str(Path(__file__).resolve().parents[3])
+    # Without repeats, so that a process started with this package already on PYTHONPATH gives the same value.
+    entries = dict.fromkeys([package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    environment = {"PYTHONPATH": os.pathsep.join(entries)}
+    if "LD_LIBRARY_PATH" in os.environ:
+        environment["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+    return environment
+
+
 def _link_or_copy(source: Path, destination: Path) -> None:
     """A hard link where the file system allows one (the weights can be gigabytes), otherwise a copy; not a
     symbolic link, which the provider refuses for external data."""
@@ -169,7 +190,7 @@ def _compile_in_worker(graph_files: list[list[str]], settings: QnnOptions) -> di
     it was loaded from (our staging folder has a random name), and the HTP builder copies a few bytes of
     uninitialized memory into the binary, which vary with the address layout and with the working folder's
     path (measured on onnxruntime-qnn 2.7: about 32 bytes of a 6 MB binary). Relative paths, one fixed folder,
-    a fresh process and no address randomization make both the same every time."""
+    a fresh process with a fixed environment and no address randomization make both the same every time."""
     import onnxruntime as ort
 
     seconds = {}
