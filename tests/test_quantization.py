@@ -388,6 +388,30 @@ def test_layerwise_capture_sees_what_the_whole_graph_sees(demo_graph):
         assert layered[name].tokens == stats.tokens
 
 
+def test_layers_whose_two_norms_share_one_weight_are_still_cut_at_their_input_norm(demo_graph, tmp_path):
+    """A random-weight checkpoint's norms are all ones, and merge_duplicate_initializers lets a layer's
+    post-attention norm read its input_layernorm weight: the layer still starts at its first norm, so every
+    linear lies in a segment and GPTQ calibrates layer by layer (the Qwen2.5-0.5B config fell back to
+    calibrating the whole graph at once, 6 GB)."""
+    from nanoexport.calibration.layerwise import residual_cuts, segments
+
+    _, float_graph = demo_graph
+    graph = reload(float_graph, tmp_path)
+    expected = residual_cuts(graph)
+    norms = [node for node in graph.graph if node.op_type == "RMSNormalization"]
+    shared = 0
+    for node in norms:
+        name = node.inputs[1].name
+        if "post_attention_layernorm" in name:
+            first = next(other for other in norms if other.inputs[1].name == name.replace(
+                "post_attention_layernorm", "input_layernorm"))
+            node.replace_input_with(1, first.inputs[1])
+            shared += 1
+    assert shared == 4
+    assert residual_cuts(graph) == expected
+    assert len(segments(graph, find_linears(graph))) == 5
+
+
 def test_layerwise_capture_feeds_each_layer_the_quantized_layers_before_it(demo_graph, tmp_path):
     """After the caller quantizes a layer, the next layer's inputs are computed through the quantized one, as
     GPTQ orders it: layer 1's statistics then match a whole-graph capture with layer 0 quantized."""

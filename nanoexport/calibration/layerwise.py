@@ -68,7 +68,9 @@ def residual_cuts(model: ir.Model) -> list[ir.Value]:
             continue
         name = node.inputs[1].name or ""
         if match := LAYER_NORM.search(name):
-            layers[int(match.group(1))] = node.inputs[0]
+            # The first such norm of a layer: its post-attention norm may read the same weight, when the two
+            # were equal (all ones in a random-weight checkpoint) and merge_duplicate_initializers shared them.
+            layers.setdefault(int(match.group(1)), node.inputs[0])
         elif FINAL_NORM.search(name) and "layers." not in name:
             final = node.inputs[0]
     if not layers or final is None or sorted(layers) != list(range(len(layers))):
