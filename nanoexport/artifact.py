@@ -295,6 +295,24 @@ def staging(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 _unlock_destination(out, lock)
 
 
+@contextmanager
+def scratch(out: Path) -> Iterator[Path]:
+    """A private working folder beside ``out`` that never becomes an artifact, removed on leaving. Holds
+    ``out``'s lock while it exists, as ``staging`` does, so a scratch folder left by a killed run (named as a
+    partial folder) is recognized and removed by the next one, and two runs never share one."""
+    with uninterrupted():
+        lock = _lock_destination(out)
+        _remove_leftovers(out)
+        folder = out.parent / f"{_hidden_prefix(out)}partial-{secrets.token_hex(4)}"
+        folder.mkdir(mode=0o700)
+    try:
+        yield folder
+    finally:
+        with uninterrupted():
+            shutil.rmtree(folder, ignore_errors=True)
+            _unlock_destination(out, lock)
+
+
 def _disk_full(error: OSError) -> bool:
     """ENOSPC, a quota, a file-size limit, or numpy's short write (``tofile`` reports it without an errno)."""
     return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import signal
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +29,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from nanoexport.artifact import Artifact, staging
+from nanoexport.artifact import Artifact, scratch, staging
 from nanoexport.build import BuildResult, LoweringJob, failure_reason, target_activations
 from nanoexport.capture.checkpoint import Checkpoint
 from nanoexport.capture.weights import meta_model
@@ -46,6 +44,9 @@ from nanoexport.progress import Steps
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
+# The scratch folder under the output root: hidden, locked while in use, removed by the next build when a
+# killed one left it (``artifact.scratch``).
+SHARED_GRAPHS = "shared-graphs"
 WAIT_SECONDS = 1.0  # between checks for finished tasks: how soon an interrupt is seen while waiting
 
 
@@ -211,7 +212,8 @@ class RayLowering:
         self._ray: ModuleType | None = None
         self._started = False
         self._task: Any = None
-        self._scratch: Path | None = None
+        self._scratch: Path | None = None  # where the quantized graphs are saved for the tasks
+        self._cleanup = ExitStack()  # holds the scratch folder (and its lock) until the build ends
         self._shared: tuple[weakref.ref[Canonical], Any] | None = None  # the last Canonical shared, its object
         self._saved = 0  # graphs saved into the scratch folder
         self._order: list[str] = []  # the jobs' names as they came, the order of the result
@@ -221,10 +223,10 @@ class RayLowering:
 
     def __enter__(self) -> RayLowering:
         self._ray, self._started = connect(self.address)
-        # A fresh worker process per task (max_calls=1): what a backend leaves in its process changes what the
-        # next one writes (qnn's decode context binary differs after a coreml lowering), and a reused worker
-        # would make the bytes depend on which tasks Ray scheduled together. Each target is then written as
-        # ``nanoexport export --target X`` writes it.
+        # A fresh worker process per task (max_calls=1): what a backend leaves in its process can change what
+        # the next one writes (qnn's context binary did after a coreml lowering, until its compile worker got
+        # an environment of its own), and a reused worker would make the bytes depend on which tasks Ray
+        # scheduled together. Each target is then written as ``nanoexport export --target X`` writes it.
         self._task = self._ray.remote(num_cpus=1, max_calls=1)(lower_shared)
         return self
 
@@ -281,8 +283,7 @@ class RayLowering:
                 stage.__exit__(kind or TaskFailed, error or TaskFailed("the build stopped"), traceback)
             self._pending.clear()
         finally:
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
+            self._cleanup.close()
             if self._started:
                 self._ray.shutdown()
 
@@ -291,8 +292,7 @@ class RayLowering:
         first saves it. Held weakly, so that the driver drops each quantized graph once it is saved."""
         if self._shared is None or self._shared[0]() is not canonical:
             if self._scratch is None:
-                self.result.out.mkdir(parents=True, exist_ok=True)
-                self._scratch = Path(tempfile.mkdtemp(prefix=".nanoexport-shared-", dir=self.result.out))
+                self._scratch = self._cleanup.enter_context(scratch(self.result.out / SHARED_GRAPHS))
             with steps.step("ray: save the quantized canonical graph for the tasks"):
                 shared = SharedCanonical.save(canonical, self._scratch / str(self._saved))
             self._saved += 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import nanoexport
-from nanoexport.artifact import Artifact, staging
+from nanoexport.artifact import Artifact, scratch, staging
 from nanoexport.config import ExportConfig, QuantConfig
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import TARGETS
@@ -160,3 +160,17 @@ def test_every_target_rebuilds_byte_for_byte(tmp_path, tiny_checkpoint, target):
     assert manifests[0] == manifests[1]
     if target == "qnn" and TARGETS["qnn"].installed and importlib.util.find_spec("onnxruntime_qnn"):
         assert b"_ctx_qnn.bin" in manifests[0]  # the HTP context binaries are among the files compared
+
+
+def test_a_scratch_folder_left_by_a_killed_run_is_removed_by_the_next_and_none_is_shared(tmp_path):
+    """build --ray saves its quantized graphs in a scratch folder under the output root: one a SIGKILLed
+    build left behind is removed by the next, and a second run on the same root while one holds it is told."""
+    out = tmp_path / "shared-graphs"
+    stale = tmp_path / ".shared-graphs.partial-dead"
+    (stale / "0").mkdir(parents=True)
+    with scratch(out) as folder:
+        assert folder.is_dir() and not stale.exists()
+        with pytest.raises(NanoexportError, match="another export is writing"):
+            with scratch(out):
+                pass
+    assert list(tmp_path.iterdir()) == []
