@@ -20,6 +20,7 @@ from nanoexport.capture.checkpoint import DEMO_MODEL
 from nanoexport.config import load_config
 from nanoexport.targets.qnn.options import QnnOptions
 from nanoexport.errors import NanoexportError
+from nanoexport.onnx_file import open_session
 from nanoexport.targets.qnn import compile as qnn_compile
 from nanoexport.targets.qnn import parts as qnn_parts
 from nanoexport.targets.qnn import runtime as qnn_runtime
@@ -41,8 +42,8 @@ eval_windows = 2
 """
 
 
-# The demo's embedding (tied to lm_head, kept in fp16) is 2.1 MB and a W4A16 layer about 0.37 MB: 3 MB parts hold
-# the embedding with layers 0-1, and layers 2-3 with the final norm and lm_head.
+# The demo's embedding (tied to lm_head, kept in fp16) is 2.1 MB and a W4A16 layer about 0.37 MB: 2.5 MB parts hold
+# the embedding with layer 0, layers 1-3, and the final norm with lm_head alone.
 PARTS_CONFIG = CONFIG + """
 [qnn]
 soc_model = 57
@@ -73,8 +74,8 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def parted(tmp_path_factory) -> Path:
-    """The same export split into parts of at most 5 MB of weights, for SoC 57 (set in the TOML file)."""
-    return _export_once(tmp_path_factory, "qnn-parts", PARTS_CONFIG, "--max-part-bytes", "3MB")
+    """The same export split into parts of at most 2.5 MB of weights, for SoC 57 (set in the TOML file)."""
+    return _export_once(tmp_path_factory, "qnn-parts", PARTS_CONFIG, "--max-part-bytes", "2.5MB")
 
 
 def _decoders(*artifacts: Path, backend: str) -> list[ArtifactDecoder]:
@@ -202,21 +203,22 @@ def test_parts_are_listed_in_order_static_and_each_reads_its_own_weights(parted)
     manifest = json.loads((parted / "manifest.json").read_text())
     listing = json.loads((parted / qnn_parts.PARTS_FILE).read_text())
     parts = listing["parts"]
-    assert listing["max_part_bytes"] == 3_000_000 and manifest["config"]["qnn"]["max_part_bytes"] == "3MB"
-    assert [part["layers"] for part in parts] == [[0, 1], [2, 3]]
-    assert manifest["model_files"][:7] == ["part0/prefill.onnx", "part0/decode.onnx", "part0/model.onnx.data",
-                                           "part1/prefill.onnx", "part1/decode.onnx", "part1/model.onnx.data",
-                                           qnn_parts.PARTS_FILE]
+    assert listing["max_part_bytes"] == 2_500_000 and manifest["config"]["qnn"]["max_part_bytes"] == "2.5MB"
+    assert [part["layers"] for part in parts] == [[0], [1, 2, 3], []]
+    assert manifest["model_files"][:10] == [f"part{index}/{file}" for index in range(3)
+                                            for file in ("prefill.onnx", "decode.onnx", "model.onnx.data")] + [
+                                               qnn_parts.PARTS_FILE]
     assert not (parted / qnn_parts.WEIGHTS_FILE).exists()
+    entering = 0  # the unit the part starts with
     for index, part in enumerate(parts):
-        assert (parted / part["weights"]).stat().st_size <= 3_000_000
+        assert (parted / part["weights"]).stat().st_size <= 2_500_000
         for name, tokens in (("prefill", 16), ("decode", 1)):
             model = ir.load(parted / part["graphs"][name])
             assert {node.op_type for node in model.graph} <= qnn_parts.HTP_OPS
             shapes = {value.name: list(value.shape) for value in [*model.graph.inputs, *model.graph.outputs]}
             assert all(isinstance(size, int) for shape in shapes.values() for size in shape), shapes
-            first = "input_ids" if index == 0 else f"hidden_states.{part['layers'][0]}"
-            last = "logits" if index == len(parts) - 1 else f"hidden_states.{part['layers'][-1] + 1}"
+            first = "input_ids" if index == 0 else f"hidden_states.{entering}"
+            last = "logits" if index == len(parts) - 1 else f"hidden_states.{entering + len(part['layers'])}"
             assert model.graph.inputs[0].name == first and model.graph.outputs[0].name == last
             if first.startswith("hidden"):
                 assert shapes[first] == [1, tokens, 256]
@@ -227,6 +229,43 @@ def test_parts_are_listed_in_order_static_and_each_reads_its_own_weights(parted)
                          if isinstance(value.const_value, ir.ExternalTensor)}
             assert locations == {qnn_parts.WEIGHTS_FILE}
             assert part["io"][name]["inputs"][0]["name"] == first
+        entering += len(part["layers"])
+    # The head's part holds the final norm and lm_head with the tied table, and nothing of a layer.
+    head = ir.load(parted / parts[-1]["graphs"]["decode"])
+    assert {node.op_type for node in head.graph} >= {"RMSNormalization", "MatMul"}
+    assert not any("layers." in name for name in head.graph.initializers)
+
+
+def test_an_embedding_alone_in_its_part_chains_like_one_graph(exported, tmp_path):
+    """The first part may hold only the embedding: its output is the residual stream entering layer 0."""
+    import shutil
+
+    import onnxruntime as ort
+
+    folder = tmp_path / "embedding-alone"
+    shutil.copytree(exported, folder)
+    whole = {name: ir.load(folder / file_name) for name, file_name in qnn_parts.GRAPHS.items()}
+    parts = qnn_parts.write_parts(whole, [range(-1, 0), range(0, 5)], folder)
+    assert [part["layers"] for part in parts] == [[], [0, 1, 2, 3]]
+    assert [value["name"] for value in parts[0]["io"]["decode"]["outputs"]] == ["hidden_states.0"]
+    embedding = ir.load(folder / parts[0]["graphs"]["decode"])
+    assert "Gather" in {node.op_type for node in embedding.graph}
+    assert [value.name for value in embedding.graph.inputs] == ["input_ids"]
+
+    def run(sessions: list[ort.InferenceSession], feeds: dict[str, np.ndarray]) -> np.ndarray:
+        values = dict(feeds)
+        for session in sessions:
+            names = [output.name for output in session.get_outputs()]
+            values.update(zip(names, session.run(names, {i.name: values[i.name] for i in session.get_inputs()})))
+        return values["logits"]
+
+    options = {"session_config": qnn_runtime.QDQ_AS_FLOAT}
+    reference = open_session(exported / qnn_parts.GRAPHS["decode"], exported, **options)
+    chained = [open_session(folder / part["graphs"]["decode"], folder, **options) for part in parts]
+    feeds = {value.name: np.zeros([int(size) for size in value.shape], value.dtype.numpy())
+             for value in ir.load(exported / qnn_parts.GRAPHS["decode"]).graph.inputs}
+    feeds |= {"input_ids": np.array([[7]]), "attention_mask": np.ones_like(feeds["attention_mask"])}
+    np.testing.assert_array_equal(run(chained, feeds), run([reference], feeds))
 
 
 def test_chained_parts_give_the_logits_and_tokens_of_one_graph_on_cpu(exported, parted):
@@ -248,11 +287,11 @@ def test_validate_chains_the_parts_on_onnxruntime_cpu(parted, monkeypatch):
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_parts_compile_per_part_and_chain_on_htp_like_one_graph(exported, parted):
     files = json.loads((parted / "manifest.json").read_text())["model_files"]
-    for part in ("part0", "part1"):
+    for part in ("part0", "part1", "part2"):
         for graph in ("prefill", "decode"):
             assert f"{part}/{graph}_ctx.onnx" in files
     compile_seconds = json.loads((parted / "build.json").read_text())["target_seconds"]
-    assert sorted(compile_seconds) == sorted(f"{part}/{graph}.onnx" for part in ("part0", "part1")
+    assert sorted(compile_seconds) == sorted(f"{part}/{graph}.onnx" for part in ("part0", "part1", "part2")
                                                        for graph in ("prefill", "decode"))
     # The same QDQ graphs on the same backend: whatever HTP computes, the cut does not change it.
     whole, parts = _decoders(exported, parted, backend="htp")  # CPU fallback disabled
@@ -283,14 +322,21 @@ def test_a_random_weight_checkpoint_splits_into_parts(tmp_path):
     assert len(layers) >= 2 and sum(layers, []) == [0, 1, 2, 3]
 
 
-def test_a_part_limit_below_one_layer_is_refused_in_one_line(exported):
+def test_part_limits_cut_off_the_embedding_and_head_or_are_refused_in_one_line(exported):
     prefill = ir.load(exported / qnn_parts.GRAPHS["prefill"])
-    assert qnn_parts.plan_parts(prefill, 3_000_000, "3MB") == [range(0, 2), range(2, 4)]
-    assert qnn_parts.plan_parts(prefill, 10**9, "1GB") == [range(0, 4)]
-    with pytest.raises(NanoexportError, match="less than one decoder layer") as error:
+    # Units: -1 the embedding, 0-3 the layers, 4 the final norm and lm_head (reading the tied table too).
+    assert qnn_parts.plan_parts(prefill, 3_000_000, "3MB") == [range(-1, 2), range(2, 5)]
+    assert qnn_parts.plan_parts(prefill, 2_400_000, "2.4MB") == [range(-1, 0), range(0, 4), range(4, 5)]
+    assert qnn_parts.plan_parts(prefill, 10**9, "1GB") == [range(-1, 5)]
+    with pytest.raises(NanoexportError, match="less than the embedding") as error:
         qnn_parts.plan_parts(prefill, 100_000, "100kB")
     assert "\n" not in str(error.value) and "100kB" in str(error.value)
-    with pytest.raises(NanoexportError, match="the embedding with the first layer"):
+    # A final norm under another name: the head stays with the last layer, which then does not fit.
+    norm = next(value for name, value in prefill.graph.initializers.items() if name.endswith("model.norm.weight"))
+    prefill.graph.initializers.pop(norm.name)
+    norm.name = "final_layer_norm.scale"
+    prefill.graph.initializers[norm.name] = norm
+    with pytest.raises(NanoexportError, match="the last layer with the final norm and lm_head"):
         qnn_parts.plan_parts(prefill, 2_400_000, "2.4MB")
 
 

@@ -37,12 +37,12 @@ from nanoexport.calibration.activations import (
     window_feeds,
 )
 from nanoexport.calibration.graph import Linear
+from nanoexport.passes.initializers import is_final_norm
 from nanoexport.runtime import cpu_session
 
 log = logging.getLogger(__name__)
 
 LAYER_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.input_layernorm\.weight$")
-FINAL_NORM = re.compile(r"(?:^|\.)norm\.weight$")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def residual_cuts(model: ir.Model) -> list[ir.Value]:
             # The first such norm of a layer: its post-attention norm may read the same weight, when the two
             # were equal (all ones in a random-weight checkpoint) and merge_duplicate_initializers shared them.
             layers.setdefault(int(match.group(1)), node.inputs[0])
-        elif FINAL_NORM.search(name) and "layers." not in name:
+        elif is_final_norm(name):
             final = node.inputs[0]
     if not layers or final is None or sorted(layers) != list(range(len(layers))):
         raise NotLayered("no input_layernorm per layer and final norm found")

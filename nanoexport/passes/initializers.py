@@ -15,12 +15,18 @@ import onnx_ir as ir
 FINGERPRINT = "nanoexport.fingerprint"
 # model.layers.3.mlp.down_proj.weight -> 3; GPT-2's transformer.h.3.attn.c_attn.weight -> 3
 LAYER_OF_NAME = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+FINAL_NORM_NAME = re.compile(r"(?:^|\.)norm\.weight$")  # model.norm.weight, after the last layer
 
 
 def layer_of(name: str) -> int | None:
     """The decoder layer a weight's name puts it in, or None (embedding, final norm, head)."""
     match = LAYER_OF_NAME.search(name)
     return int(match[1]) if match else None
+
+
+def is_final_norm(name: str) -> bool:
+    """Whether a weight's name makes it the final norm's, which starts the output head."""
+    return FINAL_NORM_NAME.search(name) is not None and layer_of(name) is None
 
 
 def fingerprint(tensor: ir.TensorProtocol) -> str:

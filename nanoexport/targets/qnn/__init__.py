@@ -8,8 +8,9 @@ binary, for the SoC of ``--soc-model`` / ``--htp-arch`` (recorded in ``qnn_compi
 Parts: when the weights of one graph would exceed ``--max-part-bytes``, the layers are split into consecutive
 parts, each a folder ``part{p}/`` with its own ``prefill.onnx``, ``decode.onnx`` and ``model.onnx.data``. Part 0
 reads ``input_ids`` and holds the embedding, the last part holds the final norm and ``lm_head`` and gives
-``logits``; between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part
-takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
+``logits`` (either may be a part without layers, when a large vocabulary would not fit beside a layer);
+between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part takes and
+gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
 files and I/O (one part, the files above, when the model fits).
 
 What the lowering changes in the canonical graph, and why:

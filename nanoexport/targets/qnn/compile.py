@@ -114,30 +114,40 @@ def compile_contexts(folder: Path, graph_files: list[list[str]], settings: QnnOp
     part with ``share_weights``: its graphs in one binary holding their weights once. Returns the files
     written; ``seconds`` receives each graph's compile time.
 
-    Compiled in a fresh worker process with an environment of its own, so that a rebuild is byte-identical
-    whatever ran before in this process (see ``_compile_in_worker`` and ``worker_environment``)."""
-    job = {"settings": dataclasses.asdict(settings), "graph_files": graph_files}
+    Each part compiled in a fresh worker process with an environment of its own, so that a rebuild is
+    byte-identical whatever ran before in this process (see ``_compile_in_worker`` and ``worker_environment``)."""
+    compiled: dict[str, float] = {}
     with _compile_folder() as scratch:
         inputs = {path.relative_to(folder) for path in folder.rglob("*") if path.suffix in (".onnx", ".data")}
         for relative in inputs:
             (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(folder / relative, scratch / relative)
-        worker = subprocess.run([sys.executable, "-m", WORKER_MODULE], input=json.dumps(job), cwd=scratch,
-                                env=worker_environment(), capture_output=True, text=True)
-        if worker.returncode != 0:
-            lines = worker.stderr.strip().splitlines() or [f"the worker exited with code {worker.returncode}"]
-            message = next((line for line in reversed(lines) if line.startswith(WORKER_ERROR)), lines[-1])
-            raise NanoexportError(message.removeprefix(WORKER_ERROR))
+        # A worker per part: the HTP builder's memory (several times a graph's weights) goes with its process,
+        # so the peak is that of the largest part, not of all of them together.
+        for part_files in graph_files:
+            compiled.update(_run_worker(scratch, {"settings": dataclasses.asdict(settings),
+                                                  "graph_files": [part_files]}))
         written = sorted(path.relative_to(scratch).as_posix() for path in scratch.rglob("*")
                          if path.is_file() and path.relative_to(scratch) not in inputs)
         for relative in written:
             shutil.move(scratch / relative, folder / relative)
     if seconds is not None:
-        seconds.update(json.loads(worker.stdout.strip().splitlines()[-1]))
+        seconds.update(compiled)
     write_json(folder / COMPILE_REPORT, {"soc_model": settings.soc_model, "htp_arch": settings.htp_arch,
                                          "share_weights": settings.share_weights, "files": written})
     log.info("qnn: compiled for HTP (soc %s, v%s)", settings.soc_model, settings.htp_arch)
     return [*written, COMPILE_REPORT]
+
+
+def _run_worker(scratch: Path, job: dict) -> dict[str, float]:
+    """Run one compile job in a fresh worker process in ``scratch``; returns its seconds per graph."""
+    worker = subprocess.run([sys.executable, "-m", WORKER_MODULE], input=json.dumps(job), cwd=scratch,
+                            env=worker_environment(), capture_output=True, text=True)
+    if worker.returncode != 0:
+        lines = worker.stderr.strip().splitlines() or [f"the worker exited with code {worker.returncode}"]
+        message = next((line for line in reversed(lines) if line.startswith(WORKER_ERROR)), lines[-1])
+        raise NanoexportError(message.removeprefix(WORKER_ERROR))
+    return json.loads(worker.stdout.strip().splitlines()[-1])
 
 
 @contextmanager

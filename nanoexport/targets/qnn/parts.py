@@ -3,10 +3,11 @@
 When the weights of one graph would exceed ``--max-part-bytes``, the layers are split into consecutive parts,
 each a folder ``part{p}/`` with its own ``prefill.onnx``, ``decode.onnx`` and ``model.onnx.data``. Part 0
 reads ``input_ids`` and holds the embedding, the last part holds the final norm and ``lm_head`` and gives
-``logits``; between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``), and each part
-takes and gives only its own layers' KV cache. ``qnn_parts.json`` lists the parts in order with their layers,
-files and I/O (one part, the top-level files, when the model fits). Every graph is checked against the ops
-HTP accepts before it is written.
+``logits`` (either may be a part of its own, without layers, when a large vocabulary would not fit beside
+one); between parts flows ``hidden_states.{k}`` (the residual stream entering layer ``k``; for ``k`` the layer
+count, entering the final norm), and each part takes and gives only its own layers' KV cache.
+``qnn_parts.json`` lists the parts in order with their layers, files and I/O (one part, the top-level files,
+when the model fits). Every graph is checked against the ops HTP accepts before it is written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact
 from nanoexport.errors import NanoexportError
+from nanoexport.passes.initializers import is_final_norm
 from nanoexport.passes.initializers import layer_of as initializer_layer
 
 log = logging.getLogger(__name__)
@@ -45,22 +47,28 @@ def check_ops(model: ir.Model, name: str) -> None:
                                   "run on HTP; report the model")
 
 
-def layer_labels(graph: ir.Graph) -> dict[ir.Node, int]:
-    """Each node's layer: the highest layer whose weights or KV cache it depends on; -1 for none (the embedding,
-    the mask, the rotary tables). The final norm and ``lm_head`` come out as the last layer."""
-    layer_of = {}
+def unit_labels(graph: ir.Graph) -> dict[ir.Node, int]:
+    """Each node's unit: the highest layer whose weights or KV cache it depends on; -1 for none (the embedding,
+    the mask, the rotary tables); the layer count for the final norm and what follows it (the head). A model
+    whose final norm is not named ``norm.weight`` has its head in the last layer's unit."""
+    count = _num_layers(graph)
+    unit_of = {}
     for value in graph.inputs:
         if match := CACHE_NAME.match(value.name):
-            layer_of[value] = int(match[1])
+            unit_of[value] = int(match[1])
     for name, value in graph.initializers.items():
         if (layer := initializer_layer(name)) is not None:
-            layer_of[value] = layer
+            unit_of[value] = layer
     labels = {}
     for node in graph:
-        label = max((layer_of.get(value, -1) for value in node.inputs if value is not None), default=-1)
+        if any(value is not None and value.is_initializer() and is_final_norm(value.name)
+               for value in node.inputs):
+            label = count
+        else:
+            label = max((unit_of.get(value, -1) for value in node.inputs if value is not None), default=-1)
         labels[node] = label
         for value in node.outputs:
-            layer_of[value] = label
+            unit_of[value] = label
     return labels
 
 
@@ -69,87 +77,122 @@ def _num_layers(graph: ir.Graph) -> int:
 
 
 def plan_parts(model: ir.Model, limit: int, limit_text: str) -> list[range]:
-    """Consecutive layer ranges whose weights (in the weights file) each fit ``limit`` bytes; part 0 also holds
-    the embedding, the last part the final norm and ``lm_head``. Refuses a layer that fits no part."""
+    """Consecutive ranges of units whose weights (in the weights file) each fit ``limit`` bytes. Units: -1 the
+    embedding, 0 .. layers-1 the decoder layers, ``layers`` the final norm and ``lm_head``; the embedding and
+    the head may each be a part of their own, so that a large vocabulary does not set the smallest part. Refuses
+    a unit (or the embedding or head with the layer it cannot be cut from) that fits no part."""
     graph = model.graph
-    labels, layers = layer_labels(graph), _num_layers(graph)
-    # Which parts need each stored weight: its layer by name, else the embedding's part (read before any
-    # layer) or the head's (read after); a tied embedding is needed by both.
+    labels, layers = unit_labels(graph), _num_layers(graph)
+    needs = _units_needing(graph, labels)
     slots: dict[ir.Value, set[int]] = {}
     for node in graph:
         for value in node.inputs:
-            if value is None or not value.is_initializer() or not isinstance(value.const_value, ir.ExternalTensor):
-                continue
-            layer = initializer_layer(value.name)
-            slot = layer if layer is not None else -1 if labels[node] < 0 else layers
-            slots.setdefault(value, set()).add(slot)
+            if value is not None and value.is_initializer() and isinstance(value.const_value, ir.ExternalTensor):
+                slots.setdefault(value, set()).update(needs[node])
 
     def size(first: int, last: int) -> int:
-        wanted = {*range(first, last + 1), *([-1] if first == 0 else []), *([layers] if last == layers - 1 else [])}
-        return sum(value.const_value.nbytes for value, needs in slots.items() if needs & wanted)
+        return sum(value.const_value.nbytes for value, needs in slots.items() if needs & {*range(first, last + 1)})
 
-    ranges, start = [], 0
-    for layer in range(layers):
-        if layer > start and size(start, layer) > limit:
-            ranges.append(range(start, layer))
-            start = layer
-        if size(start, layer) > limit:
-            alone = sum(value.const_value.nbytes for value, needs in slots.items() if layer in needs)
-            what = "one decoder layer" if alone > limit else \
-                "the embedding with the first layer" if layer == 0 else "the last layer with the final norm and lm_head"
+    def cuttable(unit: int) -> bool:
+        if 0 < unit < layers:
+            return True
+        try:  # the embedding and the head come off only where one hidden state crosses to them
+            hidden_state(graph, labels, unit)
+        except NanoexportError:
+            return False
+        return True
+
+    ranges, start = [], -1
+    for unit in range(-1, layers + 1):
+        if unit > start and size(start, unit) > limit and cuttable(unit):
+            ranges.append(range(start, unit))
+            start = unit
+        if size(start, unit) > limit:
+            what = _unit_name(unit, layers, head_apart=layers in labels.values()) if unit == start else \
+                "the embedding with the first layer" if unit == 0 else "the last layer with the final norm and lm_head"
             raise NanoexportError(f"--max-part-bytes {limit_text} ({limit:,} bytes) is less than {what} "
-                                  f"({size(start, layer):,} bytes of weights); parts hold whole layers, so raise it")
-    ranges.append(range(start, layers))
+                                  f"({size(start, unit):,} bytes of weights); parts hold whole layers, so raise it")
+    ranges.append(range(start, layers + 1))
     return ranges
+
+
+def _units_needing(graph: ir.Graph, labels: dict[ir.Node, int]) -> dict[ir.Node, set[int]]:
+    """The units whose part must hold each node: its own, for a node of a layer or the head; the embedding for
+    one computed from ``input_ids``; for the rest (the mask, the rotary tables, a cast of the head's weight),
+    every unit that reads what it computes, as each part computes them again."""
+    from_tokens = _reached_from(graph, "input_ids")
+    needs: dict[ir.Node, set[int]] = {}
+    for node in reversed(list(graph)):
+        if labels[node] >= 0:
+            needs[node] = {labels[node]}
+        elif any(value in from_tokens for value in node.outputs):
+            needs[node] = {-1}
+        else:
+            needs[node] = {unit for value in node.outputs for use in value.uses() for unit in needs[use.node]}
+    return needs
+
+
+def _unit_name(unit: int, layers: int, head_apart: bool) -> str:
+    if unit == layers - 1 and not head_apart:
+        return "the last layer with the final norm and lm_head"
+    return "the embedding" if unit < 0 else "the final norm and lm_head" if unit == layers else "one decoder layer"
 
 
 def write_parts(graphs: dict[str, ir.Model], ranges: list[range], folder: Path) -> list[dict]:
     """Write each part's prefill and decode graphs and their one weights file; returns the parts' entries.
 
-    One part: the whole graphs at the top of the artifact, reading ``model.onnx.data`` already there. Several:
-    each part is cut from a reloaded copy of the whole graphs, and its weights move to its own folder.
+    ``ranges``: the parts' units as ``plan_parts`` gives them. One part: the whole graphs at the top of the
+    artifact, reading ``model.onnx.data`` already there. Several: each part is cut from a reloaded copy of the
+    whole graphs, and its weights move to its own folder.
     """
+    count = _num_layers(graphs["prefill"].graph)
     if len(ranges) == 1:
         for name, file_name in GRAPHS.items():
             check_ops(graphs[name], name)
             ir.save(graphs[name], folder / file_name)
-        return [_part_entry(graphs, ranges[0], "")]
+        return [_part_entry(graphs, _layers_of(ranges[0], count), "")]
     whole = {name: folder / f"whole_{file_name}" for name, file_name in GRAPHS.items()}
     for name, path in whole.items():
         ir.save(graphs[name], path)
     entries = []
-    for index, layers in enumerate(ranges):
+    for index, units in enumerate(ranges):
         part = f"part{index}"
         (folder / part).mkdir()
-        pieces = {name: cut_part(ir.load(path), layers) for name, path in whole.items()}
+        pieces = {name: cut_part(ir.load(path), units) for name, path in whole.items()}
         _own_weights(pieces, folder / part)
         for name, file_name in GRAPHS.items():
             check_ops(pieces[name], f"{part} {name}")
             ir.save(pieces[name], folder / part / file_name)
-        entries.append(_part_entry(pieces, layers, f"{part}/"))
+        entries.append(_part_entry(pieces, _layers_of(units, count), f"{part}/"))
     for path in whole.values():
         path.unlink()
     (folder / WEIGHTS_FILE).unlink()
-    log.info("qnn: %d parts, layers %s", len(ranges), [list(layers) for layers in ranges])
+    log.info("qnn: %d parts, units %s (-1: the embedding, %d: the head)", len(ranges),
+             [[units.start, units.stop - 1] for units in ranges], count)
     return entries
 
 
-def cut_part(model: ir.Model, layers: range) -> ir.Model:
-    """The whole graph cut down to ``layers``: ``hidden_states.{first}`` in (or ``input_ids`` for the first
-    part), ``hidden_states.{stop}`` out (or ``logits`` for the last), and the KV cache of these layers only."""
+def _layers_of(units: range, count: int) -> list[int]:
+    return [unit for unit in units if 0 <= unit < count]
+
+
+def cut_part(model: ir.Model, units: range) -> ir.Model:
+    """The whole graph cut down to ``units`` (see ``plan_parts``): ``hidden_states.{first}`` in (or
+    ``input_ids`` when the part holds the embedding), ``hidden_states.{stop}`` out (or ``logits`` when it holds
+    the head), and the KV cache of its layers only."""
     graph = model.graph
-    labels, count = layer_labels(graph), _num_layers(graph)
-    inner = hidden_state(graph, labels, layers.start) if layers.start > 0 else None
-    outer = hidden_state(graph, labels, layers.stop) if layers.stop < count else None
+    labels, count = unit_labels(graph), _num_layers(graph)
+    inner = hidden_state(graph, labels, units.start) if units.start >= 0 else None
+    outer = hidden_state(graph, labels, units.stop) if units.stop <= count else None
     outputs = {value.name: value for value in graph.outputs}
     if inner is not None:
-        hidden = ir.Value(name=f"hidden_states.{layers.start}", shape=inner.shape, type=inner.type)
+        hidden = ir.Value(name=f"hidden_states.{units.start}", shape=inner.shape, type=inner.type)
         inner.replace_all_uses_with(hidden)
         graph.inputs.insert(0, hidden)
     if outer is not None:
-        outer.name = f"hidden_states.{layers.stop}"
+        outer.name = f"hidden_states.{units.stop}"
     kept = [outer if outer is not None else outputs["logits"]]
-    kept += [outputs[f"present.{layer}.{kind}"] for layer in layers for kind in ("key", "value")]
+    kept += [outputs[f"present.{layer}.{kind}"] for layer in _layers_of(units, count) for kind in ("key", "value")]
     graph.outputs.clear()
     graph.outputs.extend(kept)
     common.RemoveUnusedNodesPass()(model)
@@ -158,25 +201,38 @@ def cut_part(model: ir.Model, layers: range) -> ir.Model:
     return model
 
 
-def hidden_state(graph: ir.Graph, labels: dict[ir.Node, int], layer: int) -> ir.Value:
-    """The one value computed before ``layer`` that ``layer`` and later ones read: the residual stream.
+def hidden_state(graph: ir.Graph, labels: dict[ir.Node, int], unit: int) -> ir.Value:
+    """The one value computed before ``unit`` that ``unit`` and later ones read: the residual stream (for the
+    first layer, the embedding's output: computed from ``input_ids``, unlike the mask and rotary tables).
 
     A Q -> DQ pair calibration put on it counts as the value itself (the pair moves to the later part).
     """
+    from_tokens = _reached_from(graph, "input_ids") if unit == 0 else set()
     crossing = {}
     for node in graph:
-        if labels[node] < layer:
+        if labels[node] < unit:
             continue
         for value in node.inputs:
             producer = value.producer() if value is not None else None
-            if producer is not None and 0 <= labels[producer] < layer:
+            if producer is None:
+                continue
+            if (0 <= labels[producer] < unit) if unit > 0 else (labels[producer] < 0 and value in from_tokens):
                 value = _before_qdq(value)
                 crossing[value.name] = value
     if len(crossing) != 1:
-        raise NanoexportError(f"{len(crossing)} values pass from layer {layer - 1} to layer {layer} "
+        raise NanoexportError(f"{len(crossing)} values pass from unit {unit - 1} to unit {unit} "
                               f"({', '.join(sorted(crossing)[:3])}), not one hidden state; the qnn target cannot "
                               "split this model into parts: raise --max-part-bytes or report the model")
     return next(iter(crossing.values()))
+
+
+def _reached_from(graph: ir.Graph, input_name: str) -> set[ir.Value]:
+    """The values computed from the graph input ``input_name``."""
+    reached = {value for value in graph.inputs if value.name == input_name}
+    for node in graph:
+        if any(value in reached for value in node.inputs if value is not None):
+            reached.update(node.outputs)
+    return reached
 
 
 def _before_qdq(value: ir.Value) -> ir.Value:
@@ -209,12 +265,12 @@ def _own_weights(pieces: dict[str, ir.Model], folder: Path) -> None:
     scratch.unlink()
 
 
-def _part_entry(graphs: dict[str, ir.Model], layers: range, prefix: str) -> dict:
+def _part_entry(graphs: dict[str, ir.Model], layers: list[int], prefix: str) -> dict:
     def describe(value: ir.Value) -> dict:
         return {"name": value.name, "dtype": value.dtype.name.lower(), "shape": list(value.shape.numpy())}
 
     return {
-        "layers": list(layers),
+        "layers": layers,
         "graphs": {name: f"{prefix}{file_name}" for name, file_name in GRAPHS.items()},
         "weights": f"{prefix}{WEIGHTS_FILE}",
         "io": {name: {"inputs": [describe(value) for value in graph.graph.inputs],
