@@ -196,12 +196,13 @@ def stored_digests(stored: Iterable[tuple[str, QuantizedWeight]], canonical: dic
     digests, the set digest, whether they equal the canonical ones, and, for layers the target changed
     (re-rounded to its own grid), the error of its dequantized weights against the canonical graph's,
     measured when the ``canonical_weights`` are at hand (at export)."""
-    layers, changed_weights = {}, {}
+    layers, errors = {}, {}
     canonical_layers = canonical["layers"]
     for name, weight in joined_parts(stored):
         layers[name] = layer_digest(weight)
         if canonical_weights is not None and name in canonical_layers and canonical_layers[name] != layers[name]:
-            changed_weights[name] = dequantized(weight)
+            # Measured layer by layer: holding every changed layer's float weights took 1.4 GB on a 0.5B model.
+            errors[name] = _squared_error(dequantized(weight), dequantized(canonical_weights.weight(name)))
     record: dict[str, Any] = {"layers": dict(sorted(layers.items())), "digest": set_digest(layers.values())}
     record["equals_canonical"] = record["digest"] == canonical["digest"]
     if not record["equals_canonical"]:
@@ -210,26 +211,29 @@ def stored_digests(stored: Iterable[tuple[str, QuantizedWeight]], canonical: dic
         # Canonical layers whose numbers the target's files do not hold (under any name).
         record["missing_layers"] = sorted(name for name, digest in canonical_layers.items()
                                           if digest not in stored_set and name not in layers)
-    if changed_weights:
-        record["weight_error"] = _weight_error(changed_weights, canonical_weights)
+    if errors:
+        record["weight_error"] = _weight_error(errors)
     return record
 
 
-def _weight_error(changed: dict[str, np.ndarray], canonical: CanonicalWeights) -> dict[str, Any]:
-    """How far the target's dequantized weights are from the canonical graph's: relative RMS over the changed
-    layers (sqrt of summed squared differences over summed squares), the largest per-layer figure, and every
-    changed layer's figure (which the compare report plots)."""
+def _squared_error(weight: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """The summed squared difference of ``weight`` from ``reference``, and the summed squares of ``reference``."""
+    return float(np.square(weight - reference).sum()), float(np.square(reference).sum())
+
+
+def _weight_error(errors: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """How far the target's dequantized weights are from the canonical graph's, from each changed layer's
+    ``_squared_error``: relative RMS over the changed layers (sqrt of summed squared differences over summed
+    squares), the largest per-layer figure, and every changed layer's figure (which the compare report plots)."""
     difference = total = 0.0
     worst_name, worst = "", 0.0
     by_layer = {}
-    for name in sorted(changed):
-        reference = dequantized(canonical.weight(name))
-        squared_difference = float(np.square(changed[name] - reference).sum())
-        squared = float(np.square(reference).sum())
+    for name in sorted(errors):
+        squared_difference, squared = errors[name]
         difference, total = difference + squared_difference, total + squared
         layer_error = (squared_difference / squared) ** 0.5 if squared else 0.0
         by_layer[name] = round(layer_error, 6)
         if layer_error >= worst:
             worst_name, worst = name, layer_error
-    return {"relative_rms": round((difference / total) ** 0.5 if total else 0.0, 6), "layers": len(changed),
+    return {"relative_rms": round((difference / total) ** 0.5 if total else 0.0, 6), "layers": len(errors),
             "worst_layer": worst_name, "worst_layer_relative_rms": round(worst, 6), "layer_relative_rms": by_layer}
