@@ -23,6 +23,7 @@ from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.capture.optimum import import_optimum_onnx
 from nanoexport.cli import main
 from nanoexport.passes import PASSES, run_passes
+from nanoexport.validate.compare import compare
 
 FIXTURE = Path(__file__).parent / "fixtures" / "optimum-llama"
 CANONICAL_OPS = ("RMSNormalization", "RotaryEmbedding", "Attention", "Swish", "Split")
@@ -157,3 +158,29 @@ def test_a_weightless_checkpoint_is_identified_by_its_onnx_file_and_external_dat
     checkpoint = load_checkpoint(folder)
     assert checkpoint.onnx_weights == folder.resolve() / "model.onnx" and checkpoint.lazy
     assert checkpoint.weights_sha256 == files_digest(folder / "model.onnx", folder / "model.onnx_data")
+
+
+def test_a_folder_without_safetensors_builds_the_integers_of_the_full_folder(tmp_path):
+    """int4 RTN needs no reference: the weightless folder gives the full folder's integers to every target, and
+    validation against its ONNX file gives the figures validation against the PyTorch model gives."""
+    config = nanoexport.ExportConfig()
+    config.quant.weights = "int4"
+    folder = weightless_copy(tmp_path / "optimum")
+    result = build(folder, targets=["onnx", "openvino"], out=tmp_path / "build", config=config, progress=False)
+    full = nanoexport.export(FIXTURE, target="onnx", out=tmp_path / "full", config=config, progress=False)
+    assert not result.failures, result.failures
+    for artifact in result.artifacts.values():
+        assert artifact.manifest["weight_digests"]["canonical"] == full.manifest["weight_digests"]["canonical"]
+        source = artifact.manifest["source"]
+        assert source["weights_file"] == "model.onnx"
+        assert source["weights_sha256"] == files_digest(folder / "model.onnx")
+    assert result.artifacts["onnx"].manifest["weight_digests"]["stored"] == full.manifest["weight_digests"]["stored"]
+    assert "weights_file" not in full.manifest["source"]
+    assert full.manifest["source"]["weights_sha256"] == files_digest(FIXTURE / "model.safetensors")
+
+    ours, theirs = nanoexport.validate(result.artifacts["onnx"], write=False), nanoexport.validate(full, write=False)
+    assert (ours.reference, theirs.reference) == ("ONNX Runtime CPU on model.onnx", "PyTorch fp32")
+    for check in theirs.checks:
+        assert next(c.value for c in ours.checks if c.name == check.name) == pytest.approx(check.value, abs=1e-4)
+    report = compare(list(result.artifacts.values()))
+    assert report["reference"]["model"] == "ONNX Runtime CPU on model.onnx" and report["passed"], report["failures"]
