@@ -184,3 +184,33 @@ def test_a_folder_without_safetensors_builds_the_integers_of_the_full_folder(tmp
         assert next(c.value for c in ours.checks if c.name == check.name) == pytest.approx(check.value, abs=1e-4)
     report = compare(list(result.artifacts.values()))
     assert report["reference"]["model"] == "ONNX Runtime CPU on model.onnx" and report["passed"], report["failures"]
+
+
+def test_a_folder_without_safetensors_validates_against_its_onnx_file(tmp_path, capsys):
+    folder = weightless_copy(tmp_path / "optimum")
+    artifact = nanoexport.export(folder, target="onnx", out=tmp_path / "onnx", progress=False)
+    report = nanoexport.validate(artifact)
+    checks = {check.name: check.value for check in report.checks}
+    assert report.reference == "ONNX Runtime CPU on model.onnx" and report.passed
+    assert checks["logits max-abs error"] <= 1e-4 and checks["greedy agreement"] == 1.0
+
+    def reference_of(artifact_folder: Path) -> str:
+        return json.loads((artifact_folder / "report.json").read_text())["reference"]
+
+    # Later, from the manifest: the reference found again at the source, checked against the recorded digest.
+    assert main(["validate", str(artifact.path)]) == 0
+    assert reference_of(artifact.path) == "ONNX Runtime CPU on model.onnx"
+    # Where the user has the checkpoint after all: its PyTorch model.
+    assert main(["validate", str(artifact.path), "--reference", str(FIXTURE)]) == 0
+    assert reference_of(artifact.path) == "PyTorch fp32"
+    assert main(["--model", str(folder), "--out", str(tmp_path / "vs-torch"), "--reference", str(FIXTURE)]) == 0
+    assert reference_of(tmp_path / "vs-torch") == "PyTorch fp32"
+    assert main(["--model", str(folder), "--out", str(tmp_path / "unchecked"), "--no-validate"]) == 0
+    assert not (tmp_path / "unchecked" / "report.json").exists()
+
+    graph = onnx.load(folder / "model.onnx")
+    graph.doc_string = "another export"
+    onnx.save(graph, folder / "model.onnx")
+    capsys.readouterr()
+    assert main(["validate", str(artifact.path)]) == 2
+    assert "differ from those" in capsys.readouterr().err
