@@ -18,6 +18,7 @@ import pytest
 import nanoexport
 from nanoexport.artifact import sha256_of
 from nanoexport.build import build
+from nanoexport.capture import checkpoint as checkpoint_module
 from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
 from nanoexport.capture.onnx_export import export_onnx
 from nanoexport.capture.optimum import import_optimum_onnx
@@ -186,7 +187,7 @@ def test_a_folder_without_safetensors_builds_the_integers_of_the_full_folder(tmp
     assert report["reference"]["model"] == "ONNX Runtime CPU on model.onnx" and report["passed"], report["failures"]
 
 
-def test_a_folder_without_safetensors_validates_against_its_onnx_file(tmp_path, capsys):
+def test_a_folder_without_safetensors_validates_against_its_onnx_file(tmp_path, capsys, monkeypatch):
     folder = weightless_copy(tmp_path / "optimum")
     artifact = nanoexport.export(folder, target="onnx", out=tmp_path / "onnx", progress=False)
     report = nanoexport.validate(artifact)
@@ -207,6 +208,12 @@ def test_a_folder_without_safetensors_validates_against_its_onnx_file(tmp_path, 
     assert reference_of(tmp_path / "vs-torch") == "PyTorch fp32"
     assert main(["--model", str(folder), "--out", str(tmp_path / "unchecked"), "--no-validate"]) == 0
     assert not (tmp_path / "unchecked" / "report.json").exists()
+
+    with monkeypatch.context() as patch:  # the reference needs the ONNX file's bytes in memory
+        patch.setattr(checkpoint_module, "_available_memory", lambda: 1 << 10)
+        capsys.readouterr()
+        assert main(["validate", str(artifact.path)]) == 2
+        assert "GiB as the ONNX Runtime reference model" in capsys.readouterr().err
 
     graph = onnx.load(folder / "model.onnx")
     graph.doc_string = "another export"

@@ -295,11 +295,17 @@ def _skeleton(hf_config, folder: Path) -> torch.nn.Module:
 def check_memory(weights: SafetensorsWeights, folder: Path) -> None:
     """Refuse, before loading, an fp32 model larger than the memory available now."""
     needed = 4 * sum(math.prod(shape) for _, _, shape in weights.entries.values())
+    check_reference_memory(needed, f"the checkpoint in {folder}", "fp32 reference model")
+
+
+def check_reference_memory(needed: int, what: str, role: str) -> None:
+    """Refuse, before loading, a reference model (``what``, serving as ``role``) that needs ``needed`` bytes,
+    more than the memory available now."""
     available = _available_memory()
     if available is not None and needed > available:
-        raise NanoexportError(f"the checkpoint in {folder} needs {needed / 2**30:.1f} GiB as the fp32 reference "
-                              f"model, but {available / 2**30:.1f} GiB of memory are available; validate on a "
-                              "machine with more memory, or export with --no-validate")
+        raise NanoexportError(f"{what} needs {needed / 2**30:.1f} GiB as the {role}, but {available / 2**30:.1f} "
+                              "GiB of memory are available; validate on a machine with more memory, or export with "
+                              "--no-validate")
 
 
 def _available_memory() -> int | None:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoexport.capture.checkpoint import Checkpoint
+from nanoexport.capture.checkpoint import Checkpoint, check_reference_memory
+from nanoexport.capture.optimum import onnx_weight_files
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interface import PROMPTS, ArtifactDecoder, call_feeds, kv_shape, prompts_for  # noqa: F401
 
@@ -57,6 +58,9 @@ class OnnxReference(Reference):
         from nanoexport.runtime import cpu_session
 
         self.description = f"ONNX Runtime CPU on {path.name}"
+        # ONNX Runtime holds the weights as the files store them.
+        check_reference_memory(sum(file.stat().st_size for file in onnx_weight_files(path)), str(path),
+                               "ONNX Runtime reference model")
         try:
             self.session = cpu_session(path)
         except Exception as error:  # the runtime's many exception types all mean "cannot load this file"
