@@ -143,7 +143,9 @@ MANIFEST_FIELDS = {
     "target": str,
     "model_files": [str],
     "files": [{"path": str, "size": int, "sha256": str}],
-    "source": {"name": str, "source": str, "family": str, "parameters": int, "weights_sha256": str},
+    # weights_file: the file beside the source's config whose digest weights_sha256 is, when not its safetensors
+    "source": {"name": str, "source": str, "family": str, "parameters": int, "weights_sha256": str,
+               "weights_file": (None, str)},
     "config": {"validate": dict},
     "io": {
         "inputs": [_IO_VALUE],

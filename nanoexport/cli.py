@@ -31,6 +31,10 @@ EXPORT_EXAMPLES = """\
 examples:
   nanoexport                                   export the bundled demo model for ONNX Runtime and validate it
   nanoexport --target onnx --model ./my-llama  export a local Hugging Face checkpoint
+  nanoexport --model ./optimum-onnx            a folder where `optimum-cli export onnx` wrote model.onnx beside
+                                               config.json and the tokenizer; without the checkpoint's
+                                               *.safetensors there, validation runs model.onnx on ONNX Runtime
+                                               as the reference (--reference CHECKPOINT: PyTorch instead)
   nanoexport --model Qwen/Qwen2.5-0.5B --out build/qwen --overwrite
   nanoexport --config ci/nanoexport.toml       settings from a file; flags override it
   nanoexport --verify-passes -v                check every pass on ONNX Runtime and log its statistics
@@ -105,10 +109,11 @@ log = logging.getLogger("nanoexport")
 def _parser(verb: str) -> argparse.ArgumentParser:
     descriptions = {
         "export": ("nanoexport", "Export a decoder LM to a validated artifact for one target.", EXPORT_EXAMPLES),
-        "validate": ("nanoexport validate", "Run an artifact beside its PyTorch reference and check the numbers.",
+        "validate": ("nanoexport validate", "Run an artifact beside its reference model (PyTorch; ONNX Runtime for "
+                     "an Optimum ONNX folder without safetensors) and check the numbers.",
                      VALIDATE_EXAMPLES),
         "build": ("nanoexport build", "Quantize a decoder LM once and lower it for several targets.", BUILD_EXAMPLES),
-        "compare": ("nanoexport compare", "Run artifacts of one model side by side against its PyTorch reference.",
+        "compare": ("nanoexport compare", "Run artifacts of one model side by side against its reference model.",
                     COMPARE_EXAMPLES),
         "inspect": ("nanoexport inspect", "Show an artifact's manifest.", INSPECT_EXAMPLES),
         "targets": ("nanoexport targets", "List the targets and whether each one's runtime is installed.",
@@ -123,6 +128,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("--target", help="target backend (default: onnx); see `nanoexport targets`")
         parser.add_argument("--out", help="artifact folder (default: ./nanoexport-out/<model>-<target>)")
         parser.add_argument("--no-validate", action="store_true", help="skip validation after export")
+        parser.add_argument("--reference", help="checkpoint to validate against (default: the exported one; for an "
+                                                "Optimum ONNX folder without *.safetensors, its model.onnx run on "
+                                                "ONNX Runtime)")
         parser.add_argument("--preset", help="the target's tested settings, under the config file and flags: "
                                              "speed (fastest decode at no more perplexity change than the peer "
                                              "exporter's default int4; see benchmarks/frontier.py)")
@@ -164,7 +172,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     """The flags export and build share: the model, settings file, passes, KV cache, quantization, and each
     target's options."""
-    parser.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+    parser.add_argument("--model", help="checkpoint folder, hub id, or a folder where `optimum-cli export onnx` "
+                                        "wrote model.onnx beside config.json (default: the bundled demo model)")
     parser.add_argument("--config", type=Path, help="settings file (default: ./nanoexport.toml if present)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--passes", type=_names, help="comma-separated passes to run (default: all)")
@@ -273,7 +282,7 @@ def _export(args: argparse.Namespace) -> int:
     console.print(_summary_table(artifact))
     if args.no_validate:
         return 0
-    report = validate(artifact)
+    report = validate(artifact, reference=args.reference)
     console.print(report_table(report.to_dict()))
     return 0 if report.passed else 1
 

@@ -44,7 +44,7 @@ def check_onnx_file(path: Path, folder: Path) -> None:
             raise NanoexportError(f"{path} names an input or output (or one of its dimensions) in bytes that are "
                                   f"not UTF-8; {FIX}")
     data_sizes: dict[Path, int] = {}
-    for tensor in _tensors(model):
+    for tensor in tensors_of(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_external_data(tensor, path, folder, data_sizes)
     for node in model.graph.node:
@@ -65,7 +65,7 @@ def open_session(path: Path, folder: Path, **options: Any):
         raise NanoexportError(f"ONNX Runtime cannot load {path} ({reason[:400]}); {FIX}") from None
 
 
-def _tensors(model) -> Iterator[Any]:
+def tensors_of(model) -> Iterator[Any]:
     """Every TensorProto of ``model``: initializers and tensor attributes, in subgraphs and functions too."""
     graphs = [model.graph]
     nodes = [node for function in model.functions for node in function.node]

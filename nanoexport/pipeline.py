@@ -62,8 +62,10 @@ def export(
         canonical = canonical_graph(model, config, passes, steps)
         lower_into(folder, canonical, canonical.graph, plan, canonical.quantization, steps)
     artifact = Artifact.load(destination)
-    # Validation's reference: a checkpoint read lazily has no weights in memory, so validation loads it.
-    artifact.checkpoint = None if canonical.checkpoint.lazy else canonical.checkpoint
+    # Validation's reference: a checkpoint read lazily from safetensors has no weights in memory, so validation
+    # loads it; a weightless one's reference is its ONNX file, run as it is.
+    checkpoint = canonical.checkpoint
+    artifact.checkpoint = None if checkpoint.lazy and checkpoint.onnx_weights is None else checkpoint
     return artifact
 
 
@@ -120,16 +122,18 @@ def float_canonical(model: Any, config: ExportConfig, passes: list, steps: Steps
     """Capture ``model`` and run the canonical ``passes``: the canonical graph before quantization.
 
     A folder holding an Optimum ONNX decoder (``model.onnx``) is read instead of captured from torch; its
-    checkpoint files beside it are the model's description and validation's reference.
+    checkpoint files beside it are the model's description and, when its safetensors are there, validation's
+    reference (else the ONNX file is: a weightless checkpoint).
     """
     onnx_file = optimum_onnx_file(model)
     if onnx_file is not None:
         check_optimum_folder(onnx_file.parent)
     with steps.step("capture: load checkpoint"):
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model, lazy=True)
+    onnx_file = onnx_file or checkpoint.onnx_weights  # a weightless checkpoint's model has nothing to trace
     if onnx_file is not None:
         with steps.step("capture: read Optimum ONNX"):
-            graph = import_optimum_onnx(onnx_file, checkpoint.config.num_hidden_layers)
+            graph = import_optimum_onnx(onnx_file, checkpoint.config)
     else:
         with steps.step("capture: torch -> ONNX"):
             graph = export_onnx(checkpoint)
@@ -226,14 +230,7 @@ def _manifest_fields(graph: ir.Model, checkpoint: Checkpoint, config: ExportConf
         "tool_versions": _tool_versions(),
         "target": config.target,
         "model_files": model_files,
-        "source": {
-            "name": checkpoint.name,
-            "source": checkpoint.source,
-            "family": checkpoint.family,
-            "weights_sha256": checkpoint.weights_sha256,
-            "parameters": sum(p.numel() for p in checkpoint.model.parameters()),
-            "config": checkpoint.config.to_diff_dict(),
-        },
+        "source": _source_record(checkpoint),
         "config": config.manifest_view(),
         "io": io_signature(graph, checkpoint, cache),
         "passes": [{"name": s.name, "nodes_before": s.nodes_before, "nodes_after": s.nodes_after}
@@ -241,6 +238,22 @@ def _manifest_fields(graph: ir.Model, checkpoint: Checkpoint, config: ExportConf
         "quantization": quantization,
         "tokenizer": "tokenizer" if checkpoint.tokenizer_files else None,
     }
+
+
+def _source_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The manifest's record of the model exported: where from, and the digest of the files holding its weights
+    (a weightless checkpoint names that file, its ONNX decoder; otherwise they are the safetensors)."""
+    record = {
+        "name": checkpoint.name,
+        "source": checkpoint.source,
+        "family": checkpoint.family,
+        "weights_sha256": checkpoint.weights_sha256,
+        "parameters": sum(p.numel() for p in checkpoint.model.parameters()),
+        "config": checkpoint.config.to_diff_dict(),
+    }
+    if checkpoint.onnx_weights is not None:
+        record["weights_file"] = checkpoint.onnx_weights.name
+    return record
 
 
 def model_name(model: Any) -> str:

@@ -1,7 +1,9 @@
 """Load a decoder checkpoint (local Hugging Face folder, hub id, or a module in memory) for export.
 
 Weights come from safetensors. A pickle checkpoint (``pytorch_model.bin``) is only read through
-``torch.load(weights_only=True)``, which refuses anything beyond plain tensors.
+``torch.load(weights_only=True)``, which refuses anything beyond plain tensors. A folder with neither, where
+Optimum wrote its ONNX decoder (``model.onnx``) beside the config, is a weightless checkpoint: the ONNX file
+holds the weights, and validation's reference runs it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import torch
 
 from nanoexport.artifact import sha256_of
-from nanoexport.capture.weights import SafetensorsWeights, check_shapes, meta_model
+from nanoexport.capture.optimum import onnx_weight_files, optimum_onnx_file
+from nanoexport.capture.weights import EMBEDDING_KEYS, SafetensorsWeights, check_shapes, meta_model
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.passes.initializers import layer_of
 
@@ -47,8 +50,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# The token embedding's name in each family's checkpoint (gpt2: wte), and a decoder layer's index.
-EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
@@ -58,7 +59,9 @@ class Checkpoint:
     """A model in fp32 eval mode, with where it came from and its tokenizer files.
 
     Read from safetensors, ``model`` has the architecture without the data (fake parameters) and ``weights``
-    reads each tensor from the files when asked; otherwise ``model`` holds the weights and ``weights`` is None.
+    reads each tensor from the files when asked. Weightless (an Optimum folder without safetensors), ``model``
+    is the same architecture without data and ``onnx_weights`` the ONNX decoder holding the weights. Otherwise
+    ``model`` holds the weights and both are None.
     """
 
     name: str
@@ -67,14 +70,17 @@ class Checkpoint:
     weights_digest: str | Future[str]  # a checkpoint's files are hashed in the background while capture runs
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     weights: SafetensorsWeights | None = None
+    onnx_weights: Path | None = None
 
     @property
     def lazy(self) -> bool:
-        return self.weights is not None
+        """Whether ``model`` has no data (fake parameters): it can be traced, not run."""
+        return self.weights is not None or self.onnx_weights is not None
 
     @property
     def weights_sha256(self) -> str:
-        """The SHA-256 over the weight files' digests (or a model's tensors), waited for on first use."""
+        """The SHA-256 over the weight files' digests (safetensors, or a weightless checkpoint's ONNX file and
+        its external data; a model in memory: its tensors), waited for on first use."""
         if isinstance(self.weights_digest, Future):
             self.weights_digest = self.weights_digest.result()
         return self.weights_digest
@@ -102,7 +108,9 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
     """Load ``source`` (folder, hub id or ``transformers`` model) as an fp32 model ready for export.
 
     ``lazy``: safetensors weights stay on disk until a stage reads them (see ``Checkpoint``), which is what
-    export wants; without it the model holds its weights and can run, which a reference model must.
+    export wants; without it the model holds its weights and can run, which a reference model must. A
+    weightless checkpoint (an Optimum ONNX folder without safetensors) never holds them: its reference is the
+    ONNX file.
     """
     if isinstance(source, torch.nn.Module):
         return _from_module(source)
@@ -119,8 +127,13 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
     model_type = settings.get("model_type") if isinstance(settings, dict) else None
     check_architecture(model_type)
     weight_files = _weight_files(folder)
-    weights = None
-    if weight_files[0].suffix == ".safetensors":
+    weights, onnx_weights = None, None
+    if weight_files[0].suffix == ".onnx":
+        onnx_weights = weight_files[0]
+        hf_config = _load_config(folder)
+        _skeleton(hf_config, folder)  # a config transformers cannot build from, refused in one line
+        model = meta_model(hf_config)  # its sizes are checked against the ONNX file's when capture reads it
+    elif weight_files[0].suffix == ".safetensors":
         weights = SafetensorsWeights(weight_files)
         hf_config = _load_config(folder)
         check_config_sizes(hf_config, weights, folder)
@@ -142,9 +155,11 @@ def load_checkpoint(source: str | Path | torch.nn.Module, lazy: bool = False) ->
         source=str(source),
         model=model,
         # hashlib lets go of the GIL while it hashes: 1.5 s of the 0.5B export's load step overlaps capture.
-        weights_digest=_in_background(lambda: _hash_files(weight_files)),
+        weights_digest=_in_background(lambda: _hash_files(onnx_weight_files(onnx_weights) if onnx_weights
+                                                          else weight_files)),
         tokenizer_files=tokenizer_files,
         weights=weights,
+        onnx_weights=onnx_weights,
     )
 
 
@@ -176,6 +191,7 @@ def _download(hub_id: str) -> Path:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files, else the pickle files, else the Optimum ONNX decoder (one file) in ``folder``."""
     safetensors = sorted(folder.glob("*.safetensors"))  # their headers are checked by SafetensorsWeights
     if safetensors:
         return safetensors
@@ -183,7 +199,11 @@ def _weight_files(folder: Path) -> list[Path]:
     if pickles:
         log.warning("%s holds pickle weights; reading them with torch.load(weights_only=True)", folder)
         return pickles
-    raise NanoexportError(f"no weights in {folder}: expected *.safetensors files")
+    onnx_file = optimum_onnx_file(folder)
+    if onnx_file is not None:
+        return [onnx_file]
+    raise NanoexportError(f"no weights in {folder}: expected *.safetensors files, or the model.onnx that "
+                          "`optimum-cli export onnx --task text-generation-with-past` writes")
 
 
 def check_config_sizes(hf_config, weights: SafetensorsWeights, folder: Path) -> None:
@@ -275,11 +295,17 @@ def _skeleton(hf_config, folder: Path) -> torch.nn.Module:
 def check_memory(weights: SafetensorsWeights, folder: Path) -> None:
     """Refuse, before loading, an fp32 model larger than the memory available now."""
     needed = 4 * sum(math.prod(shape) for _, _, shape in weights.entries.values())
+    check_reference_memory(needed, f"the checkpoint in {folder}", "fp32 reference model")
+
+
+def check_reference_memory(needed: int, what: str, role: str) -> None:
+    """Refuse, before loading, a reference model (``what``, serving as ``role``) that needs ``needed`` bytes,
+    more than the memory available now."""
     available = _available_memory()
     if available is not None and needed > available:
-        raise NanoexportError(f"the checkpoint in {folder} needs {needed / 2**30:.1f} GiB as the fp32 reference "
-                              f"model, but {available / 2**30:.1f} GiB of memory are available; validate on a "
-                              "machine with more memory, or export with --no-validate")
+        raise NanoexportError(f"{what} needs {needed / 2**30:.1f} GiB as the {role}, but {available / 2**30:.1f} "
+                              "GiB of memory are available; validate on a machine with more memory, or export with "
+                              "--no-validate")
 
 
 def _available_memory() -> int | None:

@@ -6,8 +6,9 @@ capture gives (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_v
 TorchScript exporter at an opset below 23: attention, norms and rotary op by op, sizes computed from
 shapes, projection weights anonymous. ``import_optimum_onnx`` leaves it as ``export_onnx`` leaves a torch
 capture: opset 23, weights named after their modules, static sizes folded, rotary fused; the canonical
-passes fuse the rest. The checkpoint's config.json, tokenizer and safetensors beside it describe the model
-and are validation's reference.
+passes fuse the rest. The checkpoint's config.json and tokenizer beside it describe the model; its
+safetensors, when they are there too, are validation's reference, and when they are not the ONNX file holds
+the only copy of the weights (``load_checkpoint`` then reads the folder as a weightless checkpoint).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import onnx_ir as ir
 import onnxscript.rewriter.onnx_fusions
 from onnxscript import version_converter
 
+from nanoexport.capture.weights import EMBEDDING_KEYS
 from nanoexport.errors import NanoexportError, first_line
-from nanoexport.interface import io_names
+from nanoexport.interface import io_names, kv_shape
+from nanoexport.onnx_file import tensors_of
 from nanoexport.passes import fold_constants
 from nanoexport.passes.torchscript import TORCHSCRIPT_RULES
 
@@ -51,28 +54,55 @@ def optimum_onnx_file(model: Any) -> Path | None:
 
 
 def check_optimum_folder(folder: Path) -> None:
-    """The checkpoint files an Optimum folder needs beside its ONNX file: the config (the architecture) and
-    the safetensors weights (the reference validation compares against)."""
+    """The checkpoint file an Optimum folder needs beside its ONNX file: the config (the architecture; the
+    weights may be in the ONNX file alone)."""
     if not (folder / "config.json").is_file():
         raise NanoexportError(f"{folder} holds {OPTIMUM_FILE} but no config.json; copy the checkpoint's "
                               "config.json (and its tokenizer files) beside it")
-    if not any(folder.glob("*.safetensors")):
-        raise NanoexportError(f"{folder} holds an ONNX decoder but not its checkpoint's *.safetensors, which "
-                              "validation compares against; copy the checkpoint's safetensors files beside it")
 
 
-def import_optimum_onnx(path: Path, num_layers: int) -> ir.Model:
-    """Read Optimum's decoder at ``path`` (a model of ``num_layers`` layers) in the form ``export_onnx`` gives.
+def onnx_weight_files(path: Path) -> list[Path]:
+    """The files holding the weights of the ONNX model at ``path``: the file itself, then the external data
+    files its tensors name, for the digest that identifies a weightless checkpoint. Raises
+    ``NanoexportError`` for a file that is not ONNX, or names an external data file that is missing."""
+    # Reads the protobuf without its external data: a model over 2 GB keeps its weights outside and parses
+    # in a moment; a smaller one is read once more, as large as the file, which the import reads anyway.
+    return [path, *_external_data_files(_load_proto(path), path)]
 
-    The weights stay on disk (external data is read when a stage needs it). Raises ``NanoexportError`` for a
-    file that is not ONNX or not a decoder with this KV-cache interface.
-    """
+
+def _load_proto(path: Path) -> onnx.ModelProto:
     try:
-        proto = onnx.load(path, load_external_data=False)
+        return onnx.load(path, load_external_data=False)
     except Exception as error:  # protobuf's DecodeError, OSError: any means "not an ONNX file we can read"
         raise NanoexportError(f"{path} is not a readable ONNX file ({first_line(error)[:200]}); {REEXPORT}") \
             from None
+
+
+def _external_data_files(proto: onnx.ModelProto, path: Path) -> list[Path]:
+    """The external data files ``proto`` (read from ``path``) names, sorted; refused in one line when one is
+    missing, before a stage meets it half-way through reading the weights."""
+    locations = sorted({entry.value for tensor in tensors_of(proto)
+                        if tensor.data_location == onnx.TensorProto.EXTERNAL
+                        for entry in tensor.external_data if entry.key == "location"})
+    missing = [location for location in locations if not (path.parent / location).is_file()]
+    if missing:
+        raise NanoexportError(f"{path} keeps weights in {missing[0][:200]!r}, which is not beside it; copy every "
+                              "file Optimum wrote")
+    return [path.parent / location for location in locations]
+
+
+def import_optimum_onnx(path: Path, hf_config: Any) -> ir.Model:
+    """Read Optimum's decoder at ``path`` (the model ``hf_config``, its transformers config, describes) in the
+    form ``export_onnx`` gives.
+
+    The weights stay on disk (external data is read when a stage needs it). Raises ``NanoexportError`` for a
+    file that is not ONNX, not a decoder with this KV-cache interface, or of other sizes than the config's.
+    """
+    num_layers = hf_config.num_hidden_layers
+    proto = _load_proto(path)
     _check_interface(proto.graph, num_layers, path)
+    _check_sizes(proto.graph, hf_config, path)
+    _external_data_files(proto, path)
     proto = _infer_shapes(proto, path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
@@ -100,6 +130,28 @@ def _check_interface(graph: onnx.GraphProto, num_layers: int, path: Path) -> Non
         found = "missing " + ", ".join(missing[:4]) if missing else "unexpected " + ", ".join(extra[:4])
         raise NanoexportError(f"{path} is not a decoder with the {num_layers}-layer KV-cache interface of "
                               f"config.json ({found}); {REEXPORT}")
+
+
+def _check_sizes(graph: onnx.GraphProto, hf_config: Any, path: Path) -> None:
+    """The sizes the graph states (the token embedding's shape, the static dimensions of the logits and of
+    the caches) are the config's: the config is all that describes the model when no safetensors are beside
+    it, and the manifest, the targets' configs and the KV-cache shapes are written from it."""
+    kv_heads, head_dim = kv_shape(hf_config)
+    expected = {"logits": [None, None, hf_config.vocab_size],
+                "past_key_values.0.key": [None, kv_heads, None, head_dim]}
+    stated = {value.name: [dim.dim_value if dim.HasField("dim_value") else None
+                           for dim in value.type.tensor_type.shape.dim]
+              for value in [*graph.input, *graph.output] if value.name in expected}
+    for initializer in graph.initializer:
+        if initializer.name.endswith(EMBEDDING_KEYS):
+            expected[initializer.name] = [hf_config.vocab_size, hf_config.hidden_size]
+            stated[initializer.name] = list(initializer.dims)
+    for name, sizes in expected.items():
+        shape = stated.get(name, [])
+        if len(shape) == len(sizes) and any(a is not None and b is not None and a != b for a, b in zip(shape, sizes)):
+            raise NanoexportError(f"{path} gives {name} the shape {shape}, but config.json implies {sizes} "
+                                  "(None: any); the config belongs to another model: copy the checkpoint's own "
+                                  "config.json beside the ONNX file")
 
 
 def _infer_shapes(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

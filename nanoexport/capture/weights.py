@@ -34,6 +34,8 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 READ_PIECE = 1 << 24  # bytes read at a time when hashing or widening a tensor
+# The token embedding's name in each family's checkpoint (gpt2: wte).
+EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight")
 
 
 class SafetensorsWeights:

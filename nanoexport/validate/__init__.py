@@ -1,4 +1,7 @@
-"""Validation: run an artifact in its target's runtime beside the PyTorch reference and compare.
+"""Validation: run an artifact in its target's runtime beside the reference model and compare.
+
+The reference is the PyTorch model of the checkpoint the artifact was exported from; for a weightless
+checkpoint (an Optimum ONNX folder without safetensors) it is that ONNX decoder, on ONNX Runtime CPU.
 
 Measured on a few prompts: logits max-abs and cosine error and top-1 agreement (one full forward),
 KV-cache consistency (prefill then one-token decode steps against one full forward, both in the
@@ -25,7 +28,7 @@ from nanoexport.capture.checkpoint import DEMO_MODEL, Checkpoint, load_checkpoin
 from nanoexport.config import ValidationConfig
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.targets import get_target
-from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
+from nanoexport.validate.decoding import ArtifactDecoder, Reference, greedy, prompts_for, reference_model
 from nanoexport.validate.perplexity import perplexity, text_windows
 from nanoexport.validate.report import write_report
 
@@ -52,6 +55,7 @@ class ValidationReport:
     target: str
     model: str
     prompts: int
+    reference: str  # what ran as the reference: PyTorch, or ONNX Runtime on a weightless checkpoint's file
     checks: list[Check] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)  # figures reported without a threshold
     notes: list[str] = field(default_factory=list)  # the target's structural findings (not gated)
@@ -93,7 +97,7 @@ def validate(
     target = get_target(artifact.target)
     with runtime_refusals(artifact):
         decoder = ArtifactDecoder(target.runner(artifact), artifact.manifest["io"]["kv_cache"])
-    torch_model = TorchReference(checkpoint.model)
+    reference_run = reference_model(checkpoint)
     prompts = prompts_for(artifact.path, decoder.vocab_size)
 
     quantized = bool(artifact.manifest.get("quantization"))
@@ -104,14 +108,15 @@ def validate(
             perplexity_increase=config.quantized_perplexity_increase, kv_max_abs=config.quantized_kv_max_abs,
         )
 
-    report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts))
+    report = ValidationReport(str(artifact.path), artifact.target, checkpoint.name, len(prompts),
+                              reference_run.description)
     with runtime_refusals(artifact):
         full_logits = [decoder.full_logits(prompt) for prompt in prompts]
-    _compare_logits(report, full_logits, torch_model, prompts, config, gate_max_abs=not quantized)
+    _compare_logits(report, full_logits, reference_run, prompts, config, gate_max_abs=not quantized)
     _kv_consistency(report, full_logits, decoder, prompts, config)
-    _greedy_agreement(report, decoder, torch_model, prompts, config)
+    _greedy_agreement(report, decoder, reference_run, prompts, config)
     scorer = scoring_decoder(artifact, decoder)
-    _perplexity(report, artifact, scorer, torch_model, config, by_scoring_runner=scorer is not decoder)
+    _perplexity(report, artifact, scorer, reference_run, config, by_scoring_runner=scorer is not decoder)
     with runtime_refusals(artifact):  # a target's notes may run the artifact another way (QNN: HTP and CPU)
         report.notes = target.notes(artifact)
     if write:
@@ -169,10 +174,11 @@ def reference_checkpoint(artifact: Artifact, reference: Any) -> Checkpoint:
     return checkpoint
 
 
-def _compare_logits(report, full_logits, torch_model, prompts, config: ValidationConfig, gate_max_abs: bool) -> None:
+def _compare_logits(report, full_logits, reference: Reference, prompts, config: ValidationConfig,
+                    gate_max_abs: bool) -> None:
     max_abs, min_cosine, agree, positions = 0.0, 1.0, 0, 0
     for prompt, ours in zip(prompts, full_logits):
-        theirs = torch_model.logits(prompt)
+        theirs = reference.logits(prompt)
         max_abs_by_position = np.abs(ours - theirs).max(-1)
         max_abs = max(max_abs, float(max_abs_by_position.max()))
         cosine = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
@@ -207,12 +213,12 @@ def _kv_consistency(report, full_logits, decoder, prompts, config: ValidationCon
     report.add("KV consistency max-abs", worst, config.kv_max_abs, False, f"prefill, then {steps} decode steps")
 
 
-def _greedy_agreement(report, decoder, torch_model, prompts, config: ValidationConfig) -> None:
+def _greedy_agreement(report, decoder, reference: Reference, prompts, config: ValidationConfig) -> None:
     count = config.greedy_tokens
     matched, total = 0, 0
     for prompt in prompts:
         ours = greedy(decoder.next_token_stream(prompt), count)
-        theirs = greedy(torch_model.next_token_stream(prompt), count)
+        theirs = greedy(reference.next_token_stream(prompt), count)
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), count)
         matched += same
         total += count
@@ -220,7 +226,7 @@ def _greedy_agreement(report, decoder, torch_model, prompts, config: ValidationC
                f"{count} tokens x {len(prompts)} prompts, matched until first difference")
 
 
-def _perplexity(report, artifact: Artifact, decoder, torch_model, config: ValidationConfig,
+def _perplexity(report, artifact: Artifact, decoder, reference: Reference, config: ValidationConfig,
                 by_scoring_runner: bool = False) -> None:
     """Perplexity of the artifact and of the reference on the same windows of the evaluation text."""
     tokenizer_folder = artifact.path / "tokenizer"
@@ -234,7 +240,7 @@ def _perplexity(report, artifact: Artifact, decoder, torch_model, config: Valida
     windows = text_windows(text, tokenizer_folder, window, config.eval_windows)
     with runtime_refusals(artifact):
         ours = perplexity(decoder.full_logits, windows)
-    theirs = perplexity(torch_model.logits, windows)
+    theirs = perplexity(reference.logits, windows)
     report.measured["perplexity"] = ours
     report.measured["reference perplexity"] = theirs
     detail = f"{ours:.3f} vs {theirs:.3f}, {len(windows)} windows of {window} tokens of {Path(text).name}"

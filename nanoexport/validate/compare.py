@@ -1,9 +1,10 @@
 """``nanoexport compare``: artifacts of one model side by side, each in its own runtime, against one reference.
 
 Every artifact runs the same prompts (the fixed English ones through the first artifact's tokenizer) and the
-same windows of evaluation text; the PyTorch reference runs them once. Per artifact: perplexity and its change
-from the reference's, top-1 agreement and the lowest logits cosine against the reference, greedy agreement,
-KV consistency, the weight digests recomputed from its files, and the seconds it took. Per pair: the change of
+same windows of evaluation text; the reference (PyTorch, or a weightless checkpoint's ONNX decoder) runs them
+once. Per artifact: perplexity and its change from the reference's, top-1 agreement and the lowest logits
+cosine against the reference, greedy agreement, KV consistency, the weight digests recomputed from its files,
+and the seconds it took. Per pair: the change of
 perplexity from one to the other, their top-1 agreement and lowest logits cosine, their greedy agreement, and
 whether their canonical and stored integers are equal. A target that scores perplexity with a faster runner
 (qnn: ONNX Runtime CPU on the QDQ graphs instead of the HTP emulator) runs the prompts on both, and the
@@ -33,7 +34,7 @@ from nanoexport.digests import stored_digests
 from nanoexport.errors import NanoexportError
 from nanoexport.targets import get_target
 from nanoexport.validate import reference_checkpoint, runtime_refusals, scoring_decoder
-from nanoexport.validate.decoding import ArtifactDecoder, TorchReference, greedy, prompts_for
+from nanoexport.validate.decoding import ArtifactDecoder, Reference, greedy, prompts_for, reference_model
 from nanoexport.validate.perplexity import perplexity, text_windows
 from nanoexport.validate.report import write_compare_report
 
@@ -85,7 +86,8 @@ def compare(artifacts: list[Artifact | str | Path], reference: Any = None, valid
     workload = _workload(loaded, validation)
 
     started = time.perf_counter()
-    reference_outputs = _run_reference(TorchReference(checkpoint.model), workload)
+    reference_run = reference_model(checkpoint)
+    reference_outputs = _run_reference(reference_run, workload)
     reference_outputs.seconds["total"] = time.perf_counter() - started
     outputs, rows = {}, []
     for label, artifact in zip(labels, loaded):
@@ -103,7 +105,8 @@ def compare(artifacts: list[Artifact | str | Path], reference: Any = None, valid
         "workload": workload.description,
         "thresholds": {"quantized_perplexity_spread": thresholds.quantized_perplexity_spread,
                        "float_top1_agreement": thresholds.float_top1_agreement},
-        "reference": {"perplexity": reference_outputs.perplexity, "seconds": reference_outputs.seconds},
+        "reference": {"model": reference_run.description, "perplexity": reference_outputs.perplexity,
+                      "seconds": reference_outputs.seconds},
         "artifacts": rows,
         "pairs": pairs,
         "failures": failures,
@@ -158,7 +161,7 @@ def _workload(artifacts: list[Artifact], validation: ValidationConfig) -> Worklo
     return Workload(prompts, windows, validation.greedy_tokens, validation.decode_steps, description)
 
 
-def _run_reference(model: TorchReference, workload: Workload) -> Outputs:
+def _run_reference(model: Reference, workload: Workload) -> Outputs:
     return Outputs(
         [model.logits(prompt) for prompt in workload.prompts],
         [greedy(model.next_token_stream(prompt), workload.greedy_tokens) for prompt in workload.prompts],

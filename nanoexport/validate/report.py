@@ -24,7 +24,8 @@ def format_value(value: float) -> str:
 
 def report_table(report: dict[str, Any]) -> Table:
     status = "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]"
-    table = Table(title=f"validation of {report['artifact']} ({report['target']}): {status}")
+    table = Table(title=f"validation of {report['artifact']} ({report['target']}) against "
+                        f"{report.get('reference') or 'the reference'}: {status}")
     for column in ("check", "value", "threshold", "result", "detail"):
         table.add_column(column)
     for check in report["checks"]:
@@ -68,7 +69,8 @@ def validation_html(report: dict[str, Any]) -> str:
     return _page(
         f"validation of {report['artifact']}",
         f"{html.escape(report['model'])} &rarr; {html.escape(report['target'])}: {verdict}",
-        [f"<p>{report['prompts']} prompts; artifact {html.escape(report['artifact'])}</p>", *figures,
+        [f"<p>{report['prompts']} prompts; artifact {html.escape(report['artifact'])}; reference "
+         f"{html.escape(report.get('reference') or '-')}</p>", *figures,
          _table(("check", "value", "threshold", "result", "detail"), rows),
          *(f"<p>{html.escape(note)}</p>" for note in report.get("notes", []))],
     )
@@ -97,7 +99,7 @@ def compare_html(report: dict[str, Any]) -> str:
     rows, reference = report["artifacts"], report["reference"]["perplexity"]
     figures = []
     if reference is not None and all(row["perplexity"] is not None for row in rows):
-        figures.append(_figure("perplexity per artifact; dashed: the PyTorch reference's",
+        figures.append(_figure("perplexity per artifact; dashed: the reference's",
                                plots.perplexities(rows, reference)))
     labels, matrix = agreement_matrix(report)
     figures.append(_figure("top-1 agreement of every two models, over every prompt position",
@@ -128,7 +130,8 @@ def compare_html(report: dict[str, Any]) -> str:
     return _page(
         f"compare {report['model']}",
         f"compare {html.escape(report['model'])}: {verdict}",
-        [f"<p>{html.escape(report['workload'])}; reference perplexity {_shown(reference)}</p>", *figures,
+        [f"<p>{html.escape(report['workload'])}; reference {html.escape(report['reference'].get('model', '-'))}, "
+         f"perplexity {_shown(reference)}</p>", *figures,
          "<h2>artifacts</h2>",
          _table(("artifact", "perplexity", "change", "top-1", "min cosine", "greedy", "KV max-abs", "integers",
                  "seconds"), artifact_rows),
