@@ -400,13 +400,15 @@ def test_fixed_size_caches_are_refused_before_any_work(tmp_path):
                           progress=False)
 
 
-@pytest.mark.parametrize("head", ["int4", "int8"])
-def test_a_quantized_embedding_table_stays_compressed_in_the_cpu_plugin(head, tmp_path):
+@pytest.mark.parametrize("head,asymmetric", [("int4", False), ("int8", False), ("int4", True), ("int8", True)])
+def test_a_quantized_embedding_table_stays_compressed_in_the_cpu_plugin(head, asymmetric, tmp_path):
     """A quantized tied embedding is looked up by the CPU plugin's compressed Gather straight from its integers
-    (the frontend's blocked form had it expanded to fp32 when compiling: 544 MB on Qwen2.5-0.5B), and the head
-    multiplies by the same integers; the stored integers are still the canonical ones and validation passes."""
+    (the frontend's blocked form had it expanded to fp32 when compiling: 544 MB on Qwen2.5-0.5B), with its zero
+    points too when asymmetric, and the head multiplies by the same integers; the stored integers are still
+    the canonical ones and validation passes."""
     config = ExportConfig(target="openvino")
     config.quant.weights, config.quant.overrides = "int4", {"lm_head": head}
+    config.quant.asymmetric = asymmetric
     artifact = nanoexport.export(out=tmp_path / head, config=config, progress=False)
     ops = runtime_layers(artifact.path, {})
     integers = ov.Type.i4 if head == "int4" else ov.Type.i8

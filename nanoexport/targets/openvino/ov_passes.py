@@ -16,7 +16,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 from openvino._offline_transformations import apply_make_stateful_transformation
-from openvino.passes import AnyInput, Manager, Matcher, MatcherPass, WrapType, consumers_count, type_matches
+from openvino.passes import AnyInput, Manager, Matcher, MatcherPass, Or, WrapType, consumers_count, type_matches
 
 from nanoexport.calibration.blocks import NF4_CODEBOOK
 from nanoexport.config import QuantConfig
@@ -297,9 +297,10 @@ def _is_integer_constant(output: ov.Output) -> bool:
 
 class BlockedTableConstants(RewritePass):
     """A blocked decompression read by a Gather, as the ONNX frontend builds it (Reshape of the ``[N, K]``
-    integers into blocks -> Convert -> Multiply by Unsqueeze of the ``[N, blocks]`` scales -> Reshape to the
-    ShapeOf of the integers) -> the same with ``[N, blocks, block]`` integer and ``[N, blocks, 1]`` scale
-    Constants and a constant shape (see ``compress_embedding_tables``)."""
+    integers into blocks -> Convert -> (Subtract of the Unsqueezed ``[N, blocks]`` zero points, when asymmetric
+    ->) Multiply by Unsqueeze of the ``[N, blocks]`` scales -> Reshape to the ShapeOf of the integers) -> the
+    same with ``[N, blocks, block]`` integer and ``[N, blocks, 1]`` scale (and zero point) Constants and a
+    constant shape (see ``compress_embedding_tables``)."""
 
     def pattern(self) -> ov.Node:
         self.integers = WrapType("opset1.Constant", _is_integer_constant)
@@ -307,7 +308,11 @@ class BlockedTableConstants(RewritePass):
         self.levels = WrapType("opset1.Convert", self.blocked)
         self.scales = WrapType("opset1.Constant")
         self.unsqueezed = WrapType("opset1.Unsqueeze", [self.scales, WrapType("opset1.Constant")])
-        self.product = WrapType("opset1.Multiply", [self.levels, self.unsqueezed])
+        self.zero_points = WrapType("opset1.Constant", _is_integer_constant)
+        self.unsqueezed_points = WrapType("opset1.Unsqueeze", [self.zero_points, WrapType("opset1.Constant")])
+        shifted = WrapType("opset1.Subtract", [self.levels, WrapType("opset1.Convert", self.unsqueezed_points)])
+        self.product = Or([WrapType("opset1.Multiply", [self.levels, self.unsqueezed]),
+                           WrapType("opset1.Multiply", [shifted, self.unsqueezed])])
         self.table = WrapType("opset1.Reshape", [self.product, AnyInput()])
         return self.table
 
@@ -316,7 +321,10 @@ class BlockedTableConstants(RewritePass):
         if not any(target.get_node().get_type_name() == "Gather"
                    for output in _through_converts(table.output(0)) for target in output.get_target_inputs()):
             return False
-        for pattern_node, reshaped in ((self.integers, self.blocked), (self.scales, self.unsqueezed)):
+        reshapes = [(self.integers, self.blocked), (self.scales, self.unsqueezed)]
+        if self.zero_points in matched:
+            reshapes.append((self.zero_points, self.unsqueezed_points))
+        for pattern_node, reshaped in reshapes:
             source = matched[pattern_node].get_node()
             values = ov.Tensor(source.get_element_type(), matched[reshaped].get_shape())
             values.data[...] = source.get_data().reshape(values.data.shape)  # 4-bit: the packed bytes, in order
