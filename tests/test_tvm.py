@@ -138,6 +138,50 @@ def test_int4_weights_stay_packed_bit_for_bit(int4):
     assert digests["stored"]["equals_canonical"] is True
 
 
+def test_params_file_is_what_save_file_writes(int4, tmp_path):
+    """The streamed params are byte for byte what ``save_file`` wrote from the arrays before (which the test above
+    checks against the canonical graph), so artifacts and their digests are unchanged."""
+    from safetensors.numpy import load_file, save_file
+
+    artifact, _ = int4
+    save_file(load_file(str(artifact / tvm_compile.PARAMS)), str(tmp_path / "saved.safetensors"))
+    assert (artifact / tvm_compile.PARAMS).read_bytes() == (tmp_path / "saved.safetensors").read_bytes()
+
+
+def test_parameters_are_written_holding_one_at_a_time(tmp_path):
+    """Parameters read lazily (computed when read, or packed 4-bit in an external data file as the scratch
+    canonical graph holds them) are written one at a time: the traced peak stays within a few of them, where the
+    dict of arrays handed to ``save_file`` held them all (and each 4-bit one unpacked besides: 33 MB here)."""
+    import tracemalloc
+
+    from safetensors.numpy import save_file
+
+    count, rows, columns = 8, 256, 1024  # each parameter 1 MB: fp32 [256, 1024], int4 [256, 8192]
+    size = rows * columns * 4
+    random = np.random.default_rng(0)
+    (tmp_path / "weights.data").write_bytes(random.integers(0, 256, count * size, dtype=np.uint8).tobytes())
+    parameters = {}
+    for index in range(count):
+        packed = ir.ExternalTensor("weights.data", offset=index * size, length=size, dtype=ir.DataType.INT4,
+                                   shape=ir.Shape([rows, 8 * columns]), name=f"w{index}.quant", base_dir=tmp_path)
+        computed = ir.LazyTensor(lambda index=index: ir.tensor(np.full((rows, columns), index, np.float32)),
+                                 dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, columns]))
+        for name, tensor in ((f"w{index}.quant", packed), (f"n{index}.weight", computed)):
+            parameters[name] = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                                        const_value=tensor)
+    (tmp_path / "out").mkdir()
+    tracemalloc.start()
+    try:
+        tvm_compile.write_parameters(parameters, tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * size, peak
+    save_file({name: np.ascontiguousarray(tvm_compile.parameter_array(value.const_value))
+               for name, value in parameters.items()}, str(tmp_path / "saved.safetensors"))
+    assert (tmp_path / "out" / tvm_compile.PARAMS).read_bytes() == (tmp_path / "saved.safetensors").read_bytes()
+
+
 def test_int4_matches_the_canonical_graph_on_onnxruntime(int4):
     """Dequantized inside the matmul, the int4 artifact computes what ONNX Runtime computes on the canonical
     graph, up to the fp16 rounding of each weight that DequantizeLinear does and our kernel does not (as

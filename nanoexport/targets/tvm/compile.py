@@ -12,9 +12,11 @@ after the tuned schedules of a meta-schedule database when ``--tvm-database`` na
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +24,7 @@ import tvm
 from tvm import relax
 
 from nanoexport.errors import NanoexportError
+from nanoexport.targets.tvm import safetensors_stream
 from nanoexport.targets.tvm.relax_graph import DTYPES, QUANTIZED, GraphConverter
 from nanoexport.targets.tvm.schedules import schedule_weight_matmuls
 
@@ -153,13 +156,26 @@ def write_library(executable: relax.VMExecutable, folder: Path, host: bool) -> s
 
 
 def write_parameters(parameters: dict[str, ir.Value], folder: Path) -> str:
-    """The parameters as one safetensors file, each as the functions take it."""
-    from safetensors.numpy import save_file
-
-    save_file({name: np.ascontiguousarray(parameter_array(value.const_value))
-               for name, value in sorted(parameters.items())}, str(folder / PARAMS))
-    (folder / PARAMS).chmod(0o644)  # safetensors writes it owner-only, unlike the artifact's other files
+    """The parameters as one safetensors file, each as the functions take it (``parameter_array``): the bytes
+    ``safetensors.numpy.save_file`` writes from all the arrays at once, written holding one at a time."""
+    sources = {}
+    for name, value in parameters.items():
+        shape, dtype = _parameter_type(value)
+        sources[name] = safetensors_stream.Source(dtype, tuple(shape),
+                                                  functools.partial(_write_parameter, value.const_value))
+    safetensors_stream.save_file(sources, folder / PARAMS)
     return PARAMS
+
+
+def _write_parameter(tensor: ir.TensorProtocol, file: BinaryIO) -> None:
+    """``tensor``'s bytes as ``parameter_array`` gives them. A weight in an external data file (the scratch
+    canonical graph's) is copied from that file in chunks: neither mapped (a mapped file's pages count in the
+    process's resident memory until it is unmapped) nor unpacked (``ExternalTensor`` loads 4-bit data at a
+    byte per element). Any other tensor is read, written and dropped."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.tofile(file)
+    else:
+        safetensors_stream.write_array(file, parameter_array(tensor))
 
 
 def write_signatures(signatures: dict, target: tvm.target.Target, library: str, folder: Path) -> str:
