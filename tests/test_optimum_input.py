@@ -3,6 +3,7 @@ checkpoint's safetensors beside it, or without them (a weightless checkpoint, it
 
 The fixture (tests/fixtures/optimum-llama, made by make_optimum_fixture.py in Optimum's own environment) is a
 tiny Llama exported by ``optimum-cli export onnx --task text-generation-with-past``, beside its checkpoint.
+How each family's Optimum graph fuses and quantizes, against our own capture, is test_optimum_families.py's.
 """
 
 import hashlib
@@ -20,37 +21,10 @@ from nanoexport.artifact import sha256_of
 from nanoexport.build import build
 from nanoexport.capture import checkpoint as checkpoint_module
 from nanoexport.capture.checkpoint import DEMO_MODEL, load_checkpoint
-from nanoexport.capture.onnx_export import export_onnx
-from nanoexport.capture.optimum import import_optimum_onnx
 from nanoexport.cli import main
-from nanoexport.passes import PASSES, run_passes
 from nanoexport.validate.compare import compare
 
 FIXTURE = Path(__file__).parent / "fixtures" / "optimum-llama"
-CANONICAL_OPS = ("RMSNormalization", "RotaryEmbedding", "Attention", "Swish", "Split")
-
-
-@pytest.fixture(scope="module")
-def torch_capture(tmp_path_factory) -> Path:
-    """The fixture's checkpoint without Optimum's ONNX file: what our own capture exports."""
-    folder = tmp_path_factory.mktemp("torch-capture")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIXTURE / name, folder / name)
-    return folder
-
-
-def canonical_ops(graph) -> Counter:
-    run_passes(graph, PASSES, verify=True)
-    return Counter(node.op_type for node in graph.graph if node.op_type in CANONICAL_OPS)
-
-
-def test_optimum_graph_fuses_to_the_ops_of_our_capture():
-    checkpoint = load_checkpoint(FIXTURE, lazy=True)
-    optimum = canonical_ops(import_optimum_onnx(FIXTURE / "model.onnx", checkpoint.config))
-    ours = canonical_ops(export_onnx(checkpoint))
-    # Per layer: two norms, query and key rotations, one attention on the shared KV head, the SwiGLU gate,
-    # the merged QKV and gate/up projections; plus the final norm.
-    assert optimum == ours == {"RMSNormalization": 5, "RotaryEmbedding": 4, "Attention": 2, "Swish": 2, "Split": 4}
 
 
 def test_optimum_folder_exports_to_onnx_and_matches_pytorch(tmp_path):
@@ -64,26 +38,6 @@ def test_optimum_folder_exports_to_onnx_and_matches_pytorch(tmp_path):
     assert checks["logits max-abs error"].value <= 1e-4
     assert checks["greedy agreement"].value == 1.0
     assert report.passed, [check for check in report.checks if not check.passed]
-
-
-def test_optimum_int4_quantizes_as_our_capture_does(torch_capture, tmp_path):
-    """The same integers from either capture, and the same validation figures (a random model's int4 logits
-    are far from its float ones, so the figures are compared, not held to the thresholds)."""
-    config = nanoexport.ExportConfig()
-    config.quant.weights = "int4"
-    reports = {}
-    for name, source in (("optimum", FIXTURE), ("torch", torch_capture)):
-        artifact = nanoexport.export(source, target="onnx", out=tmp_path / name, config=config, progress=False)
-        reports[name] = (artifact.manifest["weight_digests"]["canonical"],
-                         {check.name: check.value for check in nanoexport.validate(artifact, write=False).checks})
-    assert reports["optimum"][0] == reports["torch"][0]
-    for name, value in reports["torch"][1].items():
-        assert reports["optimum"][1][name] == pytest.approx(value, abs=1e-4), name
-
-
-def test_optimum_folder_exports_to_openvino(tmp_path):
-    artifact = nanoexport.export(FIXTURE, target="openvino", out=tmp_path / "openvino", progress=False)
-    assert nanoexport.validate(artifact, write=False).passed
 
 
 def test_every_static_shape_target_builds_from_an_optimum_folder(tmp_path):

@@ -21,13 +21,14 @@ import onnx
 import onnx_ir as ir
 import onnxscript.rewriter.onnx_fusions
 from onnxscript import version_converter
+from onnxscript.rewriter import pattern
 
 from nanoexport.capture.weights import EMBEDDING_KEYS
 from nanoexport.errors import NanoexportError, first_line
 from nanoexport.interface import io_names, kv_shape
 from nanoexport.onnx_file import tensors_of
 from nanoexport.passes import fold_constants
-from nanoexport.passes.torchscript import TORCHSCRIPT_RULES
+from nanoexport.passes.torchscript import TORCHSCRIPT_RULES, TiedHead
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def import_optimum_onnx(path: Path, hf_config: Any) -> ir.Model:
     _order_interface(model, num_layers)
     _name_total_length(model)
     fold_constants(model)  # the rules read constants as initializers, which folding lifts them to
-    rewrites = TORCHSCRIPT_RULES.apply_to_model(model)
+    rewrites = TORCHSCRIPT_RULES.apply_to_model(model) + _tie_head(model, hf_config)
     fold_constants(model)
     fused = onnxscript.rewriter.onnx_fusions.fuse(model)
     log.info("optimum import: %d static sizes and rotary angles rewritten, fused %s", rewrites, fused)
@@ -195,6 +196,17 @@ def _name_weights(model: ir.Model) -> None:
             graph.initializers.pop(value.name)
             value.name = f"{module}.weight.T"
             graph.register_initializer(value)
+
+
+def _tie_head(model: ir.Model, hf_config: Any) -> int:
+    """The head of a checkpoint that ties it to its embedding read as the table transposed (see ``TiedHead``),
+    as the torch capture reads it; returns how many heads were tied (0 or 1)."""
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return 0
+    tables = [value for name, value in model.graph.initializers.items() if name.endswith(EMBEDDING_KEYS)]
+    if len(tables) != 1:
+        return 0
+    return pattern.RewriteRuleSet([TiedHead.rule(tables[0])]).apply_to_model(model)
 
 
 def _order_interface(model: ir.Model, num_layers: int) -> None:

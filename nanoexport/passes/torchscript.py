@@ -1,11 +1,13 @@
 """Rules for graphs from torch's TorchScript exporter (``dynamo=False``), the one Optimum's ONNX export uses.
 
 That exporter writes every size it reads as ``Gather(Shape(x), i)`` with a scalar index, also where the size
-is static (a head's width: rotary splits each head at ``Shape(q)[3] / 2``). onnxscript's constant folding
-only folds a Gather of a shape by a 1-D index, so these sizes stay computed and the fusion rules, which want
-constant slice bounds, do not match. ``StaticSizeOfShape`` turns the static ones into constants; constant
-folding then finishes the arithmetic on them. ``RotaryAnglesByProduct`` writes the rotary angles as the dynamo
-capture does, which is the form the onnx target's GroupQueryAttention lowering reads its frequencies from.
+is static (a head's width: rotary splits each head at ``Shape(q)[3] / 2``; GPT-2 scales attention by
+``1 / sqrt(Shape(q)[-1:])``). onnxscript's constant folding only folds a Gather of a shape by a 1-D index, and
+no Slice of a shape with a symbolic dimension, so these sizes stay computed and the fusion rules, which want
+constant slice bounds and scales, do not match. ``StaticSizeOfShape`` and ``StaticSliceOfShape`` turn the
+static ones into constants; constant folding then finishes the arithmetic on them. ``RotaryAnglesByProduct``
+writes the rotary angles as the dynamo capture does, which is the form the onnx target's GroupQueryAttention
+lowering reads its frequencies from. ``TiedHead`` gives a tied checkpoint's head back its table.
 """
 
 from __future__ import annotations
@@ -40,6 +42,40 @@ class StaticSizeOfShape(pattern.RewriteRuleClassBase):
         return op.Constant(value=ir.tensor(np.array(sizes[int(index.const_value.numpy())], np.int64)))
 
 
+class StaticSliceOfShape(pattern.RewriteRuleClassBase):
+    """``Slice(Shape(x), starts, ends[, axes, steps])`` -> the constant sizes, when the dimensions it keeps are
+    static."""
+
+    def pattern(self, op, x, starts, ends):
+        shape = op.Shape(x, _allow_other_attributes=True, _outputs=["shape"])
+        return op.Slice(shape, starts, ends, _allow_other_inputs=True, _outputs=["sliced"])
+
+    def check(self, context, x, shape, sliced, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.shape is None:
+            return result.fail("the shape of x is not known", x)
+        bounds = sliced.producer().inputs[1:]
+        if any(bound is None or bound.const_value is None for bound in bounds):
+            return result.fail("only constant slice bounds", sliced)
+        if len(bounds) > 2 and bounds[2].const_value.numpy().tolist() not in ([0], [-1]):
+            return result.fail("a shape has one axis", bounds[2])
+        if not all(isinstance(size, int) for size in _sliced_sizes(x, shape, sliced)):
+            return result.fail("a dimension it keeps is not static", x)
+        return result
+
+    def rewrite(self, op, x, shape, sliced, **_):
+        return op.Constant(value=ir.tensor(np.array(_sliced_sizes(x, shape, sliced), np.int64)))
+
+
+def _sliced_sizes(x: ir.Value, shape: ir.Value, sliced: ir.Value) -> list[int | ir.SymbolicDim]:
+    """The sizes ``sliced``, a Slice of ``shape`` (a Shape of ``x``, with its start and end), holds."""
+    attributes = shape.producer().attributes
+    sizes = list(x.shape)[attributes.get_int("start", 0) : attributes.get_int("end", len(x.shape))]
+    bounds = [int(bound.const_value.numpy().reshape(-1)[0]) for bound in sliced.producer().inputs[1:]]
+    step = bounds[3] if len(bounds) > 3 else 1
+    return sizes[slice(bounds[0], bounds[1], step)]
+
+
 class RotaryAnglesByProduct(pattern.RewriteRuleClassBase):
     """transformers' rotary angles as a batched MatMul, ``(inv_freq[None, :, None] @ positions[:, None, :])^T``
     -> ``positions[..., None] * inv_freq``: one product per element either way, so the values are the same."""
@@ -65,4 +101,39 @@ class RotaryAnglesByProduct(pattern.RewriteRuleClassBase):
         return op.Mul(positions, frequencies)
 
 
-TORCHSCRIPT_RULES = pattern.RewriteRuleSet([StaticSizeOfShape.rule(), RotaryAnglesByProduct.rule()])
+class TiedHead(pattern.RewriteRuleClassBase):
+    """The output head's weight, a transposed copy of the embedding ``table`` -> ``Transpose(table)``.
+
+    Where a checkpoint ties its head to its embedding (Qwen2's small models, GPT-2), the TorchScript exporter
+    folds the head's transposed table into an initializer of its own: the artifact would carry the table
+    twice and quantize it as two layers. The torch capture reads the head as the table transposed, which the
+    quantizers and the targets take as one tied layer. A rule per model, bound to its table.
+    """
+
+    def __init__(self, table: ir.Value):
+        super().__init__("tied head")
+        self.table = table
+
+    def pattern(self, op, x, head):
+        return op.MatMul(x, head)
+
+    def check(self, context, x, head, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        table = self.table
+        if head.const_value is None or head.shape is None or table.shape is None \
+                or list(head.shape) != list(reversed(list(table.shape))) or head.dtype != table.dtype:
+            return result.fail("the weight is not a constant of the transposed table's shape and type", head)
+        # Read once per candidate, and only for the one matrix of the table's size: the head.
+        if not np.array_equal(head.const_value.numpy(), table.const_value.numpy().T):
+            return result.fail("the weight differs from the transposed table: the head is not tied", head)
+        return result
+
+    def rewrite(self, op, x, head, **_):
+        name = head.name
+        head.name = f"{name}/untied"  # the copy goes unused, and is removed with the unused initializers
+        return op.MatMul(x, op.Transpose(self.table, perm=[1, 0], _outputs=[name]))
+
+
+TORCHSCRIPT_RULES = pattern.RewriteRuleSet([
+    StaticSizeOfShape.rule(), StaticSliceOfShape.rule(), RotaryAnglesByProduct.rule(),
+])
