@@ -234,8 +234,8 @@ def test_no_unfused_attention_norm_or_rope_remains(family, captured):
     assert ops.count(norms) == per_layer_norms * layers + 1
     assert ops.count("RotaryEmbedding") == (0 if family == "gpt2" else 2 * layers)
     assert ops.count("Swish" if family not in GELU_FAMILIES else "Gelu") == layers
-    if family != "gpt2":  # GPT-2's projections are already fused Gemms
-        assert ops.count("MatMul") == 4 * layers + 1  # qkv, o, gate+up, down per layer; the LM head
+    # qkv, o, gate+up (GPT-2: c_fc), down per layer; the LM head. GPT-2's Conv1D Gemms become MatMuls too.
+    assert ops.count("MatMul") == 4 * layers + 1 and "Gemm" not in ops
     for node in graph.graph:
         if node.op_type == "Attention":
             assert node.inputs[1].producer().op_type == "Concat"  # the KV heads, straight from the cache
@@ -253,3 +253,31 @@ def test_no_unfused_subgraph_remains_in_the_demo_model():
     assert (ops.count("Attention"), ops.count("RMSNormalization"), ops.count("RotaryEmbedding"),
             ops.count("Swish")) == (layers, 2 * layers + 1, 2 * layers, layers)
     assert ops.count("MatMul") == 4 * layers + 1
+
+
+@pytest.mark.parametrize("bias,trans_b,fused", [(True, 0, True), (False, 0, True), (True, 1, False)])
+def test_a_linear_gemm_becomes_matmul_and_add(bias, trans_b, fused):
+    """GPT-2's Conv1D: ``Gemm(x, W[K, N], b)`` -> ``MatMul + Add``, same outputs on ONNX Runtime; a Gemm whose
+    weight is transposed is left alone (the canonical weight is ``[K, N]``)."""
+    import numpy as np
+
+    from nanoexport.passes.fusion import fuse
+    from nanoexport.runtime import cpu_session
+
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", shape=ir.Shape([3, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    def constant(name: str, shape: tuple[int, ...]) -> ir.Value:
+        return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT),
+                        const_value=ir.tensor(rng.standard_normal(shape).astype(np.float32)))
+
+    operands = [x, constant("w", (6, 8) if trans_b else (8, 6))] + ([constant("b", (6,))] if bias else [])
+    gemm = ir.node("Gemm", operands, {"transB": trans_b})
+    gemm.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], gemm.outputs, nodes=[gemm], initializers=operands[1:], opset_imports={"": 23}),
+                     ir_version=10)
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    before = cpu_session(model).run(None, feeds)[0]
+    fuse(model)
+    ops = [node.op_type for node in model.graph]
+    assert ops == ((["MatMul", "Add"] if bias else ["MatMul"]) if fused else ["Gemm"])
+    np.testing.assert_allclose(cpu_session(model).run(None, feeds)[0], before, rtol=1e-6, atol=1e-6)

@@ -213,9 +213,40 @@ class SiLU(pattern.RewriteRuleClassBase):
         return op.Swish(x, alpha=1.0)
 
 
+class LinearGemm(pattern.RewriteRuleClassBase):
+    """``Gemm(x, W[, b])`` with a constant weight matrix ``W`` ``[K, N]`` (GPT-2's Conv1D) -> ``MatMul(x, W)
+    [+ b]``: the linear layer as the canonical graph holds every other family's, which quantization and the
+    targets' kernels look for (left a Gemm, GPT-2's projections were silently kept float by ``--quant int4``)."""
+
+    def __init__(self, name: str, with_bias: bool):
+        super().__init__(name)
+        self.with_bias = with_bias
+
+    def pattern(self, op, x, weight, bias):
+        operands = (x, weight, bias) if self.with_bias else (x, weight)
+        return op.Gemm(*operands, _allow_other_attributes=True, _outputs=["output"])
+
+    def check(self, context, x, weight, output, bias=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        attributes = output.producer().attributes
+        if attributes.get_float("alpha", 1.0) != 1.0 or attributes.get_float("beta", 1.0) != 1.0:
+            return result.fail("alpha and beta must be 1", output)
+        if attributes.get_int("transA", 0) or attributes.get_int("transB", 0):
+            return result.fail("neither operand may be transposed", output)
+        if not _is_weight_matrix(weight) or (bias is not None and bias.const_value is None):
+            return result.fail("the weight and bias must be constants", weight)
+        return result
+
+    def rewrite(self, op, x, weight, bias=None, **_):
+        product = op.MatMul(x, weight)
+        return product if bias is None else op.Add(product, bias)
+
+
 SWISH_OPSET = 24
 FUSION_RULES = pattern.RewriteRuleSet([
     TanhGelu.rule(),
+    LinearGemm.rule("linear gemm with bias", with_bias=True),
+    LinearGemm.rule("linear gemm", with_bias=False),
     SiLU.rule("silu", sigmoid_first=False),
     SiLU.rule("silu, sigmoid first", sigmoid_first=True),
     EagerAttention.rule("softcapped eager attention", softcapped=True),
