@@ -7,6 +7,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import onnx_ir as ir
+
+from nanoexport.calibration.layerwise import _gather_before_cast
+from nanoexport.runtime import cpu_session
+
 # K = 3072: one [K, K] float64 matrix is 72 MiB, well above what the arithmetic around it allocates.
 # VmHWM is reset (clear_refs) just before each measured step, which reports how far RSS rose above where it
 # stood, in those units.
@@ -55,3 +61,22 @@ def test_gptq_and_its_statistics_hold_few_hessian_sized_matrices():
     assert rise["collect"] < 0.5, rise
     assert rise["gptq"] < 5.0, rise
 
+
+def test_a_gather_from_a_cast_table_gathers_then_casts():
+    """A calibration session gathers from the fp16 table and casts the rows (ONNX Runtime folded the Cast of the
+    whole table into a float32 copy), with the values the graph computes."""
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float16)
+    ids = ir.val("ids", ir.DataType.INT64, ir.Shape([1, 5]))
+    initializer = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    cast = ir.node("Cast", [initializer], attributes={"to": ir.DataType.FLOAT})
+    gather = ir.node("Gather", [cast.outputs[0], ids], attributes={"axis": 0})
+    rows = gather.outputs[0]
+    rows.name, rows.dtype, rows.shape = "rows", ir.DataType.FLOAT, ir.Shape([1, 5, 8])
+    graph = ir.Graph([ids], [rows], nodes=[cast, gather], initializers=[initializer], opset_imports={"": 23})
+    _gather_before_cast(graph)
+    assert [node.op_type for node in graph] == ["Gather", "Cast"]
+    assert graph.outputs[0].name == "rows"
+    session = cpu_session(ir.Model(graph, ir_version=10))
+    feed = np.array([[3, 0, 49, 3, 7]], np.int64)
+    (computed,) = session.run(["rows"], {"ids": feed})
+    assert computed.dtype == np.float32 and np.array_equal(computed, table.astype(np.float32)[feed])
