@@ -159,7 +159,7 @@ def awq(weight: np.ndarray, channel_magnitude: np.ndarray, hessian: np.ndarray, 
     when leaving the weight unscaled won.
     """
     weight = weight.astype(np.float32)
-    hessian = hessian.astype(np.float64)
+    hessian = np.asarray(hessian, np.float64)  # read only: no copy of a [K, K] matrix
     best_alpha = None
     for alpha in np.arange(1, grid) / grid:
         scale = _awq_scale(channel_magnitude, alpha)
