@@ -384,7 +384,8 @@ def test_layerwise_capture_sees_what_the_whole_graph_sees(demo_graph):
         layered.update(statistics)
     assert set(layered) == set(whole)
     for name, stats in whole.items():
-        np.testing.assert_allclose(layered[name].gram, stats.gram, rtol=1e-4, atol=1e-4 * np.abs(stats.gram).max())
+        np.testing.assert_allclose(layered[name].hessian, stats.hessian, rtol=1e-4,
+                                   atol=1e-4 * np.abs(stats.hessian).max())
         assert layered[name].tokens == stats.tokens
 
 
@@ -439,6 +440,6 @@ def test_layerwise_capture_feeds_each_layer_the_quantized_layers_before_it(demo_
     plain = {name: stats for _, group in capture_groups(float_graph, find_linears(float_graph), windows)
              for name, stats in group.items()}
     for name, stats in layer_one.items():
-        scale = np.abs(whole[name].gram).max()
-        np.testing.assert_allclose(stats.gram, whole[name].gram, rtol=1e-4, atol=1e-4 * scale)
-        assert np.abs(stats.gram - plain[name].gram).max() > 1e-3 * scale  # quantizing layer 0 did change them
+        scale = np.abs(whole[name].hessian).max()
+        np.testing.assert_allclose(stats.hessian, whole[name].hessian, rtol=1e-4, atol=1e-4 * scale)
+        assert np.abs(stats.hessian - plain[name].hessian).max() > 1e-3 * scale  # quantizing layer 0 did change them

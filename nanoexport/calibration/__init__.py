@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.calibration import qdq
+from nanoexport.calibration.activations import InputStatistics
 from nanoexport.calibration.algorithms import awq, gptq
 from nanoexport.calibration.blocks import WeightFormat, rtn
 from nanoexport.calibration.data import calibration_windows, load_tokenizer
@@ -184,23 +186,32 @@ def _quantize_weights(model: ir.Model, plans: list[LayerPlan], config: QuantConf
     if not linears:
         return
     for group, statistics in capture_layers(model, linears, windows):
+        readers = Counter(linear.input.name for linear in group)
         for linear in group:
-            plan = by_layer[id(linear.matmul)]
-            stats = statistics[linear.input.name]
-            weight, fmt = linear.matrix(), plan.format(config)
-            if config.algorithm == "gptq":
-                replace_weight(model, linear, gptq(weight, stats.hessian, fmt, config.gptq_damp,
-                                                   config.gptq_act_order))
-            elif config.algorithm == "se" or linear.transposed:
-                # Scale estimation; and AWQ's fallback for a tied weight, which also feeds the embedding
-                # Gather, so that AWQ's input scaling would distort it.
-                replace_weight(model, linear, rtn(weight, fmt, hessian=stats.hessian))
-            else:
-                result, input_scale = awq(weight, stats.magnitude, stats.hessian, fmt)
-                replace_weight(model, linear, result)
-                if input_scale is not None:
-                    scale_input(model, linear, input_scale)
+            name = linear.input.name
+            readers[name] -= 1
+            # The last layer reading an input takes its statistics out of ``statistics``, so that a Hessian is
+            # freed once quantized with (the next layer is captured before this loop lets go of ``statistics``).
+            _quantize_calibrated(model, linear, by_layer[id(linear.matmul)].format(config),
+                                 statistics.pop(name) if not readers[name] else statistics[name], config)
             countdown.advance(linear.name)
+
+
+def _quantize_calibrated(model: ir.Model, linear: Linear, fmt: WeightFormat, stats: InputStatistics,
+                         config: QuantConfig) -> None:
+    """Quantize ``linear`` in place by ``config.algorithm`` (not rtn) from its input statistics."""
+    weight = linear.matrix()
+    if config.algorithm == "gptq":
+        replace_weight(model, linear, gptq(weight, stats.hessian, fmt, config.gptq_damp, config.gptq_act_order))
+    elif config.algorithm == "se" or linear.transposed:
+        # Scale estimation; and AWQ's fallback for a tied weight, which also feeds the embedding
+        # Gather, so that AWQ's input scaling would distort it.
+        replace_weight(model, linear, rtn(weight, fmt, hessian=stats.hessian))
+    else:
+        result, input_scale = awq(weight, stats.magnitude, stats.hessian, fmt)
+        replace_weight(model, linear, result)
+        if input_scale is not None:
+            scale_input(model, linear, input_scale)
 
 
 def _plan_summary(plans: list[LayerPlan], config: QuantConfig) -> dict[str, Any]:

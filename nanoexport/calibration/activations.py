@@ -24,16 +24,12 @@ STATISTICS_BUDGET = 1 << 30  # bytes of statistics held at once
 
 @dataclass
 class InputStatistics:
-    """One layer's input ``x`` ``[tokens, K]`` summarized: ``x^T x`` and mean ``|x|`` per channel."""
+    """One layer's input ``x`` ``[tokens, K]`` summarized: GPTQ's ``H = 2 x^T x / tokens`` and mean ``|x|`` per
+    channel."""
 
-    gram: np.ndarray  # float64 [K, K], summed over tokens
+    hessian: np.ndarray  # float64 [K, K]
     magnitude: np.ndarray  # [K], mean |x|
     tokens: int
-
-    @property
-    def hessian(self) -> np.ndarray:
-        """GPTQ's ``H = 2 x^T x / tokens``."""
-        return 2.0 * self.gram / self.tokens
 
 
 class ModelSession:
@@ -119,13 +115,23 @@ class StatisticsAccumulator:
         for name, x in zip(names, inputs, strict=True):
             x = x.reshape(-1, x.shape[-1])
             wide = x.astype(np.float64)
-            self.gram[name] = self.gram.get(name, 0.0) + wide.T @ wide
-            self.magnitude[name] = self.magnitude.get(name, 0.0) + np.abs(wide).sum(0)
+            if name not in self.gram:
+                self.gram[name] = np.zeros((wide.shape[1],) * 2)
+                self.magnitude[name] = np.zeros(wide.shape[1])
+            # In place: a new sum per window held the [K, K] float64 Gram matrix three times over (189 MB each
+            # for Qwen2.5-0.5B's down_proj input), the largest transient of a capture.
+            self.gram[name] += wide.T @ wide
+            self.magnitude[name] += np.abs(wide).sum(0)
 
     def collect(self, tokens: int) -> dict[str, InputStatistics]:
         """The statistics over ``tokens`` tokens, by input name; the accumulator starts over."""
-        statistics = {name: InputStatistics(self.gram[name], (self.magnitude[name] / tokens).astype(np.float32),
-                                            tokens) for name in self.gram}
+        statistics = {}
+        for name, gram in self.gram.items():
+            # The Hessian made of the Gram matrix in place (the values of ``2.0 * gram / tokens``): one [K, K]
+            # matrix per input, not two.
+            gram *= 2.0
+            gram /= tokens
+            statistics[name] = InputStatistics(gram, (self.magnitude[name] / tokens).astype(np.float32), tokens)
         self.gram, self.magnitude = {}, {}
         return statistics
 

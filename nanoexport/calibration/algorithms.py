@@ -8,6 +8,8 @@ and both keep our RTN's result for a layer where it has the smaller output error
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from nanoexport.calibration.blocks import RTN_COLUMNS, QuantizedWeight, WeightFormat, quantize_with, rtn
@@ -34,15 +36,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float
     """
     weight = np.asarray(weight, np.float32)
     rows, columns = weight.shape
-    damped = hessian.astype(np.float64).copy()
-    dead = np.diag(damped) == 0
-    damped[dead, dead] = 1.0
-    damped[np.diag_indices(rows)] += damp * np.mean(np.diag(damped))
-    order = np.argsort(-np.diag(damped), kind="stable") if act_order else np.arange(rows)
-    ordered = damped[np.ix_(order, order)]
-    # Upper Cholesky factor of H^-1: row i holds how row i's error propagates to the rows after it.
-    inverse = np.linalg.inv(np.linalg.cholesky(ordered))
-    upper = np.linalg.cholesky(inverse.T @ inverse).T
+    factors = _factors(hessian, damp, act_order, fmt.block_size)
 
     # Whole multiples of rtn's own column pieces, so that its searches see the same pieces as on the whole
     # matrix (its batched matmuls round the same way): the result is the one-piece result.
@@ -51,7 +45,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float
     totals = np.zeros(3)
     for start in range(0, columns, width):
         piece = weight[:, start : start + width]
-        candidates = [_gptq_columns(piece, damped, dead, order, ordered, upper, fmt, act_order), rtn(piece, fmt),
+        candidates = [_gptq_columns(piece, factors, fmt), rtn(piece, fmt),
                       rtn(piece, fmt, hessian=hessian)]
         totals += [output_error(piece, candidate.dequantize(), hessian) for candidate in candidates]
         pieces.append(candidates)
@@ -64,14 +58,53 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat, damp: float
                            np.concatenate([q.scales for q in chosen], 1), zero_points, fmt)
 
 
-def _gptq_columns(piece: np.ndarray, damped: np.ndarray, dead: np.ndarray, order: np.ndarray, hessian: np.ndarray,
-                  upper: np.ndarray, fmt: WeightFormat, act_order: bool) -> QuantizedWeight:
-    """GPTQ's row-by-row pass over some output columns of a layer, given its damped Hessian, its dead rows,
-    the row order, the damped Hessian in that order and the upper Cholesky factor of its inverse."""
+@dataclass
+class _Factors:
+    """What GPTQ's row-by-row pass reads of a layer's damped Hessian ``H``."""
+
+    dead: np.ndarray  # rows whose input is always zero
+    order: np.ndarray  # the order rows are quantized in
+    damped: np.ndarray | None  # ``H`` itself, kept only for act_order's static scales
+    blocks: list[np.ndarray]  # without act_order: the diagonal blocks of ``H``, ``block_size`` rows each
+    upper: np.ndarray  # the upper Cholesky factor of ``H^-1`` in row order
+
+
+def _factors(hessian: np.ndarray, damp: float, act_order: bool, block_size: int) -> _Factors:
+    """The damped Hessian factored for GPTQ: row i of the upper Cholesky factor of its inverse holds how row
+    i's error propagates to the rows after it.
+
+    Every [K, K] float64 matrix is dropped as soon as it has served: numpy's ``inv`` holds three of its own
+    and ``cholesky`` two. With two copies of the damped Hessian and every intermediate alive to the end, a
+    4864-row layer held eight such matrices with the caller's Gram and Hessian (1.4 GB, the peak of a GPTQ
+    export of Qwen2.5-0.5B); now five at most with the caller's Hessian (six with act_order), and two after.
+    """
+    rows = len(hessian)
+    damped = np.array(hessian, np.float64)
+    dead = np.diag(damped) == 0
+    damped[dead, dead] = 1.0
+    damped[np.diag_indices(rows)] += damp * np.mean(np.diag(damped))
+    order = np.argsort(-np.diag(damped), kind="stable") if act_order else np.arange(rows)
+    ordered = damped[np.ix_(order, order)] if act_order else damped
+    lower = np.linalg.cholesky(ordered)
+    del ordered
+    blocks = [] if act_order else [damped[start : start + block_size, start : start + block_size].copy()
+                                   for start in range(0, rows, block_size)]
+    if not act_order:
+        damped = None
+    inverse = np.linalg.inv(lower)
+    del lower
+    product = inverse.T @ inverse
+    del inverse
+    return _Factors(dead, order, damped, blocks, np.linalg.cholesky(product).T)
+
+
+def _gptq_columns(piece: np.ndarray, factors: _Factors, fmt: WeightFormat) -> QuantizedWeight:
+    """GPTQ's row-by-row pass over some output columns of a layer, given its factored Hessian."""
+    order, upper, act_order = factors.order, factors.upper, factors.damped is not None
     weight = piece.astype(np.float64)
-    weight[dead] = 0.0
+    weight[factors.dead] = 0.0
     rows = weight.shape[0]
-    static = rtn(weight.astype(np.float32), fmt, hessian=damped) if act_order else None
+    static = rtn(weight.astype(np.float32), fmt, hessian=factors.damped) if act_order else None
     weight = weight[order]
     block_count = -(-rows // fmt.block_size)
     scales = np.zeros((block_count, weight.shape[1]), np.float32)
@@ -88,8 +121,7 @@ def _gptq_columns(piece: np.ndarray, damped: np.ndarray, dead: np.ndarray, order
             block = original_row // fmt.block_size
             if not act_order and original_row % fmt.block_size == 0:
                 rows_of_block = slice(i, i + fmt.block_size)
-                searched = rtn(weight[rows_of_block].astype(np.float32), fmt,
-                               hessian=hessian[rows_of_block, rows_of_block])
+                searched = rtn(weight[rows_of_block].astype(np.float32), fmt, hessian=factors.blocks[block])
                 scales[block] = searched.scales[0]
                 if zero_points is not None:
                     zero_points[block] = searched.zero_points[0]
@@ -127,7 +159,7 @@ def awq(weight: np.ndarray, channel_magnitude: np.ndarray, hessian: np.ndarray, 
     when leaving the weight unscaled won.
     """
     weight = weight.astype(np.float32)
-    hessian = hessian.astype(np.float64)
+    hessian = np.asarray(hessian, np.float64)  # read only: no copy of a [K, K] matrix
     best_alpha = None
     for alpha in np.arange(1, grid) / grid:
         scale = _awq_scale(channel_magnitude, alpha)
