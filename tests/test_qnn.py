@@ -383,6 +383,18 @@ def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_quantized_embedding_table_is_refused_in_one_line_naming_the_fix(tmp_path):
+    """HTP looks tables up in float; quantized (``--keep-float ''``), the lowering crashed on its layout."""
+    (tmp_path / "nanoexport.toml").write_text(CONFIG)
+    result = subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "qnn", "--out", "out",
+                             "--keep-float", "", "--no-validate"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the qnn target looks embedding tables up in float") and "--keep-float" in error
+    assert "Traceback" not in result.stderr and sorted(path.name for path in tmp_path.iterdir()) == [
+        "nanoexport.toml"]
+
+
 @pytest.mark.skipif(not HAS_QNN, reason="onnxruntime-qnn is not installed")
 def test_shared_weights_put_prefill_and_decode_in_one_smaller_binary(exported, tmp_path):
     """--share-weights: both EPContext models of a part point into one binary holding the weights once."""

@@ -86,6 +86,10 @@ def _is_blocked_weight(node: ir.Node) -> bool:
 def _refusal(dequantize: ir.Node) -> str | None:
     """Why a blocked weight has no HTP form, or None."""
     quant = dequantize.inputs[0]
+    if dequantize.attributes.get_int("axis", 1) != 0:  # blocks along a row: a table Gather reads, [rows, width]
+        table = quant.name.removesuffix(".quant")
+        return (f"the qnn target looks embedding tables up in float, but {table} is quantized; keep it float: "
+                f"--keep-float 'lm_head,*embed_tokens,{table.removesuffix('.weight')}'")
     if len(dequantize.inputs) > 2 and dequantize.inputs[2] is not None:
         return f"HTP block quantization is symmetric but {quant.name} has zero points; drop --asymmetric"
     if quant.dtype not in (ir.DataType.INT4, ir.DataType.INT8):
