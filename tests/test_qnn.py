@@ -383,6 +383,20 @@ def test_cli_refuses_a_bad_htp_arch_with_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_part_limit_below_the_embedding_table_is_refused_before_any_work(tmp_path):
+    """The exact check needs the quantized graph, after calibration (57 minutes on a 1.5B config); the table's
+    size is known from config.json (the demo's: 4,096 x 256 in fp16)."""
+    (tmp_path / "nanoexport.toml").write_text(CONFIG)
+    result = subprocess.run([sys.executable, "-m", "nanoexport.cli", "--target", "qnn", "--out", "out",
+                             "--max-part-bytes", "2MB", "--no-validate", "-v"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --max-part-bytes 2MB (2,000,000 bytes) is less than the embedding table "
+                            "(2,097,152 bytes: 4,096 x 256 in fp16")
+    assert "capture" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_quantized_embedding_table_is_refused_in_one_line_naming_the_fix(tmp_path):
     """HTP looks tables up in float; quantized (``--keep-float ''``), the lowering crashed on its layout."""
     (tmp_path / "nanoexport.toml").write_text(CONFIG)

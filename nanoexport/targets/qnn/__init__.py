@@ -61,8 +61,10 @@ def _check(config) -> None:
         raise NanoexportError("the qnn target needs quantized weights and activations; pass --quant int4 and "
                               "--activations a16 (or leave both unset for W4A16)")
     from nanoexport.targets.qnn.compile import check_settings
+    from nanoexport.targets.qnn.parts import check_table_fits
 
-    check_settings(config.options["qnn"])
+    settings = config.options["qnn"]
+    check_table_fits(config.model, check_settings(settings), settings.max_part_bytes)
 
 
 def _lowering():

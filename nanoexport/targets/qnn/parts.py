@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from nanoexport.artifact import Artifact
+from nanoexport.capture.checkpoint import DEMO_MODEL
 from nanoexport.errors import NanoexportError
 from nanoexport.passes.initializers import is_final_norm
 from nanoexport.passes.initializers import layer_of as initializer_layer
@@ -45,6 +46,27 @@ def check_ops(model: ir.Model, name: str) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in HTP_OPS:
             raise NanoexportError(f"{name} graph has op {node.op_type} ({node.name}), which the qnn target cannot "
                                   "run on HTP; report the model")
+
+
+def check_table_fits(model: str, limit: int, limit_text: str) -> None:
+    """Refuse, before any work, a part limit below the embedding table: HTP looks it up in fp16, no part can split
+    it, and the exact check (``plan_parts``) only comes after calibration. Sized from ``config.json`` when
+    ``model`` is a local folder (the demo's when empty); anything else is left to ``plan_parts``."""
+    folder = Path(model) if model else DEMO_MODEL
+    try:
+        settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    sizes = [settings.get(key) for key in ("vocab_size", "hidden_size")]
+    if sizes[1] is None:
+        sizes[1] = settings.get("n_embd")  # GPT-2's name
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return
+    table = 2 * sizes[0] * sizes[1]
+    if table > limit:
+        raise NanoexportError(f"--max-part-bytes {limit_text} ({limit:,} bytes) is less than the embedding table "
+                              f"({table:,} bytes: {sizes[0]:,} x {sizes[1]:,} in fp16, which HTP looks up in float); "
+                              "raise it")
 
 
 def unit_labels(graph: ir.Graph) -> dict[ir.Node, int]:
