@@ -150,6 +150,30 @@ def test_an_op_outside_the_allowlist_is_refused_by_name():
         qnn_parts.check_ops(ir.Model(graph, ir_version=10), "decode")
 
 
+def test_lpbq_integers_are_held_two_to_a_byte():
+    """Held a byte per int4 value until written, the LPBQ integers took twice the model's int4 bytes."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    quant = rng.integers(-8, 8, (256, 64)).astype(ml_dtypes.int4)
+    scale = rng.uniform(0.01, 0.02, (8, 64)).astype(np.float16)
+    x = ir.Value(name="x", shape=ir.Shape([1, 256]), type=ir.TensorType(ir.DataType.FLOAT))
+    quant_value = ir.Value(name="w.quant", shape=ir.Shape([256, 64]), type=ir.TensorType(ir.DataType.INT4),
+                           const_value=ir.Tensor(quant, dtype=ir.DataType.INT4))
+    scale_value = ir.Value(name="w.scale", shape=ir.Shape([8, 64]), type=ir.TensorType(ir.DataType.FLOAT16),
+                           const_value=ir.tensor(scale))
+    dequantize = ir.node("DequantizeLinear", [quant_value, scale_value], {"axis": 0, "block_size": 32})
+    cast = ir.node("Cast", dequantize.outputs, {"to": ir.DataType.FLOAT})
+    matmul = ir.node("MatMul", [x, cast.outputs[0]])
+    model = ir.Model(ir.Graph([x], matmul.outputs, nodes=[dequantize, cast, matmul],
+                              initializers=[quant_value, scale_value], opset_imports={"": 23}), ir_version=10)
+    qnn_weights.weights_for_htp(model)
+    stored = model.graph.initializers["w.lpbq_quant"].const_value
+    assert isinstance(stored, ir.PackedTensor) and stored.nbytes == 256 * 64 // 2
+    expected, _, _ = qnn_weights.lpbq_weights(quant, scale.astype(np.float32), block_size=32)
+    np.testing.assert_array_equal(stored.numpy().astype(np.int8), expected.astype(np.int8))
+
+
 def test_lpbq_weights_take_htp_levels_and_stay_close_to_our_int4():
     """Block scales become levels 1..16 of a per-channel scale (what HTP computes right), and the integers,
     rounded again to them, reproduce the weights nearly as well as our free fp16 block scales do."""
